@@ -1,0 +1,57 @@
+# coloft: `make demo` and `make test` do all set-up first; `make setup` alone leaves
+# `coloft` on PATH. `make check` is the fast inner loop (lint, types, unit tests).
+SHELL := /bin/bash
+PY ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv qemu guest check lint types unit test integration demo bench clean
+
+setup: apt venv qemu guest
+	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
+	@echo "setup done: $$(command -v coloft)"
+
+apt:
+	@bash scripts/setup-apt.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+venv: apt $(STAMP)
+
+qemu: apt
+	@bash lab/qemu/build.sh >/dev/null
+
+guest: venv
+	@$(BIN)/python -m coloft.lab.guest >/dev/null
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+types: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+check: lint types unit
+
+integration: setup
+	$(BIN)/pytest -v tests/integration $(PYTEST_ARGS)
+
+test: setup check integration
+
+demo: setup
+	coloft demo --duration 60
+
+bench: setup
+	$(BIN)/python bench/steady_state.py
+
+clean:
+	-coloft lab down
+	rm -rf $(VENV) src/*.egg-info

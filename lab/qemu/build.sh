@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the lab's qemu-system-x86_64 from Debian's own QEMU source package with
+# colo-tcg-bql.patch applied (stock QEMU deadlocks in COLO checkpoints under TCG:
+# see the patch header). The result is cached outside the checkout, keyed by
+# source version and patch hash, so a fresh clone on the same machine reuses it.
+#
+# Prints the path of the binary on its last line of stdout.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+version=${COLOFT_QEMU_DEB_VERSION:-1:10.0.13+ds-0+deb13u1}
+suite=${COLOFT_QEMU_DEB_SUITE:-trixie}
+cache=${COLOFT_CACHE:-/var/cache/coloft}
+patch="$here/colo-tcg-bql.patch"
+key="$(echo "$version" | tr ':+~' '___')-$(sha256sum "$patch" "$0" | sha256sum | cut -c1-12)"
+prefix="$cache/qemu/$key"
+binary="$prefix/qemu-system-x86_64"
+
+log() { echo "qemu-build: $*" >&2; }
+
+if [ -x "$binary" ]; then
+    echo "$binary"
+    exit 0
+fi
+
+mkdir -p "$cache/qemu"
+exec 9>"$cache/qemu/.lock"
+flock 9
+if [ -x "$binary" ]; then
+    echo "$binary"
+    exit 0
+fi
+
+log "building patched QEMU $version (takes 6-12 minutes on 2 cores)"
+work="$cache/qemu/build-$key"
+rm -rf "$work"
+mkdir -p "$work/lists/partial"
+
+# A private apt source list: the machine's own apt setup stays untouched.
+echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+    >"$work/sources.list"
+apto=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+      -o "Dir::State::Lists=$work/lists")
+apt-get "${apto[@]}" -qq update >&2
+(cd "$work" && apt-get "${apto[@]}" -qq source --download-only "qemu=$version" >&2)
+upstream=${version#*:}
+upstream=${upstream%-*}
+tar -C "$work" -xf "$work/qemu_${upstream}.orig.tar.xz"
+src=$(find "$work" -maxdepth 1 -type d -name 'qemu-*' | head -n 1)
+patch -d "$src" -p1 --forward <"$patch" >&2
+# The +ds tarball has no EDK2 firmware blobs; unpacking them would fail the build.
+sed -i 's/unpack_edk2_blobs = bzip2.found()/unpack_edk2_blobs = false/' "$src/meson.build"
+
+# QEMU 10 needs meson >= 1.5 (Debian 12 ships 1.0) and the +ds tarball lacks
+# QEMU's bundled Python wheels: give configure a venv that has them.
+/usr/bin/python3 -m venv "$work/venv"
+"$work/venv/bin/pip" install -q meson==1.5.0 pycotap==1.3.1 >&2
+
+mkdir -p "$src/build"
+cd "$src/build"
+../configure --python="$work/venv/bin/python3" \
+    --target-list=x86_64-softmmu --without-default-features \
+    --enable-tcg --enable-kvm --enable-replication --enable-colo-proxy \
+    --disable-docs --disable-tools --disable-user --disable-werror \
+    --disable-install-blobs >&2 2>&1 || { log "configure failed"; exit 1; }
+ninja -j"$(nproc)" qemu-system-x86_64 >&2
+mkdir -p "$prefix"
+install -m 0755 qemu-system-x86_64 "$binary.tmp"
+mv "$binary.tmp" "$binary"
+cd /
+rm -rf "$work"
+log "built $binary"
+echo "$binary"

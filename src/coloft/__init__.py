@@ -1,0 +1,1 @@
+"""coloft: COLO fault tolerance manager for QEMU."""

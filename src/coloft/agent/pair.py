@@ -1,0 +1,188 @@
+"""Bring up, observe and tear down one COLO pair whose two nodes this process reaches.
+
+In the lab both nodes are namespaces of this machine, so one supervisor drives
+both QEMUs; the per-host agents with an arbiter come with failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from coloft.core import choreography, health
+from coloft.core.argv import RunPaths, qemu_argv, tap_name
+from coloft.effects import tap
+from coloft.effects.executor import run_steps
+from coloft.effects.process import QemuProcess, launch, wait_started
+from coloft.effects.qemu_binary import QemuChoice
+from coloft.effects.qmp import QmpSession
+from coloft.errors import ColoftError, FatalError
+from coloft.model.spec import NodeSpec, PairSpec
+from coloft.model.status import PairStatus, SideStatus
+from coloft.model.steps import Role, Step
+
+log = logging.getLogger(__name__)
+
+QUERY_DEADLINE_S = 1.0
+Progress = Callable[[Step, float], None]
+
+
+def status_path(spec: PairSpec) -> Path:
+    return Path(os.environ.get("COLOFT_RUN", "/run/coloft")) / spec.vm.name / "status.json"
+
+
+def _qemu_img_create(path: Path, size: int) -> None:
+    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise FatalError(f"qemu-img create {path}: {done.stderr.strip()}")
+
+
+class Pair:
+    def __init__(self, spec: PairSpec, choice: QemuChoice) -> None:
+        self.spec = spec
+        self.choice = choice
+        self.procs: dict[str, QemuProcess] = {}
+        self.sessions: dict[str, QmpSession] = {}
+        self.checkpoints = health.Checkpoints()
+        self.roles = {spec.primary.name: Role.PRIMARY, spec.secondary.name: Role.SECONDARY}
+
+    def _on_secondary_event(self, kind: str, data: dict[str, object], now: float) -> None:
+        self.checkpoints = health.on_event(self.checkpoints, kind, now)
+
+    def _prepare(self, node: NodeSpec, role: Role) -> RunPaths:
+        paths = RunPaths(self.spec.run_dir_of(node))
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.qmp, paths.qmp_oob, paths.pidfile):
+            stale.unlink(missing_ok=True)
+        disk = self.spec.disk_of(node)
+        if not disk.is_file():
+            raise FatalError(f"{node.name}: disk image {disk} does not exist")
+        if role is Role.SECONDARY:
+            size = disk.stat().st_size
+            _qemu_img_create(paths.active, size)
+            _qemu_img_create(paths.hidden, size)
+        tap.ensure_tap(node.netns, tap_name(self.spec), node.bridge)
+        return paths
+
+    async def _start_node(self, node: NodeSpec, role: Role) -> None:
+        paths = self._prepare(node, role)
+        argv = qemu_argv(self.spec, node, role, self.choice.binary, self.choice.accel)
+        proc = launch(node.name, argv, node.netns, paths.run_dir)
+        self.procs[node.name] = proc
+        await wait_started(proc, paths.qmp)
+        on_event = self._on_secondary_event if role is Role.SECONDARY else None
+        session = QmpSession(f"{self.spec.vm.name}/{node.name}", paths.qmp, on_event)
+        await session.connect()
+        self.sessions[node.name] = session
+
+    async def up(self, progress: Progress | None = None) -> None:
+        """Launch both QEMUs and run the bring-up; on any failure tear everything down."""
+        try:
+            await self._start_node(self.spec.secondary, Role.SECONDARY)
+            await self._start_node(self.spec.primary, Role.PRIMARY)
+            await run_steps(self.sessions, choreography.bringup(self.spec), progress)
+        except BaseException as e:
+            detail = self._dead_process_detail()
+            await self.down()
+            if detail and isinstance(e, ColoftError):
+                raise FatalError(f"{e}\n{detail}") from e
+            raise
+
+    def _dead_process_detail(self) -> str:
+        return "\n".join(p.failure() for p in self.procs.values() if not p.alive())
+
+    async def _observe_side(self, node: NodeSpec) -> SideStatus:
+        role = self.roles[node.name].value
+        proc = self.procs.get(node.name)
+        session = self.sessions.get(node.name)
+        if proc is None or session is None or not proc.alive():
+            return SideStatus(node.name, role, proc.pid if proc else None, False)
+        try:
+            t0 = time.monotonic()
+            run = await session.execute("query-status", deadline_s=QUERY_DEADLINE_S)
+            qmp_ms = (time.monotonic() - t0) * 1000.0
+            colo = await session.execute("query-colo-status", deadline_s=QUERY_DEADLINE_S)
+            mig = await session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S)
+        except ColoftError as e:
+            return SideStatus(node.name, role, proc.pid, True, error=str(e))
+        return SideStatus(node.name, role, proc.pid, True, run_state=run.get("status"),
+                          colo_mode=colo.get("mode"), colo_reason=colo.get("reason"),
+                          migration=mig.get("status"), qmp_ms=round(qmp_ms, 2))
+
+    async def observe(self) -> PairStatus:
+        now = time.monotonic()
+        primary, secondary = await asyncio.gather(self._observe_side(self.spec.primary),
+                                                  self._observe_side(self.spec.secondary))
+        cp = self.checkpoints
+        interval = self.spec.tuning.checkpoint_interval_ms
+        v = health.verdict(primary, secondary, cp, interval, now)
+        age = cp.age(now)
+        return PairStatus(
+            vm=self.spec.vm.name, phase=v.phase, protected=v.protected, reason=v.reason,
+            checkpoints=cp.count, checkpoints_per_min=cp.per_minute(now),
+            last_checkpoint_age_s=None if age is None else round(age, 3),
+            last_pause_ms=None if cp.last_pause_ms is None else round(cp.last_pause_ms, 1),
+            checkpoint_interval_ms=interval, sides=(primary, secondary),
+            supervisor_pid=os.getpid(), updated_unix=time.time())
+
+    async def down(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+        self.sessions.clear()
+        for proc in self.procs.values():
+            proc.kill()
+        self.procs.clear()
+        for node in self.spec.nodes:
+            tap.remove_tap(node.netns, tap_name(self.spec))
+            paths = RunPaths(self.spec.run_dir_of(node))
+            for f in (paths.qmp, paths.qmp_oob, paths.active, paths.hidden, paths.pidfile):
+                f.unlink(missing_ok=True)
+
+
+def publish(spec: PairSpec, status: PairStatus | None) -> None:
+    """Write the status file `coloft status` reads (atomically), or remove it."""
+    path = status_path(spec)
+    if status is None:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status.to_json(), indent=1))
+    tmp.replace(path)
+
+
+async def supervise(pair: Pair, stop: asyncio.Event, tick_s: float = 0.5,
+                    on_status: Callable[[PairStatus], None] | None = None) -> PairStatus:
+    """Observe and publish until asked to stop; returns the last status."""
+    last_reason = ""
+    status = await pair.observe()
+    while True:
+        publish(pair.spec, status)
+        if on_status is not None:
+            on_status(status)
+        if (status.reason != last_reason and status.phase != "protected") or (
+                status.phase == "protected" and not last_reason.startswith("in COLO, last")):
+            log.info("%s: %s: %s", pair.spec.vm.name, status.phase, status.reason)
+        last_reason = status.reason
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(tick_s):
+                await stop.wait()
+        if stop.is_set():
+            return status
+        status = await pair.observe()
+
+
+def remove_run_dirs(spec: PairSpec) -> None:
+    for node in spec.nodes:
+        shutil.rmtree(spec.run_dir_of(node), ignore_errors=True)

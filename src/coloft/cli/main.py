@@ -1,0 +1,237 @@
+"""The `coloft` command. Thin: parse, call, render."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coloft.config.load import load_spec
+from coloft.core import choreography
+from coloft.core.argv import qemu_argv
+from coloft.effects import preflight, qemu_binary
+from coloft.effects.process import netns_argv, pid_alive
+from coloft.errors import ColoftError
+from coloft.model.spec import Accel, PairSpec
+from coloft.model.steps import Role
+
+SPEC = click.argument("spec", type=click.Path(path_type=Path))
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"coloft: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(path: Path) -> PairSpec:
+    try:
+        return load_spec(path)
+    except ColoftError as e:
+        _fail(str(e), 2)
+        raise  # unreachable; keeps mypy sure of the return
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log each step and decision to stderr.")
+def cli(verbose: bool) -> None:
+    """coloft: COLO fault tolerance for QEMU virtual machines.
+
+    A pair spec (TOML) describes one VM protected on two nodes; see examples/lab.toml.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@SPEC
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plan(spec: Path, as_json: bool) -> None:
+    """Print each side's QEMU command line and the ordered bring-up steps; runs nothing."""
+    s = _load(spec)
+    accel = s.vm.accel
+    if accel is Accel.AUTO:
+        accel = Accel.KVM if qemu_binary.kvm_usable()[0] else Accel.TCG
+    binary = s.qemu_binary or qemu_binary.lab_qemu() or Path("qemu-system-x86_64")
+    commands = {
+        node.name: netns_argv(node.netns, qemu_argv(s, node, role, binary, accel))
+        for node, role in ((s.primary, Role.PRIMARY), (s.secondary, Role.SECONDARY))}
+    steps = choreography.bringup(s)
+    if as_json:
+        click.echo(json.dumps({
+            "commands": commands,
+            "steps": [{"node": st.node, "name": st.name, "command": st.command,
+                       "arguments": st.arguments, "deadline_s": st.deadline_s}
+                      for st in steps]}, indent=1))
+        return
+    for node, role in ((s.primary, "primary"), (s.secondary, "secondary")):
+        click.echo(f"# {role} on node {node.name}")
+        click.echo(shlex.join(commands[node.name]) + "\n")
+    click.echo("# bring-up steps")
+    for i, st in enumerate(steps, 1):
+        args = json.dumps(st.arguments) if st.arguments else ""
+        click.echo(f"{i:2}. [{st.node}] {st.name}: {st.command} {args}")
+
+
+@cli.command()
+@SPEC
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def check(spec: Path, as_json: bool) -> None:
+    """Preflight: QEMU binary and features, accelerator, memory, ports, disks."""
+    s = _load(spec)
+    checks = preflight.run_checks(s)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "checks": [c.__dict__ for c in checks]}, indent=1))
+    else:
+        for c in checks:
+            mark = "ok  " if c.ok else "FAIL"
+            click.echo(f"{mark} {c.name}: {c.detail}")
+            if not c.ok and c.fix:
+                click.echo(f"     fix: {c.fix}")
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@SPEC
+def up(spec: Path) -> None:
+    """Bring the pair up and supervise it in the foreground; Ctrl-C or `coloft down` ends it."""
+    from coloft.agent.run import run_pair
+
+    s = _load(spec)
+    try:
+        asyncio.run(run_pair(s, echo=lambda line: click.echo(line, err=True)))
+    except ColoftError as e:
+        _fail(str(e))
+
+
+def _read_status(name: str) -> dict[str, Any] | None:
+    path = Path(os.environ.get("COLOFT_RUN", "/run/coloft")) / name / "status.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _vm_names() -> list[str]:
+    root = Path(os.environ.get("COLOFT_RUN", "/run/coloft"))
+    return sorted(p.parent.name for p in root.glob("*/status.json"))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(spec: Path | None, as_json: bool) -> None:
+    """Show each running pair: per side pid, run state, COLO mode; checkpoints and pause."""
+    names = [_load(spec).vm.name] if spec else _vm_names()
+    pairs = []
+    for name in names:
+        data = _read_status(name)
+        if data is None:
+            continue
+        if not pid_alive(int(data["supervisor_pid"])):
+            data.update(phase="stopped", protected=False,
+                        reason=f"supervisor pid {data['supervisor_pid']} is gone")
+        pairs.append(data)
+    if as_json:
+        click.echo(json.dumps({"pairs": pairs}, indent=1))
+        return
+    if not pairs:
+        click.echo("no pairs running" + (f" for {spec}" if spec else ""))
+        sys.exit(1)
+    from coloft.cli.view import status_table
+
+    for data in pairs:
+        click.echo(status_table(data))
+
+
+@cli.command()
+@SPEC
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+def down(spec: Path, timeout: float) -> None:
+    """Stop a pair started by `coloft up`: its supervisor kills both QEMUs and cleans up."""
+    import time
+
+    s = _load(spec)
+    data = _read_status(s.vm.name)
+    if data is None or not pid_alive(int(data["supervisor_pid"])):
+        click.echo(f"{s.vm.name}: not running")
+        return
+    pid = int(data["supervisor_pid"])
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        _fail(f"supervisor pid {pid} still running after {timeout:g} s")
+    click.echo(f"{s.vm.name}: stopped")
+
+
+@cli.group()
+def lab() -> None:
+    """The simulated hosts (network namespaces) and the guest image."""
+
+
+@lab.command("up")
+def lab_up() -> None:
+    """Create the namespaces, links and the lab guest; idempotent."""
+    from coloft.lab import setup
+
+    try:
+        paths = setup.lab_up()
+    except ColoftError as e:
+        _fail(str(e))
+    click.echo(f"lab up; spec: {paths}")
+
+
+@lab.command("down")
+def lab_down() -> None:
+    """Remove every lab namespace and link, even after a crash; idempotent."""
+    from coloft.lab import net
+
+    net.lab_down()
+    click.echo("lab down")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def lab_status(as_json: bool) -> None:
+    """Show which lab namespaces and links exist."""
+    from coloft.lab import net
+
+    data = net.lab_status()
+    click.echo(json.dumps(data, indent=1 if as_json else None))
+
+
+@cli.command()
+@click.option("--duration", default=60.0, show_default=True, help="Seconds of client load.")
+@click.option("--json", "as_json", is_flag=True,
+              help="No live view; print one JSON summary as the last line.")
+@click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
+def demo(duration: float, as_json: bool, interval_ms: int) -> None:
+    """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
+    from coloft.lab.demo import run_demo
+
+    try:
+        summary = asyncio.run(run_demo(duration, interval_ms, live=not as_json))
+    except ColoftError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        from coloft.cli.view import summary_text
+
+        click.echo(summary_text(summary))
+    sys.exit(0 if summary.get("protected") and not summary.get("lost_acked_writes") else 1)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,98 @@
+"""Rendering: the status table, the demo's live view and its summary."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from coloft.model.status import PairStatus
+
+
+def _fmt(value: object, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def _sides_table(sides: list[dict[str, Any]]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for col in ("node", "role", "pid", "run state", "COLO mode", "migration", "QMP ms"):
+        t.add_column(col)
+    for s in sides:
+        t.add_row(s["node"], s["role"], _fmt(s["pid"]),
+                  s["run_state"] or ("dead" if not s["alive"] else "-"),
+                  _fmt(s["colo_mode"]), _fmt(s["migration"]), _fmt(s["qmp_ms"]))
+    return t
+
+
+def _headline(data: dict[str, Any]) -> Text:
+    style = "bold green" if data["protected"] else "bold red"
+    return Text.assemble((f"{data['vm']}: {data['phase'].upper()}", style),
+                         f"  {data['reason']}")
+
+
+def _checkpoint_line(data: dict[str, Any]) -> str:
+    return (f"checkpoints {data['checkpoints']} ({_fmt(data['checkpoints_per_min'])}/min), "
+            f"last {_fmt(data['last_checkpoint_age_s'], ' s')} ago, "
+            f"last pause {_fmt(data['last_pause_ms'], ' ms')}, "
+            f"interval {data['checkpoint_interval_ms']} ms")
+
+
+def status_table(data: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=110, force_terminal=False)
+    console.print(_headline(data))
+    console.print(_sides_table(data["sides"]))
+    console.print(_checkpoint_line(data))
+    return buf.getvalue()
+
+
+class LiveView:
+    """The demo's terminal view, refreshed on every supervisor tick."""
+
+    def __init__(self, vm: str, duration: float) -> None:
+        self.vm = vm
+        self.duration = duration
+        self._live = Live(Text(f"{vm}: starting"), refresh_per_second=4, transient=False)
+
+    def start(self) -> None:
+        self._live.start()
+
+    def stop(self) -> None:
+        self._live.stop()
+
+    def update(self, status: PairStatus, client: dict[str, Any] | None, elapsed: float) -> None:
+        data = status.to_json()
+        c = client or {}
+        client_line = (
+            f"client: {_fmt(c.get('reqs_per_s'))} req/s, "
+            f"p50 {_fmt(c.get('latency_ms_p50'), ' ms')}, "
+            f"p99 {_fmt(c.get('latency_ms_p99'), ' ms')}, "
+            f"ok {c.get('requests_ok', 0)}, failed {c.get('requests_failed', 0)}, "
+            f"acknowledged writes {c.get('acked_writes', 0)}")
+        self._live.update(Group(
+            _headline(data), _sides_table(data["sides"]), Text(_checkpoint_line(data)),
+            Text(client_line), Text(f"{elapsed:.0f} / {self.duration:.0f} s")))
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    verdict = "PROTECTED" if s["protected"] else f"NOT PROTECTED ({s['reason']})"
+    lost = s["lost_acked_writes"]
+    return "\n".join([
+        f"== coloft demo summary ({s['duration_s']} s) ==",
+        f"protection at the end: {verdict}",
+        f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
+        f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
+        f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
+        f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "
+        f"{_fmt(s['latency_ms_p50'], ' ms')}, p99 {_fmt(s['latency_ms_p99'], ' ms')}",
+        f"acknowledged writes: {s['acked_writes']}, lost: {lost}"
+        + ("" if lost == 0 else "  <-- DATA LOSS"),
+    ])

@@ -1,0 +1,243 @@
+"""TOML pair spec -> PairSpec. The only reader of spec files.
+
+Every error names the file, the field and what is wrong; unknown keys are errors
+(a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from coloft.errors import ConfigError
+from coloft.model.spec import Accel, NodeSpec, PairSpec, Tuning, VmSpec
+
+T = TypeVar("T")
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+NIC_MODELS = ("e1000", "virtio-net-pci", "rtl8139")
+# Ports used on a node, as offsets from its port_base (see effects.argv).
+PORTS_PER_NODE = 6
+MIN_MEMORY_MIB = 32
+MAX_MEMORY_MIB = 1024 * 1024
+
+
+class _Reader:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, source: Path, where: str, table: Mapping[str, Any]) -> None:
+        self.source = source
+        self.where = where
+        self.table = table
+        self.used: set[str] = set()
+
+    def fail(self, key: str | None, problem: str) -> ConfigError:
+        field = f"{self.where}.{key}" if key else self.where
+        return ConfigError(f"{self.source}: {field}: {problem}")
+
+    def _get(self, key: str, kind: type[T], kind_name: str, default: T | None, required: bool) -> T:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                raise self.fail(key, "required field is missing")
+            return default  # type: ignore[return-value]
+        value = self.table[key]
+        # bool is an int in Python; a spec saying `memory_mib = true` is wrong.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, f"expected {kind_name}, got {_describe(value)}")
+        return value
+
+    def string(self, key: str, default: str | None = None, required: bool = False) -> str:
+        return self._get(key, str, "a string", default, required)
+
+    def integer(
+        self, key: str, default: int | None = None, required: bool = False,
+        low: int | None = None, high: int | None = None, unit: str = "",
+    ) -> int:
+        value = self._get(key, int, "an integer", default, required)
+        if value is not None and ((low is not None and value < low)
+                                  or (high is not None and value > high)):
+            raise self.fail(key, f"{value}{unit} is out of range {low}..{high}{unit}")
+        return value
+
+    def path(self, key: str, required: bool = False) -> Path | None:
+        text = self.string(key, required=required)
+        if text is None:
+            return None
+        if not text:
+            raise self.fail(key, "path is empty")
+        p = Path(text)
+        return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+    def checked(self, key: str, check: Callable[[str], object], what: str,
+                default: str | None = None, required: bool = False) -> str:
+        value = self.string(key, default=default, required=required)
+        if value is not None and not check(value):
+            raise self.fail(key, f"{value!r} is not {what}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise self.fail(None, f"unknown key {unknown[0]!r} (known keys: {known})")
+
+
+def _describe(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+             list: "an array", dict: "a table"}
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _service(r: _Reader) -> tuple[str, int] | None:
+    text = r.string("service")
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise r.fail("service", f"{text!r} is not ADDRESS:PORT (e.g. \"192.0.2.10:7000\")")
+    return host, int(port)
+
+
+def _vm(source: Path, table: Mapping[str, Any]) -> VmSpec:
+    r = _Reader(source, "[vm]", table)
+    accel_text = r.checked("accel", lambda v: v in {a.value for a in Accel},
+                           "one of kvm, tcg, auto", default="auto")
+    vm = VmSpec(
+        name=r.checked("name", NAME_RE.match, "a name of lowercase letters, digits and '-'"
+                       " starting with a letter (max 31)", required=True),
+        memory_mib=r.integer("memory_mib", required=True, low=MIN_MEMORY_MIB,
+                             high=MAX_MEMORY_MIB, unit=" MiB"),
+        vcpus=r.integer("vcpus", default=1, low=1, high=64),
+        disk=r.path("disk", required=True) or Path(),
+        kernel=r.path("kernel"),
+        initrd=r.path("initrd"),
+        append=r.string("append"),
+        nic_model=r.checked("nic_model", lambda v: v in NIC_MODELS,
+                            f"a supported NIC model ({', '.join(NIC_MODELS)})", default="e1000"),
+        mac=r.checked("mac", MAC_RE.match, "a lowercase MAC address like 52:54:00:12:34:56",
+                      default="52:54:00:c0:10:0a"),
+        machine=r.checked("machine", lambda v: v == "pc" or v.startswith("pc-i440fx"),
+                          "an i440fx machine type ('pc'; q35 crashes COLO's secondary)",
+                          default="pc"),
+        accel=Accel(accel_text),
+        service=_service(r),
+    )
+    r.finish()
+    if (vm.initrd or vm.append) and not vm.kernel:
+        raise ConfigError(f"{source}: [vm].kernel: required when initrd or append is set")
+    return vm
+
+
+def _node(source: Path, name: str, table: object) -> NodeSpec:
+    where = f"[nodes.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {where}: expected a table, got {_describe(table)}")
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{source}: {where}: node name must be lowercase letters, digits, '-'")
+    r = _Reader(source, where, table)
+    node = NodeSpec(
+        name=name,
+        replication_address=r.checked("replication_address", _is_ip, "an IP address",
+                                      required=True),
+        bridge=r.checked("bridge", IFNAME_RE.match, "an interface name (max 15 chars)",
+                         required=True),
+        port_base=r.integer("port_base", required=True, low=1024, high=65535 - PORTS_PER_NODE),
+        netns=r.string("netns"),
+        disk=r.path("disk"),
+        run_dir=r.path("run_dir"),
+    )
+    r.finish()
+    return node
+
+
+def _tuning(source: Path, table: Mapping[str, Any]) -> Tuning:
+    r = _Reader(source, "[tuning]", table)
+    t = Tuning(
+        checkpoint_interval_ms=r.integer("checkpoint_interval_ms", default=2000, low=100,
+                                         high=3_600_000, unit=" ms"),
+        compare_timeout_ms=r.integer("compare_timeout_ms", default=3000, low=10,
+                                     high=600_000, unit=" ms"),
+        expired_scan_cycle_ms=r.integer("expired_scan_cycle_ms", default=1000, low=10,
+                                        high=600_000, unit=" ms"),
+        max_queue_size=r.integer("max_queue_size", default=1024, low=16, high=1_000_000),
+    )
+    r.finish()
+    return t
+
+
+def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
+    """Validate an already-parsed TOML document."""
+    top = _Reader(source, "spec", data)
+
+    def table(key: str, required: bool) -> Mapping[str, Any]:
+        top.used.add(key)
+        value = data.get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"{source}: [{key}]: required table is missing")
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a table, got {_describe(value)}")
+        return value
+
+    vm = _vm(source, table("vm", True))
+    nodes_table = table("nodes", True)
+    nodes = [_node(source, name, t) for name, t in nodes_table.items()]
+    if len(nodes) != 2:
+        raise ConfigError(f"{source}: [nodes]: a pair needs exactly two nodes, found {len(nodes)}")
+    primary = top.string("primary", default=nodes[0].name)
+    names = [n.name for n in nodes]
+    if primary not in names:
+        raise ConfigError(f"{source}: spec.primary: {primary!r} is not one of the nodes {names}")
+    if primary != nodes[0].name:
+        nodes.reverse()
+    tuning = _tuning(source, table("tuning", False))
+    qemu = _Reader(source, "[qemu]", table("qemu", False))
+    binary = qemu.path("binary")
+    qemu.finish()
+    top.finish()
+    _cross_checks(source, vm, nodes)
+    return PairSpec(source=source, vm=vm, nodes=(nodes[0], nodes[1]), tuning=tuning,
+                    qemu_binary=binary)
+
+
+def _cross_checks(source: Path, vm: VmSpec, nodes: list[NodeSpec]) -> None:
+    a, b = nodes
+    if a.replication_address == b.replication_address:
+        raise ConfigError(f"{source}: [nodes.{b.name}].replication_address: same as node "
+                          f"{a.name!r}; the two nodes must be different hosts")
+    disks = {(a.disk or vm.disk), (b.disk or vm.disk)}
+    same_host = a.netns == b.netns
+    if same_host and len(disks) == 1:
+        raise ConfigError(f"{source}: [nodes.{b.name}].disk: both nodes would open "
+                          f"{vm.disk} on the same host; give each node its own disk copy")
+
+
+def load_spec(path: Path) -> PairSpec:
+    """Read and validate a spec file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read spec: {e.strerror}") from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return parse_spec(path.resolve(), data)

@@ -1,0 +1,192 @@
+"""The bring-up of a COLO pair as an ordered list of QMP steps, and the pure
+checks the executor applies to QEMU's replies.
+
+Order matters and follows QEMU's COLO docs: the secondary must have x-colo set,
+its disk exported and its network redirectors in place before the primary
+mirrors the disk, attaches the replication child, inserts colo-compare and
+starts the migration that turns into COLO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coloft.core import ports
+from coloft.core.argv import DISK_ID, NETDEV_ID, SECONDARY_PARENT
+from coloft.model.spec import NodeSpec, PairSpec
+from coloft.model.steps import Step, Until
+
+# QEMU's words for "that is already there" (object-add says "duplicate property").
+ALREADY = ("already exists", "duplicate property", "Duplicate ID", "already in use",
+           "already running", "already been started")
+REPLICATION_NODE = "replication0"
+NBD_NODE = "nbd0"
+RESYNC_JOB = "resync"
+# Reconnect period of the secondary's sockets towards the primary.
+RECONNECT_MS = 1000
+# The first full RAM copy under TCG: 128 MiB at ~100 MiB/s plus the disk mirror.
+MIGRATE_DEADLINE_S = 120.0
+DISK_SYNC_DEADLINE_S = 300.0
+
+
+def _inet(host: str, port: int) -> dict[str, Any]:
+    return {"type": "inet", "data": {"host": host, "port": str(port)}}
+
+
+def _socket_chardev(node: str, cid: str, host: str, port: int, server: bool) -> Step:
+    data: dict[str, Any] = {"addr": _inet(host, port), "server": server}
+    if server:
+        data["wait"] = False
+    else:
+        data["reconnect-ms"] = RECONNECT_MS
+    return Step(node, f"add chardev {cid}", "chardev-add",
+                {"id": cid, "backend": {"type": "socket", "data": data}}, accept=ALREADY)
+
+
+def _local_chardev_pair(node: str, server_id: str, client_id: str, port: int) -> list[Step]:
+    # The client end connects synchronously at once, so it has no reconnect.
+    client = {"addr": _inet("127.0.0.1", port), "server": False}
+    return [
+        _socket_chardev(node, server_id, "127.0.0.1", port, server=True),
+        Step(node, f"add chardev {client_id}", "chardev-add",
+             {"id": client_id, "backend": {"type": "socket", "data": client}}, accept=ALREADY),
+    ]
+
+
+def _object(node: str, qom_type: str, oid: str, **props: Any) -> Step:
+    return Step(node, f"add {qom_type} {oid}", "object-add",
+                {"qom-type": qom_type, "id": oid, **props}, accept=ALREADY)
+
+
+def _x_colo(node: str) -> Step:
+    return Step(node, "enable x-colo", "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-colo", "state": True}]})
+
+
+def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
+    s = secondary.name
+    here = secondary.replication_address
+    there = primary.replication_address
+    return [
+        _x_colo(s),
+        Step(s, "start NBD server", "nbd-server-start",
+             {"addr": _inet(here, ports.port(secondary, ports.NBD))}, accept=ALREADY),
+        Step(s, "export disk", "nbd-server-add",
+             {"device": SECONDARY_PARENT, "writable": True}, accept=ALREADY),
+        _socket_chardev(s, "red0", there, ports.port(primary, ports.MIRROR), server=False),
+        _socket_chardev(s, "red1", there, ports.port(primary, ports.COMPARE_SECONDARY_IN),
+                        server=False),
+        _object(s, "filter-redirector", "f1", netdev=NETDEV_ID, queue="tx", indev="red0"),
+        _object(s, "filter-redirector", "f2", netdev=NETDEV_ID, queue="rx", outdev="red1"),
+        _object(s, "filter-rewriter", "rew0", netdev=NETDEV_ID, queue="all"),
+        Step(s, "listen for migration", "migrate-incoming",
+             {"uri": f"tcp:{here}:{ports.port(secondary, ports.MIGRATION)}"},
+             accept=ALREADY),
+    ]
+
+
+def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
+    p = primary.name
+    here = primary.replication_address
+    there = secondary.replication_address
+    nbd_port = ports.port(secondary, ports.NBD)
+    t = spec.tuning
+    replication = (f"drive_add -n buddy driver=replication,mode=primary,"
+                   f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
+                   f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}")
+    return [
+        Step(p, "pause guest", "stop"),
+        Step(p, "copy disk to secondary", "drive-mirror",
+             {"device": DISK_ID, "job-id": RESYNC_JOB,
+              "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
+              "mode": "existing", "format": "raw", "sync": "full"},
+             deadline_s=DISK_SYNC_DEADLINE_S, expect_event="BLOCK_JOB_READY",
+             event_data={"device": RESYNC_JOB}),
+        Step(p, "end disk copy", "block-job-cancel", {"device": RESYNC_JOB}),
+        Step(p, "wait for disk copy to end", "query-block-jobs", deadline_s=30.0,
+             until=Until.NO_BLOCK_JOB, until_args=(RESYNC_JOB,)),
+        Step(p, "attach replication child", "human-monitor-command",
+             {"command-line": replication}, hmp=True, accept=("Duplicate", "already")),
+        Step(p, "add replication child to quorum", "x-blockdev-change",
+             {"parent": DISK_ID, "node": REPLICATION_NODE}, accept=("already",)),
+        _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
+        _socket_chardev(p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN),
+                        server=True),
+        *_local_chardev_pair(p, "compare0", "compare0-0",
+                             ports.port(primary, ports.COMPARE_PRIMARY_IN)),
+        *_local_chardev_pair(p, "compare_out", "compare_out0",
+                             ports.port(primary, ports.COMPARE_OUT)),
+        _object(p, "filter-mirror", "m0", netdev=NETDEV_ID, queue="tx", outdev="mirror0"),
+        _object(p, "filter-redirector", "redire0", netdev=NETDEV_ID, queue="rx",
+                indev="compare_out"),
+        _object(p, "filter-redirector", "redire1", netdev=NETDEV_ID, queue="rx",
+                outdev="compare0"),
+        _object(p, "iothread", "iothread1"),
+        _object(p, "colo-compare", "comp0", primary_in="compare0-0", secondary_in="compare1",
+                outdev="compare_out0", iothread="iothread1",
+                compare_timeout=t.compare_timeout_ms,
+                expired_scan_cycle=t.expired_scan_cycle_ms,
+                max_queue_size=t.max_queue_size),
+        Step(p, "wait for secondary's sockets", "query-chardev", deadline_s=10.0,
+             until=Until.CHARDEVS_CONNECTED, until_args=("mirror0", "compare1")),
+        _x_colo(p),
+        Step(p, "set checkpoint interval", "migrate-set-parameters",
+             {"x-checkpoint-delay": t.checkpoint_interval_ms}),
+        Step(p, "start migration", "migrate",
+             {"uri": f"tcp:{there}:{ports.port(secondary, ports.MIGRATION)}"}),
+        Step(p, "wait for COLO", "query-migrate", deadline_s=MIGRATE_DEADLINE_S,
+             until=Until.MIGRATION_IN_COLO),
+        # Switches learned the guest's MAC elsewhere if it ever ran elsewhere.
+        Step(p, "announce guest MAC", "announce-self",
+             {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+    ]
+
+
+def confirm_secondary(secondary: NodeSpec) -> list[Step]:
+    return [Step(secondary.name, "wait for secondary COLO", "query-colo-status",
+                 deadline_s=30.0, until=Until.COLO_MODE, until_args=("secondary",))]
+
+
+def bringup(spec: PairSpec) -> list[Step]:
+    """The whole bring-up, secondary first. Deterministic for a given spec."""
+    p, s = spec.primary, spec.secondary
+    return [*secondary_bringup(spec, p, s), *primary_bringup(spec, p, s), *confirm_secondary(s)]
+
+
+def condition_met(until: Until, args: tuple[str, ...], reply: Any) -> bool:
+    """Whether a polled step's reply shows what it waits for."""
+    if until is Until.MIGRATION_IN_COLO:
+        status = reply.get("status") if isinstance(reply, dict) else None
+        return status == "colo"
+    if until is Until.NO_BLOCK_JOB:
+        return isinstance(reply, list) and not any(j.get("device") in args for j in reply)
+    if until is Until.CHARDEVS_CONNECTED:
+        if not isinstance(reply, list):
+            return False
+        found = {c.get("label"): str(c.get("filename", "")) for c in reply}
+        return all(a in found and not found[a].startswith("disconnected") for a in args)
+    if until is Until.COLO_MODE:
+        return isinstance(reply, dict) and reply.get("mode") in args
+    raise ValueError(f"unknown condition {until}")
+
+
+def failure_in_poll(until: Until, reply: Any) -> str | None:
+    """A reply that means the awaited state can no longer come."""
+    if until is Until.MIGRATION_IN_COLO and isinstance(reply, dict):
+        status = reply.get("status")
+        if status in ("failed", "cancelled", "completed"):
+            detail = reply.get("error-desc", "")
+            # "completed" instead of "colo" is the 10.0.0-10.0.6 regression.
+            return f"migration ended {status!r} instead of entering COLO {detail}".strip()
+    return None
+
+
+def is_accepted(step: Step, error: str) -> bool:
+    """An error that means the step's effect is already in place."""
+    return any(a.lower() in error.lower() for a in step.accept)
+
+
+def hmp_error(output: str) -> str | None:
+    """HMP reports failures as text in a successful reply."""
+    text = output.strip()
+    return text or None

@@ -1,0 +1,73 @@
+"""Checkpoint accounting and the protection verdict. Pure: time is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from coloft.model.status import SideStatus
+
+WINDOW_S = 60.0
+MAX_PAUSES = 4096
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Checkpoints seen as the secondary's STOP -> RESUME pairs (one per checkpoint)."""
+
+    count: int = 0
+    last_at: float | None = None
+    stopped_at: float | None = None
+    last_pause_ms: float | None = None
+    recent: tuple[float, ...] = ()
+    pauses_ms: tuple[float, ...] = ()
+
+    def per_minute(self, now: float) -> float:
+        return float(sum(1 for t in self.recent if now - t <= WINDOW_S))
+
+    def age(self, now: float) -> float | None:
+        return None if self.last_at is None else now - self.last_at
+
+
+def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
+    if kind == "STOP":
+        return replace(cp, stopped_at=now)
+    if kind == "RESUME" and cp.stopped_at is not None:
+        pause = (now - cp.stopped_at) * 1000.0
+        recent = (*tuple(t for t in cp.recent if now - t <= WINDOW_S), now)
+        return Checkpoints(count=cp.count + 1, last_at=now, stopped_at=None,
+                           last_pause_ms=pause, recent=recent,
+                           pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:])
+    return cp
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: str
+    protected: bool
+    reason: str
+
+
+def verdict(primary: SideStatus, secondary: SideStatus, cp: Checkpoints,
+            interval_ms: int, now: float) -> Verdict:
+    """Protected only when both sides are in COLO and checkpoints keep completing."""
+    for side in (primary, secondary):
+        if not side.alive:
+            return Verdict("failed", False, f"{side.role} {side.node}: QEMU is not running")
+        if side.error is not None:
+            return Verdict("degraded", False, f"{side.role} {side.node}: {side.error}")
+    if primary.colo_mode != "primary" or primary.migration != "colo":
+        return Verdict("degraded", False,
+                       f"primary {primary.node} not in COLO (mode {primary.colo_mode}, "
+                       f"migration {primary.migration})")
+    if secondary.colo_mode != "secondary":
+        return Verdict("degraded", False,
+                       f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})")
+    age = cp.age(now)
+    limit = 2 * interval_ms / 1000.0
+    if age is None:
+        return Verdict("starting", False, "in COLO, waiting for the first checkpoint")
+    if age > limit:
+        return Verdict("degraded", False,
+                       f"no checkpoint for {age:.1f} s (limit {limit:.1f} s = 2 intervals)")
+    return Verdict("protected", True,
+                   f"in COLO, last checkpoint {age:.1f} s ago, {cp.count} so far")

@@ -1,0 +1,102 @@
+"""Launch and supervise QEMU processes.
+
+QEMU gets PR_SET_PDEATHSIG=SIGKILL so it can never outlive the process that
+supervises it: a dead supervisor must not leave an unsupervised primary running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from coloft.errors import FatalError
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
+    # `ip netns exec` execs the command in place, so the pid we get is QEMU's.
+    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+
+
+@dataclass
+class QemuProcess:
+    node: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-limit:].strip()
+
+    def failure(self) -> str:
+        return (f"{self.node}: QEMU exited with code {self.popen.returncode}\n"
+                f"  command: {shlex.join(self.argv)}\n  stderr: {self.stderr_tail() or '(empty)'}")
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("%s: QEMU pid %d did not die after SIGKILL", self.node, self.pid)
+
+
+def launch(node: str, argv: list[str], netns: str | None, run_dir: Path) -> QemuProcess:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stderr_path = run_dir / "qemu.stderr"
+    full = netns_argv(netns, argv)
+    log.info("%s: launching %s", node, shlex.join(full))
+    with open(stderr_path, "wb") as err:
+        popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                 preexec_fn=_die_with_parent, close_fds=True)
+    return QemuProcess(node, full, popen, stderr_path)
+
+
+async def wait_started(proc: QemuProcess, qmp_path: Path, deadline_s: float = 10.0) -> None:
+    """Wait until QEMU created its QMP socket; a QEMU that exits first is a launch failure."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while loop.time() < end:
+        if not proc.alive():
+            raise FatalError(proc.failure())
+        if os.path.exists(qmp_path):
+            return
+        await asyncio.sleep(0.05)
+    raise FatalError(f"{proc.node}: QEMU (pid {proc.pid}) made no QMP socket within "
+                     f"{deadline_s:g} s\n  stderr: {proc.stderr_tail() or '(empty)'}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,104 @@
+"""The bring-up as data: order, determinism, idempotency, and the reply checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coloft.config.load import load_spec
+from coloft.core import choreography
+from coloft.core.choreography import condition_met, failure_in_poll, is_accepted
+from coloft.model.steps import Step, Until
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
+
+# What QEMU 10.0 answers when a step's effect is already in place (seen on the lab build).
+QEMU_ALREADY = {
+    "nbd-server-start": "NBD server already running",
+    "nbd-server-add": "Block export id 'parent0' is already in use",
+    "chardev-add": "Chardev with id 'red0' already exists",
+    "object-add": "attempt to add duplicate property 'f1' to object (type 'container')",
+    "migrate-incoming": "The incoming migration has already been started",
+}
+
+
+@pytest.fixture
+def steps() -> list[Step]:
+    return choreography.bringup(load_spec(EXAMPLE))
+
+
+def index(steps: list[Step], node: str, name: str) -> int:
+    for i, s in enumerate(steps):
+        if s.node == node and s.name == name:
+            return i
+    raise AssertionError(f"no step {node}: {name}")
+
+
+def test_planning_is_deterministic() -> None:
+    spec = load_spec(EXAMPLE)
+    assert choreography.bringup(spec) == choreography.bringup(spec)
+
+
+def test_secondary_is_ready_before_the_primary_starts(steps: list[Step]) -> None:
+    first_primary = next(i for i, s in enumerate(steps) if s.node == "a")
+    assert all(s.node == "b" for s in steps[:first_primary])
+    assert index(steps, "b", "enable x-colo") < index(steps, "b", "listen for migration")
+    assert index(steps, "b", "export disk") < index(steps, "a", "copy disk to secondary")
+
+
+def test_primary_order(steps: list[Step]) -> None:
+    order = ["pause guest", "copy disk to secondary", "end disk copy",
+             "wait for disk copy to end", "attach replication child",
+             "add replication child to quorum", "add chardev mirror0", "add chardev compare0-0",
+             "add colo-compare comp0", "wait for secondary's sockets", "enable x-colo",
+             "set checkpoint interval", "start migration", "wait for COLO"]
+    positions = [index(steps, "a", name) for name in order]
+    assert positions == sorted(positions)
+    assert steps[-1].node == "b" and steps[-1].until is Until.COLO_MODE
+
+
+def test_colo_compare_uses_tuning(steps: list[Step]) -> None:
+    comp = steps[index(steps, "a", "add colo-compare comp0")]
+    assert comp.arguments["compare_timeout"] == 3000
+    assert comp.arguments["expired_scan_cycle"] == 1000
+    assert comp.arguments["max_queue_size"] == 1024
+    delay = steps[index(steps, "a", "set checkpoint interval")]
+    assert delay.arguments == {"x-checkpoint-delay": 2000}
+
+
+def test_replaying_a_prefix_is_accepted(steps: list[Step]) -> None:
+    """Every step that creates something accepts QEMU's "already there" answer."""
+    creating = [s for s in steps if s.command in QEMU_ALREADY]
+    assert len(creating) >= 15
+    for s in creating:
+        assert is_accepted(s, QEMU_ALREADY[s.command]), s.describe()
+
+
+def test_real_errors_are_not_accepted(steps: list[Step]) -> None:
+    for s in steps:
+        assert not is_accepted(s, "Could not open '/dev/nonexistent': No such file"), s.name
+
+
+def test_disk_copy_waits_for_ready_event(steps: list[Step]) -> None:
+    mirror = steps[index(steps, "a", "copy disk to secondary")]
+    assert mirror.expect_event == "BLOCK_JOB_READY"
+    assert mirror.event_data == {"device": "resync"}
+
+
+def test_conditions() -> None:
+    assert condition_met(Until.MIGRATION_IN_COLO, (), {"status": "colo"})
+    assert not condition_met(Until.MIGRATION_IN_COLO, (), {"status": "active"})
+    assert condition_met(Until.NO_BLOCK_JOB, ("resync",), [])
+    assert not condition_met(Until.NO_BLOCK_JOB, ("resync",), [{"device": "resync"}])
+    connected = [{"label": "mirror0", "filename": "tcp:1.2.3.4:9000,server=on <-> 5.6.7.8:1"},
+                 {"label": "compare1", "filename": "disconnected:tcp:1.2.3.4:9001,server=on"}]
+    assert not condition_met(Until.CHARDEVS_CONNECTED, ("mirror0", "compare1"), connected)
+    assert condition_met(Until.CHARDEVS_CONNECTED, ("mirror0",), connected)
+    assert condition_met(Until.COLO_MODE, ("secondary",), {"mode": "secondary"})
+
+
+def test_migration_that_completes_instead_of_colo_fails_fast() -> None:
+    problem = failure_in_poll(Until.MIGRATION_IN_COLO, {"status": "completed"})
+    assert problem is not None and "instead of entering COLO" in problem
+    assert failure_in_poll(Until.MIGRATION_IN_COLO, {"status": "active"}) is None

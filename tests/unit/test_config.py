@@ -1,0 +1,122 @@
+"""Spec validation: every error names the file, the field and what is wrong."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from coloft.config.load import load_spec
+from coloft.errors import ConfigError
+from coloft.model.spec import Accel
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
+
+GOOD = """
+[vm]
+name = "web"
+memory_mib = 256
+disk = "disk.raw"
+
+[nodes.x]
+replication_address = "198.51.100.1"
+bridge = "br0"
+port_base = 9000
+disk = "x.raw"
+
+[nodes.y]
+replication_address = "198.51.100.2"
+bridge = "br0"
+port_base = 9100
+disk = "y.raw"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pair.toml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_spec(write(tmp_path, text))
+    return str(info.value)
+
+
+def test_example_spec_loads() -> None:
+    spec = load_spec(EXAMPLE)
+    assert spec.vm.name == "demo"
+    assert spec.primary.name == "a" and spec.secondary.name == "b"
+    assert spec.vm.service == ("192.0.2.10", 7000)
+    assert spec.tuning.checkpoint_interval_ms == 2000
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.vm.vcpus == 1 and spec.vm.accel is Accel.AUTO and spec.vm.machine == "pc"
+    assert spec.disk_of(spec.primary) == tmp_path / "x.raw"
+    assert spec.tuning.compare_timeout_ms == 3000
+    assert spec.run_dir_of(spec.primary) == Path("/run/coloft/web/x")
+
+
+def test_primary_key_picks_initial_primary(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, 'primary = "y"\n' + GOOD))
+    assert (spec.primary.name, spec.secondary.name) == ("y", "x")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.replace('memory_mib = 256\n', ''),
+         r"pair\.toml: \[vm\]\.memory_mib: required field is missing"),
+        (lambda t: t.replace('memory_mib = 256', 'memory_mib = "lots"'),
+         r"\[vm\]\.memory_mib: expected an integer, got a string \('lots'\)"),
+        (lambda t: t.replace('memory_mib = 256', 'memory_mib = 256\nmemroy = 1'),
+         r"\[vm\]: unknown key 'memroy'"),
+        (lambda t: t.replace('memory_mib = 256', 'memory_mib = 0'),
+         r"\[vm\]\.memory_mib: 0 MiB is out of range 32\.\.1048576 MiB"),
+        (lambda t: t.replace('memory_mib = 256', 'memory_mib = 99999999'),
+         r"\[vm\]\.memory_mib: 99999999 MiB is out of range"),
+        (lambda t: t.replace('memory_mib = 256', 'memory_mib = true'),
+         r"\[vm\]\.memory_mib: expected an integer, got a boolean"),
+        (lambda t: t.replace('port_base = 9100', 'port_base = 80'),
+         r"\[nodes\.y\]\.port_base: 80 is out of range"),
+        (lambda t: t.replace('"198.51.100.2"', '"not-an-ip"'),
+         r"\[nodes\.y\]\.replication_address: 'not-an-ip' is not an IP address"),
+        (lambda t: t.replace('"198.51.100.2"', '"198.51.100.1"'),
+         r"\[nodes\.y\]\.replication_address: same as node 'x'"),
+        (lambda t: t + '\n[tuning]\ncheckpoint_interval_ms = 5\n',
+         r"\[tuning\]\.checkpoint_interval_ms: 5 ms is out of range"),
+        (lambda t: t + '\n[tuning]\nbogus = 1\n', r"\[tuning\]: unknown key 'bogus'"),
+        (lambda t: 'extra = 1\n' + t, r"spec: unknown key 'extra'"),
+        (lambda t: t.replace('name = "web"', 'name = "Web Server"'),
+         r"\[vm\]\.name: 'Web Server' is not a name"),
+        (lambda t: t.replace('name = "web"', 'name = "web"\nmachine = "q35"'),
+         r"\[vm\]\.machine: 'q35' is not an i440fx machine type"),
+        (lambda t: t.replace('name = "web"', 'name = "web"\naccel = "hvf"'),
+         r"\[vm\]\.accel: 'hvf' is not one of kvm, tcg, auto"),
+        (lambda t: t.replace('name = "web"', 'name = "web"\nservice = "nowhere"'),
+         r"\[vm\]\.service: 'nowhere' is not ADDRESS:PORT"),
+        (lambda t: 'primary = "z"\n' + t, r"spec\.primary: 'z' is not one of the nodes"),
+        (lambda t: t.split("[nodes.y]")[0], r"\[nodes\]: a pair needs exactly two nodes, found 1"),
+        (lambda t: t.replace('[vm]', '[vmm]'), r"\[vm\]: required table is missing"),
+        (lambda t: t.replace('disk = "y.raw"', '').replace('disk = "x.raw"', ''),
+         r"\[nodes\.y\]\.disk: both nodes would open .*disk\.raw on the same host"),
+    ],
+)
+def test_bad_specs_are_named_precisely(tmp_path: Path, edit: object, expected: str) -> None:
+    assert callable(edit)
+    message = error_of(tmp_path, edit(GOOD))
+    assert str(tmp_path / "pair.toml") in message
+    assert re.search(expected, message), message
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    assert "not valid TOML" in error_of(tmp_path, "[vm\nname=")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read spec"):
+        load_spec(tmp_path / "nope.toml")

@@ -1,0 +1,59 @@
+"""Checkpoint accounting and the protection verdict."""
+
+from __future__ import annotations
+
+from coloft.core.health import Checkpoints, on_event, verdict
+from coloft.model.status import SideStatus
+
+P = SideStatus("a", "primary", 1, True, "running", "primary", "none", "colo", 1.0)
+S = SideStatus("b", "secondary", 2, True, "running", "secondary", "none", None, 1.0)
+
+
+def checkpoints_at(*times: float) -> Checkpoints:
+    cp = Checkpoints()
+    for t in times:
+        cp = on_event(on_event(cp, "STOP", t), "RESUME", t + 0.05)
+    return cp
+
+
+def test_stop_resume_pairs_count_checkpoints_and_pauses() -> None:
+    cp = checkpoints_at(10.0, 12.0, 14.0)
+    assert cp.count == 3
+    assert cp.last_at == 14.05
+    assert cp.last_pause_ms is not None and abs(cp.last_pause_ms - 50.0) < 1e-6
+    assert len(cp.pauses_ms) == 3
+
+
+def test_resume_without_stop_is_not_a_checkpoint() -> None:
+    assert on_event(Checkpoints(), "RESUME", 1.0).count == 0
+
+
+def test_per_minute_window() -> None:
+    cp = checkpoints_at(0.0, 30.0, 59.0, 61.0)
+    assert cp.per_minute(61.1) == 3.0
+
+
+def test_protected_when_in_colo_and_checkpoints_recent() -> None:
+    v = verdict(P, S, checkpoints_at(10.0), 2000, 11.0)
+    assert v.protected and v.phase == "protected"
+
+
+def test_stale_checkpoint_is_degraded() -> None:
+    v = verdict(P, S, checkpoints_at(10.0), 2000, 15.05)
+    assert not v.protected and v.phase == "degraded"
+    assert "no checkpoint for 5.0 s (limit 4.0 s" in v.reason
+
+
+def test_no_checkpoint_yet_is_starting() -> None:
+    assert verdict(P, S, Checkpoints(), 2000, 1.0).phase == "starting"
+
+
+def test_dead_or_not_colo_sides() -> None:
+    dead = SideStatus("b", "secondary", 2, False)
+    v = verdict(P, dead, checkpoints_at(10.0), 2000, 10.5)
+    assert v.phase == "failed" and "secondary b" in v.reason
+    plain = SideStatus("a", "primary", 1, True, "running", "none", "none", "completed")
+    assert verdict(plain, S, checkpoints_at(10.0), 2000, 10.5).phase == "degraded"
+    hung = SideStatus("a", "primary", 1, True, error="query-status got no answer within 1 s")
+    v = verdict(hung, S, checkpoints_at(10.0), 2000, 10.5)
+    assert not v.protected and "no answer" in v.reason
