@@ -8,7 +8,6 @@ killed by pid and the namespace deleted in fixture teardown, pass or fail.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from coloft.effects.qemu_binary import lab_qemu
 from coloft.lab.guest import SERVICE_PORT, GuestImage, build_guest, guest_append
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 HOST_CIDR = "192.0.2.1/24"
 GUEST_IP = "192.0.2.10"
@@ -33,6 +33,7 @@ FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu")
 BOOT_TIMEOUT = 45.0
 READY = "coloft-guest: service up"
 ERROR = "coloft-guest: ERROR"
+IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"
 
 # Runs inside the namespace: argv[1] = number of connections; stdin lines are
 # "<connection index>\t<request>"; prints one reply line per request.
@@ -65,16 +66,14 @@ def _run(*argv: str) -> None:
 
 
 def _qemu_binary() -> Path:
-    found = sorted(glob.glob("/var/cache/coloft/qemu/*/qemu-system-x86_64"), key=os.path.getmtime)
-    if not found:
-        pytest.skip("no lab QEMU in /var/cache/coloft/qemu/*/ (run lab/qemu/build.sh)")
-    return Path(found[-1])
+    found = lab_qemu()
+    assert found is not None, "no lab QEMU in /var/cache/coloft/qemu/*/ (run make setup)"
+    return found
 
 
 @pytest.fixture(scope="module")
 def qemu() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, tap devices)")
+    assert os.geteuid() == 0, "needs root (network namespaces, tap devices)"
     binary = _qemu_binary()
     missing = [d for d in FIRMWARE_DIRS if not Path(d).is_dir()]
     assert not missing, f"firmware dirs missing (qemu-system-data seabios ipxe-qemu): {missing}"
@@ -89,15 +88,15 @@ def image(qemu: Path) -> GuestImage:
 @pytest.fixture
 def netns() -> Iterator[str]:
     name = f"gtest-{uuid.uuid4().hex[:8]}"
-    _run("ip", "netns", "add", name)
+    _run(IP, "netns", "add", name)
     try:
-        _run("ip", "-n", name, "link", "set", "lo", "up")
-        _run("ip", "-n", name, "tuntap", "add", "tap0", "mode", "tap")
-        _run("ip", "-n", name, "addr", "add", HOST_CIDR, "dev", "tap0")
-        _run("ip", "-n", name, "link", "set", "tap0", "up")
+        _run(IP, "-n", name, "link", "set", "lo", "up")
+        _run(IP, "-n", name, "tuntap", "add", "tap0", "mode", "tap")
+        _run(IP, "-n", name, "addr", "add", HOST_CIDR, "dev", "tap0")
+        _run(IP, "-n", name, "link", "set", "tap0", "up")
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        subprocess.run([IP, "netns", "del", name], check=False, capture_output=True)
 
 
 class Guest:
@@ -106,7 +105,7 @@ class Guest:
     def __init__(self, qemu: Path, image: GuestImage, netns: str, disk: Path, log: Path) -> None:
         self.log = log
         self.stderr = log.with_suffix(".stderr")
-        argv = ["ip", "netns", "exec", netns, str(qemu)]
+        argv = [IP, "netns", "exec", netns, str(qemu)]
         argv += ["-accel", "tcg", "-machine", "pc", "-m", "128", "-smp", "1"]
         argv += ["-nographic", "-serial", f"file:{log}", "-monitor", "none"]
         for firmware in FIRMWARE_DIRS:
@@ -170,15 +169,16 @@ def talk(netns: str, requests: Sequence[tuple[int, str]], connections: int = 1) 
     """Send requests over `connections` persistent connections; one reply each."""
     done = subprocess.run(
         [
-            *("ip", "netns", "exec", netns),
+            *(IP, "netns", "exec", netns),
             *(sys.executable, "-c", _CLIENT, GUEST_IP, str(SERVICE_PORT), str(connections)),
         ],
         input="".join(f"{idx}\t{request}\n" for idx, request in requests),
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=False,
     )
+    assert done.returncode == 0, f"client failed: {done.stderr}"
     return done.stdout.splitlines()
 
 

@@ -15,17 +15,19 @@ from typing import Any
 
 import pytest
 
+from coloft.effects import tap
 from coloft.lab import net, workload
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("nft") is None or shutil.which("ping") is None,
-        reason="needs nftables and iputils-ping",
-    ),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs() -> None:
+    assert os.geteuid() == 0, "needs root for network namespaces"
+    assert shutil.which("nft") and shutil.which("ping"), "needs nftables and iputils-ping"
 
 
 def _coloft_namespaces() -> list[str]:
@@ -64,13 +66,14 @@ def _link_ids() -> dict[tuple[str, str], Any]:
 
 @pytest.fixture
 def lab() -> Iterator[None]:
-    net.lab_down()
-    try:
-        net.lab_up()
-        yield
-    finally:
+    with net.lab_lock():
         net.lab_down()
-        assert _coloft_namespaces() == []
+        try:
+            net.lab_up()
+            yield
+        finally:
+            net.lab_down()
+            assert _coloft_namespaces() == []
 
 
 def test_lab_up_is_idempotent_and_connected(lab: None) -> None:
@@ -164,17 +167,22 @@ def test_blackhole_and_link_down(lab: None) -> None:
 
 def test_tap(lab: None) -> None:
     ns = net.HOST_NS["a"]
-    net.ensure_tap(ns, "tap-test")
-    net.ensure_tap(ns, "tap-test")  # idempotent
+    tap.ensure_tap(ns, "tap-test", net.VM_BRIDGE)
+    tap.ensure_tap(ns, "tap-test", net.VM_BRIDGE)  # idempotent
     link: Any = net.lab_status()["hosts"]
-    tap = link["a"]["links"]["tap-test"]
-    assert tap["kind"] == "tun" and tap["master"] == net.VM_BRIDGE and tap["up"] is True
-    net.remove_tap(ns, "tap-test")
-    net.remove_tap(ns, "tap-test")  # absent is fine
+    found = link["a"]["links"]["tap-test"]
+    assert found["kind"] == "tun" and found["master"] == net.VM_BRIDGE and found["up"] is True
+    tap.remove_tap(ns, "tap-test")
+    tap.remove_tap(ns, "tap-test")  # absent is fine
     assert "tap-test" not in net.lab_status()["hosts"]["a"]["links"]  # type: ignore[index]
 
 
 def test_lab_down_twice_and_after_a_crash() -> None:
+    with net.lab_lock():
+        _lab_down_twice_and_after_a_crash()
+
+
+def _lab_down_twice_and_after_a_crash() -> None:
     try:
         net.lab_up()
         # a crash mid-creation leaves a temporary veth in the root namespace
@@ -241,3 +249,25 @@ def test_workload_through_the_lan(lab: None, tmp_path: Path) -> None:
     assert result["acked_writes"] > 20
     assert report["checked"] == result["acked_writes"]
     assert report["lost_acked_writes"] == 0 and report["wrong_values"] == 0
+
+
+def test_one_more_host_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    witness = net.Host(
+        ns="coloft-w",
+        bridges=(net.Bridge("mgmt0", ("203.0.113.3/24",)),),
+        links=(
+            net.Veth("to-a", master="mgmt0", peer=net.Peer("a", "mgmt", ("203.0.113.1/24",))),
+            net.Veth("to-b", master="mgmt0", peer=net.Peer("b", "mgmt", ("203.0.113.2/24",))),
+        ),
+    )
+    monkeypatch.setitem(net.HOSTS, "w", witness)
+    with net.lab_lock():
+        try:
+            net.lab_up()
+            status = net.lab_status()
+            assert status["ok"] is True, status["problems"]
+            assert _ping_soon("coloft-a", "203.0.113.2")
+            assert _ping_soon("coloft-w", "203.0.113.1")
+        finally:
+            net.lab_down()
+    assert _coloft_namespaces() == []

@@ -48,11 +48,22 @@ def test_secondary_is_ready_before_the_primary_starts(steps: list[Step]) -> None
 
 
 def test_primary_order(steps: list[Step]) -> None:
-    order = ["pause guest", "copy disk to secondary", "end disk copy",
-             "wait for disk copy to end", "attach replication child",
-             "add replication child to quorum", "add chardev mirror0", "add chardev compare0-0",
-             "add colo-compare comp0", "wait for secondary's sockets", "enable x-colo",
-             "set checkpoint interval", "start migration", "wait for COLO"]
+    order = [
+        "pause guest",
+        "copy disk to secondary",
+        "end disk copy",
+        "wait for disk copy to end",
+        "attach replication child",
+        "add replication child to quorum",
+        "add chardev mirror0",
+        "add chardev compare0-0",
+        "add colo-compare comp0",
+        "wait for secondary's sockets",
+        "enable x-colo",
+        "set checkpoint interval",
+        "start migration",
+        "wait for COLO",
+    ]
     positions = [index(steps, "a", name) for name in order]
     assert positions == sorted(positions)
     assert steps[-1].node == "b" and steps[-1].until is Until.COLO_MODE
@@ -91,8 +102,10 @@ def test_conditions() -> None:
     assert not condition_met(Until.MIGRATION_IN_COLO, (), {"status": "active"})
     assert condition_met(Until.NO_BLOCK_JOB, ("resync",), [])
     assert not condition_met(Until.NO_BLOCK_JOB, ("resync",), [{"device": "resync"}])
-    connected = [{"label": "mirror0", "filename": "tcp:1.2.3.4:9000,server=on <-> 5.6.7.8:1"},
-                 {"label": "compare1", "filename": "disconnected:tcp:1.2.3.4:9001,server=on"}]
+    connected = [
+        {"label": "mirror0", "filename": "tcp:1.2.3.4:9000,server=on <-> 5.6.7.8:1"},
+        {"label": "compare1", "filename": "disconnected:tcp:1.2.3.4:9001,server=on"},
+    ]
     assert not condition_met(Until.CHARDEVS_CONNECTED, ("mirror0", "compare1"), connected)
     assert condition_met(Until.CHARDEVS_CONNECTED, ("mirror0",), connected)
     assert condition_met(Until.COLO_MODE, ("secondary",), {"mode": "secondary"})

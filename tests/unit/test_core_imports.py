@@ -7,9 +7,25 @@ from pathlib import Path
 
 import coloft.core
 
-FORBIDDEN = {"asyncio", "socket", "subprocess", "time", "os", "threading", "select",
-             "signal", "qemu", "coloft.effects", "coloft.agent", "coloft.api", "coloft.cli",
-             "coloft.lab", "coloft.config", "datetime", "random"}
+FORBIDDEN = {
+    "asyncio",
+    "socket",
+    "subprocess",
+    "time",
+    "os",
+    "threading",
+    "select",
+    "signal",
+    "qemu",
+    "coloft.effects",
+    "coloft.agent",
+    "coloft.api",
+    "coloft.cli",
+    "coloft.lab",
+    "coloft.config",
+    "datetime",
+    "random",
+}
 
 
 def _imports(path: Path) -> set[str]:

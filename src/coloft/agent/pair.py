@@ -40,8 +40,12 @@ def status_path(spec: PairSpec) -> Path:
 
 
 def _qemu_img_create(path: Path, size: int) -> None:
-    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise FatalError(f"qemu-img create {path}: {done.stderr.strip()}")
 
@@ -73,7 +77,7 @@ class Pair:
         tap.ensure_tap(node.netns, tap_name(self.spec), node.bridge)
         return paths
 
-    async def _start_node(self, node: NodeSpec, role: Role) -> None:
+    async def start_node(self, node: NodeSpec, role: Role) -> None:
         paths = self._prepare(node, role)
         argv = qemu_argv(self.spec, node, role, self.choice.binary, self.choice.accel)
         proc = launch(node.name, argv, node.netns, paths.run_dir)
@@ -87,8 +91,8 @@ class Pair:
     async def up(self, progress: Progress | None = None) -> None:
         """Launch both QEMUs and run the bring-up; on any failure tear everything down."""
         try:
-            await self._start_node(self.spec.secondary, Role.SECONDARY)
-            await self._start_node(self.spec.primary, Role.PRIMARY)
+            await self.start_node(self.spec.secondary, Role.SECONDARY)
+            await self.start_node(self.spec.primary, Role.PRIMARY)
             await run_steps(self.sessions, choreography.bringup(self.spec), progress)
         except BaseException as e:
             detail = self._dead_process_detail()
@@ -114,25 +118,41 @@ class Pair:
             mig = await session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S)
         except ColoftError as e:
             return SideStatus(node.name, role, proc.pid, True, error=str(e))
-        return SideStatus(node.name, role, proc.pid, True, run_state=run.get("status"),
-                          colo_mode=colo.get("mode"), colo_reason=colo.get("reason"),
-                          migration=mig.get("status"), qmp_ms=round(qmp_ms, 2))
+        return SideStatus(
+            node.name,
+            role,
+            proc.pid,
+            True,
+            run_state=run.get("status"),
+            colo_mode=colo.get("mode"),
+            colo_reason=colo.get("reason"),
+            migration=mig.get("status"),
+            qmp_ms=round(qmp_ms, 2),
+        )
 
     async def observe(self) -> PairStatus:
         now = time.monotonic()
-        primary, secondary = await asyncio.gather(self._observe_side(self.spec.primary),
-                                                  self._observe_side(self.spec.secondary))
+        primary, secondary = await asyncio.gather(
+            self._observe_side(self.spec.primary), self._observe_side(self.spec.secondary)
+        )
         cp = self.checkpoints
         interval = self.spec.tuning.checkpoint_interval_ms
         v = health.verdict(primary, secondary, cp, interval, now)
         age = cp.age(now)
         return PairStatus(
-            vm=self.spec.vm.name, phase=v.phase, protected=v.protected, reason=v.reason,
-            checkpoints=cp.count, checkpoints_per_min=cp.per_minute(now),
+            vm=self.spec.vm.name,
+            phase=v.phase,
+            protected=v.protected,
+            reason=v.reason,
+            checkpoints=cp.count,
+            checkpoints_per_min=cp.per_minute(now),
             last_checkpoint_age_s=None if age is None else round(age, 3),
             last_pause_ms=None if cp.last_pause_ms is None else round(cp.last_pause_ms, 1),
-            checkpoint_interval_ms=interval, sides=(primary, secondary),
-            supervisor_pid=os.getpid(), updated_unix=time.time())
+            checkpoint_interval_ms=interval,
+            sides=(primary, secondary),
+            supervisor_pid=os.getpid(),
+            updated_unix=time.time(),
+        )
 
     async def down(self) -> None:
         for session in self.sessions.values():
@@ -162,8 +182,12 @@ def publish(spec: PairSpec, status: PairStatus | None) -> None:
     tmp.replace(path)
 
 
-async def supervise(pair: Pair, stop: asyncio.Event, tick_s: float = 0.5,
-                    on_status: Callable[[PairStatus], None] | None = None) -> PairStatus:
+async def supervise(
+    pair: Pair,
+    stop: asyncio.Event,
+    tick_s: float = 0.5,
+    on_status: Callable[[PairStatus], None] | None = None,
+) -> PairStatus:
     """Observe and publish until asked to stop; returns the last status."""
     last_reason = ""
     status = await pair.observe()
@@ -172,7 +196,8 @@ async def supervise(pair: Pair, stop: asyncio.Event, tick_s: float = 0.5,
         if on_status is not None:
             on_status(status)
         if (status.reason != last_reason and status.phase != "protected") or (
-                status.phase == "protected" and not last_reason.startswith("in COLO, last")):
+            status.phase == "protected" and not last_reason.startswith("in COLO, last")
+        ):
             log.info("%s: %s: %s", pair.spec.vm.name, status.phase, status.reason)
         last_reason = status.reason
         with contextlib.suppress(TimeoutError):

@@ -46,8 +46,11 @@ def cli(verbose: bool) -> None:
 
     A pair spec (TOML) describes one VM protected on two nodes; see examples/lab.toml.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()
@@ -62,14 +65,28 @@ def plan(spec: Path, as_json: bool) -> None:
     binary = s.qemu_binary or qemu_binary.lab_qemu() or Path("qemu-system-x86_64")
     commands = {
         node.name: netns_argv(node.netns, qemu_argv(s, node, role, binary, accel))
-        for node, role in ((s.primary, Role.PRIMARY), (s.secondary, Role.SECONDARY))}
+        for node, role in ((s.primary, Role.PRIMARY), (s.secondary, Role.SECONDARY))
+    }
     steps = choreography.bringup(s)
     if as_json:
-        click.echo(json.dumps({
-            "commands": commands,
-            "steps": [{"node": st.node, "name": st.name, "command": st.command,
-                       "arguments": st.arguments, "deadline_s": st.deadline_s}
-                      for st in steps]}, indent=1))
+        click.echo(
+            json.dumps(
+                {
+                    "commands": commands,
+                    "steps": [
+                        {
+                            "node": st.node,
+                            "name": st.name,
+                            "command": st.command,
+                            "arguments": st.arguments,
+                            "deadline_s": st.deadline_s,
+                        }
+                        for st in steps
+                    ],
+                },
+                indent=1,
+            )
+        )
         return
     for node, role in ((s.primary, "primary"), (s.secondary, "secondary")):
         click.echo(f"# {role} on node {node.name}")
@@ -138,8 +155,11 @@ def status(spec: Path | None, as_json: bool) -> None:
         if data is None:
             continue
         if not pid_alive(int(data["supervisor_pid"])):
-            data.update(phase="stopped", protected=False,
-                        reason=f"supervisor pid {data['supervisor_pid']} is gone")
+            data.update(
+                phase="stopped",
+                protected=False,
+                reason=f"supervisor pid {data['supervisor_pid']} is gone",
+            )
         pairs.append(data)
     if as_json:
         click.echo(json.dumps({"pairs": pairs}, indent=1))
@@ -213,8 +233,9 @@ def lab_status(as_json: bool) -> None:
 
 @cli.command()
 @click.option("--duration", default=60.0, show_default=True, help="Seconds of client load.")
-@click.option("--json", "as_json", is_flag=True,
-              help="No live view; print one JSON summary as the last line.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="No live view; print one JSON summary as the last line."
+)
 @click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
 def demo(duration: float, as_json: bool, interval_ms: int) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""

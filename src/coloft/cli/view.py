@@ -26,23 +26,30 @@ def _sides_table(sides: list[dict[str, Any]]) -> Table:
     for col in ("node", "role", "pid", "run state", "COLO mode", "migration", "QMP ms"):
         t.add_column(col)
     for s in sides:
-        t.add_row(s["node"], s["role"], _fmt(s["pid"]),
-                  s["run_state"] or ("dead" if not s["alive"] else "-"),
-                  _fmt(s["colo_mode"]), _fmt(s["migration"]), _fmt(s["qmp_ms"]))
+        t.add_row(
+            s["node"],
+            s["role"],
+            _fmt(s["pid"]),
+            s["run_state"] or ("dead" if not s["alive"] else "-"),
+            _fmt(s["colo_mode"]),
+            _fmt(s["migration"]),
+            _fmt(s["qmp_ms"]),
+        )
     return t
 
 
 def _headline(data: dict[str, Any]) -> Text:
     style = "bold green" if data["protected"] else "bold red"
-    return Text.assemble((f"{data['vm']}: {data['phase'].upper()}", style),
-                         f"  {data['reason']}")
+    return Text.assemble((f"{data['vm']}: {data['phase'].upper()}", style), f"  {data['reason']}")
 
 
 def _checkpoint_line(data: dict[str, Any]) -> str:
-    return (f"checkpoints {data['checkpoints']} ({_fmt(data['checkpoints_per_min'])}/min), "
-            f"last {_fmt(data['last_checkpoint_age_s'], ' s')} ago, "
-            f"last pause {_fmt(data['last_pause_ms'], ' ms')}, "
-            f"interval {data['checkpoint_interval_ms']} ms")
+    return (
+        f"checkpoints {data['checkpoints']} ({_fmt(data['checkpoints_per_min'])}/min), "
+        f"last {_fmt(data['last_checkpoint_age_s'], ' s')} ago, "
+        f"last pause {_fmt(data['last_pause_ms'], ' ms')}, "
+        f"interval {data['checkpoint_interval_ms']} ms"
+    )
 
 
 def status_table(data: dict[str, Any]) -> str:
@@ -76,23 +83,32 @@ class LiveView:
             f"p50 {_fmt(c.get('latency_ms_p50'), ' ms')}, "
             f"p99 {_fmt(c.get('latency_ms_p99'), ' ms')}, "
             f"ok {c.get('requests_ok', 0)}, failed {c.get('requests_failed', 0)}, "
-            f"acknowledged writes {c.get('acked_writes', 0)}")
-        self._live.update(Group(
-            _headline(data), _sides_table(data["sides"]), Text(_checkpoint_line(data)),
-            Text(client_line), Text(f"{elapsed:.0f} / {self.duration:.0f} s")))
+            f"acknowledged writes {c.get('acked_writes', 0)}"
+        )
+        self._live.update(
+            Group(
+                _headline(data),
+                _sides_table(data["sides"]),
+                Text(_checkpoint_line(data)),
+                Text(client_line),
+                Text(f"{elapsed:.0f} / {self.duration:.0f} s"),
+            )
+        )
 
 
 def summary_text(s: dict[str, Any]) -> str:
     verdict = "PROTECTED" if s["protected"] else f"NOT PROTECTED ({s['reason']})"
     lost = s["lost_acked_writes"]
-    return "\n".join([
-        f"== coloft demo summary ({s['duration_s']} s) ==",
-        f"protection at the end: {verdict}",
-        f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
-        f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
-        f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
-        f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "
-        f"{_fmt(s['latency_ms_p50'], ' ms')}, p99 {_fmt(s['latency_ms_p99'], ' ms')}",
-        f"acknowledged writes: {s['acked_writes']}, lost: {lost}"
-        + ("" if lost == 0 else "  <-- DATA LOSS"),
-    ])
+    return "\n".join(
+        [
+            f"== coloft demo summary ({s['duration_s']} s) ==",
+            f"protection at the end: {verdict}",
+            f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
+            f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
+            f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
+            f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "
+            f"{_fmt(s['latency_ms_p50'], ' ms')}, p99 {_fmt(s['latency_ms_p99'], ' ms')}",
+            f"acknowledged writes: {s['acked_writes']}, lost: {lost}"
+            + ("" if lost == 0 else "  <-- DATA LOSS"),
+        ]
+    )

@@ -57,12 +57,18 @@ class _Reader:
         return self._get(key, str, "a string", default, required)
 
     def integer(
-        self, key: str, default: int | None = None, required: bool = False,
-        low: int | None = None, high: int | None = None, unit: str = "",
+        self,
+        key: str,
+        default: int | None = None,
+        required: bool = False,
+        low: int | None = None,
+        high: int | None = None,
+        unit: str = "",
     ) -> int:
         value = self._get(key, int, "an integer", default, required)
-        if value is not None and ((low is not None and value < low)
-                                  or (high is not None and value > high)):
+        if value is not None and (
+            (low is not None and value < low) or (high is not None and value > high)
+        ):
             raise self.fail(key, f"{value}{unit} is out of range {low}..{high}{unit}")
         return value
 
@@ -75,8 +81,14 @@ class _Reader:
         p = Path(text)
         return p if p.is_absolute() else (self.source.parent / p).resolve()
 
-    def checked(self, key: str, check: Callable[[str], object], what: str,
-                default: str | None = None, required: bool = False) -> str:
+    def checked(
+        self,
+        key: str,
+        check: Callable[[str], object],
+        what: str,
+        default: str | None = None,
+        required: bool = False,
+    ) -> str:
         value = self.string(key, default=default, required=required)
         if value is not None and not check(value):
             raise self.fail(key, f"{value!r} is not {what}")
@@ -90,8 +102,14 @@ class _Reader:
 
 
 def _describe(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
-             list: "an array", dict: "a table"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
     return f"{names.get(type(value), type(value).__name__)} ({value!r})"
 
 
@@ -109,31 +127,48 @@ def _service(r: _Reader) -> tuple[str, int] | None:
         return None
     host, sep, port = text.rpartition(":")
     if not sep or not _is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
-        raise r.fail("service", f"{text!r} is not ADDRESS:PORT (e.g. \"192.0.2.10:7000\")")
+        raise r.fail("service", f'{text!r} is not ADDRESS:PORT (e.g. "192.0.2.10:7000")')
     return host, int(port)
 
 
 def _vm(source: Path, table: Mapping[str, Any]) -> VmSpec:
     r = _Reader(source, "[vm]", table)
-    accel_text = r.checked("accel", lambda v: v in {a.value for a in Accel},
-                           "one of kvm, tcg, auto", default="auto")
+    accel_text = r.checked(
+        "accel", lambda v: v in {a.value for a in Accel}, "one of kvm, tcg, auto", default="auto"
+    )
     vm = VmSpec(
-        name=r.checked("name", NAME_RE.match, "a name of lowercase letters, digits and '-'"
-                       " starting with a letter (max 31)", required=True),
-        memory_mib=r.integer("memory_mib", required=True, low=MIN_MEMORY_MIB,
-                             high=MAX_MEMORY_MIB, unit=" MiB"),
+        name=r.checked(
+            "name",
+            NAME_RE.match,
+            "a name of lowercase letters, digits and '-' starting with a letter (max 31)",
+            required=True,
+        ),
+        memory_mib=r.integer(
+            "memory_mib", required=True, low=MIN_MEMORY_MIB, high=MAX_MEMORY_MIB, unit=" MiB"
+        ),
         vcpus=r.integer("vcpus", default=1, low=1, high=64),
         disk=r.path("disk", required=True) or Path(),
         kernel=r.path("kernel"),
         initrd=r.path("initrd"),
         append=r.string("append"),
-        nic_model=r.checked("nic_model", lambda v: v in NIC_MODELS,
-                            f"a supported NIC model ({', '.join(NIC_MODELS)})", default="e1000"),
-        mac=r.checked("mac", MAC_RE.match, "a lowercase MAC address like 52:54:00:12:34:56",
-                      default="52:54:00:c0:10:0a"),
-        machine=r.checked("machine", lambda v: v == "pc" or v.startswith("pc-i440fx"),
-                          "an i440fx machine type ('pc'; q35 crashes COLO's secondary)",
-                          default="pc"),
+        nic_model=r.checked(
+            "nic_model",
+            lambda v: v in NIC_MODELS,
+            f"a supported NIC model ({', '.join(NIC_MODELS)})",
+            default="e1000",
+        ),
+        mac=r.checked(
+            "mac",
+            MAC_RE.match,
+            "a lowercase MAC address like 52:54:00:12:34:56",
+            default="52:54:00:c0:10:0a",
+        ),
+        machine=r.checked(
+            "machine",
+            lambda v: v == "pc" or v.startswith("pc-i440fx"),
+            "an i440fx machine type ('pc'; q35 crashes COLO's secondary)",
+            default="pc",
+        ),
         accel=Accel(accel_text),
         service=_service(r),
     )
@@ -152,10 +187,12 @@ def _node(source: Path, name: str, table: object) -> NodeSpec:
     r = _Reader(source, where, table)
     node = NodeSpec(
         name=name,
-        replication_address=r.checked("replication_address", _is_ip, "an IP address",
-                                      required=True),
-        bridge=r.checked("bridge", IFNAME_RE.match, "an interface name (max 15 chars)",
-                         required=True),
+        replication_address=r.checked(
+            "replication_address", _is_ip, "an IP address", required=True
+        ),
+        bridge=r.checked(
+            "bridge", IFNAME_RE.match, "an interface name (max 15 chars)", required=True
+        ),
         port_base=r.integer("port_base", required=True, low=1024, high=65535 - PORTS_PER_NODE),
         netns=r.string("netns"),
         disk=r.path("disk"),
@@ -168,12 +205,15 @@ def _node(source: Path, name: str, table: object) -> NodeSpec:
 def _tuning(source: Path, table: Mapping[str, Any]) -> Tuning:
     r = _Reader(source, "[tuning]", table)
     t = Tuning(
-        checkpoint_interval_ms=r.integer("checkpoint_interval_ms", default=2000, low=100,
-                                         high=3_600_000, unit=" ms"),
-        compare_timeout_ms=r.integer("compare_timeout_ms", default=3000, low=10,
-                                     high=600_000, unit=" ms"),
-        expired_scan_cycle_ms=r.integer("expired_scan_cycle_ms", default=1000, low=10,
-                                        high=600_000, unit=" ms"),
+        checkpoint_interval_ms=r.integer(
+            "checkpoint_interval_ms", default=2000, low=100, high=3_600_000, unit=" ms"
+        ),
+        compare_timeout_ms=r.integer(
+            "compare_timeout_ms", default=3000, low=10, high=600_000, unit=" ms"
+        ),
+        expired_scan_cycle_ms=r.integer(
+            "expired_scan_cycle_ms", default=1000, low=10, high=600_000, unit=" ms"
+        ),
         max_queue_size=r.integer("max_queue_size", default=1024, low=16, high=1_000_000),
     )
     r.finish()
@@ -212,20 +252,25 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     qemu.finish()
     top.finish()
     _cross_checks(source, vm, nodes)
-    return PairSpec(source=source, vm=vm, nodes=(nodes[0], nodes[1]), tuning=tuning,
-                    qemu_binary=binary)
+    return PairSpec(
+        source=source, vm=vm, nodes=(nodes[0], nodes[1]), tuning=tuning, qemu_binary=binary
+    )
 
 
 def _cross_checks(source: Path, vm: VmSpec, nodes: list[NodeSpec]) -> None:
     a, b = nodes
     if a.replication_address == b.replication_address:
-        raise ConfigError(f"{source}: [nodes.{b.name}].replication_address: same as node "
-                          f"{a.name!r}; the two nodes must be different hosts")
+        raise ConfigError(
+            f"{source}: [nodes.{b.name}].replication_address: same as node "
+            f"{a.name!r}; the two nodes must be different hosts"
+        )
     disks = {(a.disk or vm.disk), (b.disk or vm.disk)}
     same_host = a.netns == b.netns
     if same_host and len(disks) == 1:
-        raise ConfigError(f"{source}: [nodes.{b.name}].disk: both nodes would open "
-                          f"{vm.disk} on the same host; give each node its own disk copy")
+        raise ConfigError(
+            f"{source}: [nodes.{b.name}].disk: both nodes would open "
+            f"{vm.disk} on the same host; give each node its own disk copy"
+        )
 
 
 def load_spec(path: Path) -> PairSpec:

@@ -67,19 +67,34 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
     paths = RunPaths(spec.run_dir_of(node))
     argv = [
         str(binary),
-        "-name", f"{vm.name}-{node.name},debug-threads=on",
-        "-machine", vm.machine,
-        "-accel", accel.value,
-        "-m", str(vm.memory_mib),
-        "-smp", str(vm.vcpus),
-        "-nodefaults", "-no-user-config",
-        "-display", "none", "-vga", "none",
-        "-serial", f"file:{paths.console}",
-        "-chardev", f"socket,id=qmp0,path={paths.qmp},server=on,wait=off",
-        "-mon", "chardev=qmp0,mode=control",
-        "-chardev", f"socket,id=qmp1,path={paths.qmp_oob},server=on,wait=off",
-        "-mon", "chardev=qmp1,mode=control",
-        "-pidfile", str(paths.pidfile),
+        "-name",
+        f"{vm.name}-{node.name},debug-threads=on",
+        "-machine",
+        vm.machine,
+        "-accel",
+        accel.value,
+        "-m",
+        str(vm.memory_mib),
+        "-smp",
+        str(vm.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-serial",
+        f"file:{paths.console}",
+        "-chardev",
+        f"socket,id=qmp0,path={paths.qmp},server=on,wait=off",
+        "-mon",
+        "chardev=qmp0,mode=control",
+        "-chardev",
+        f"socket,id=qmp1,path={paths.qmp_oob},server=on,wait=off",
+        "-mon",
+        "chardev=qmp1,mode=control",
+        "-pidfile",
+        str(paths.pidfile),
     ]
     for d in FIRMWARE_DIRS:
         argv += ["-L", d]
@@ -90,27 +105,34 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
     if vm.append is not None:
         argv += ["-append", vm.append]
     argv += [
-        "-netdev", f"tap,id={NETDEV_ID},ifname={tap_name(spec)},script=no,downscript=no,vhost=off",
-        "-device", f"{vm.nic_model},id=nic0,netdev={NETDEV_ID},mac={vm.mac}",
+        "-netdev",
+        f"tap,id={NETDEV_ID},ifname={tap_name(spec)},script=no,downscript=no,vhost=off",
+        "-device",
+        f"{vm.nic_model},id=nic0,netdev={NETDEV_ID},mac={vm.mac}",
     ]
     disk = spec.disk_of(node)
     if role is Role.PRIMARY:
         argv += [
-            "-drive", f"if=none,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                      f"children.0.file.filename={disk},children.0.driver=raw",
+            "-drive",
+            f"if=none,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+            f"children.0.file.filename={disk},children.0.driver=raw",
             "-S",
         ]
     else:
         argv += [
-            "-drive", f"if=none,id={SECONDARY_PARENT},file.filename={disk},driver=raw",
-            "-drive", f"if=none,id={SECONDARY_CHILD},driver=replication,mode=secondary,"
-                      f"file.driver=qcow2,top-id={DISK_ID},"
-                      f"file.file.filename={paths.active},"
-                      f"file.backing.driver=qcow2,file.backing.file.filename={paths.hidden},"
-                      f"file.backing.backing={SECONDARY_PARENT}",
-            "-drive", f"if=none,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                      f"children.0={SECONDARY_CHILD}",
-            "-incoming", "defer",
+            "-drive",
+            f"if=none,id={SECONDARY_PARENT},file.filename={disk},driver=raw",
+            "-drive",
+            f"if=none,id={SECONDARY_CHILD},driver=replication,mode=secondary,"
+            f"file.driver=qcow2,top-id={DISK_ID},"
+            f"file.file.filename={paths.active},"
+            f"file.backing.driver=qcow2,file.backing.file.filename={paths.hidden},"
+            f"file.backing.backing={SECONDARY_PARENT}",
+            "-drive",
+            f"if=none,id={DISK_ID},driver=quorum,read-pattern=fifo,vote-threshold=1,"
+            f"children.0={SECONDARY_CHILD}",
+            "-incoming",
+            "defer",
         ]
     argv += ["-device", f"virtio-blk-pci,id=vdisk0,drive={DISK_ID}"]
     return argv

@@ -17,8 +17,14 @@ from coloft.model.spec import NodeSpec, PairSpec
 from coloft.model.steps import Step, Until
 
 # QEMU's words for "that is already there" (object-add says "duplicate property").
-ALREADY = ("already exists", "duplicate property", "Duplicate ID", "already in use",
-           "already running", "already been started")
+ALREADY = (
+    "already exists",
+    "duplicate property",
+    "Duplicate ID",
+    "already in use",
+    "already running",
+    "already been started",
+)
 REPLICATION_NODE = "replication0"
 NBD_NODE = "nbd0"
 RESYNC_JOB = "resync"
@@ -39,8 +45,13 @@ def _socket_chardev(node: str, cid: str, host: str, port: int, server: bool) -> 
         data["wait"] = False
     else:
         data["reconnect-ms"] = RECONNECT_MS
-    return Step(node, f"add chardev {cid}", "chardev-add",
-                {"id": cid, "backend": {"type": "socket", "data": data}}, accept=ALREADY)
+    return Step(
+        node,
+        f"add chardev {cid}",
+        "chardev-add",
+        {"id": cid, "backend": {"type": "socket", "data": data}},
+        accept=ALREADY,
+    )
 
 
 def _local_chardev_pair(node: str, server_id: str, client_id: str, port: int) -> list[Step]:
@@ -48,19 +59,33 @@ def _local_chardev_pair(node: str, server_id: str, client_id: str, port: int) ->
     client = {"addr": _inet("127.0.0.1", port), "server": False}
     return [
         _socket_chardev(node, server_id, "127.0.0.1", port, server=True),
-        Step(node, f"add chardev {client_id}", "chardev-add",
-             {"id": client_id, "backend": {"type": "socket", "data": client}}, accept=ALREADY),
+        Step(
+            node,
+            f"add chardev {client_id}",
+            "chardev-add",
+            {"id": client_id, "backend": {"type": "socket", "data": client}},
+            accept=ALREADY,
+        ),
     ]
 
 
 def _object(node: str, qom_type: str, oid: str, **props: Any) -> Step:
-    return Step(node, f"add {qom_type} {oid}", "object-add",
-                {"qom-type": qom_type, "id": oid, **props}, accept=ALREADY)
+    return Step(
+        node,
+        f"add {qom_type} {oid}",
+        "object-add",
+        {"qom-type": qom_type, "id": oid, **props},
+        accept=ALREADY,
+    )
 
 
 def _x_colo(node: str) -> Step:
-    return Step(node, "enable x-colo", "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-colo", "state": True}]})
+    return Step(
+        node,
+        "enable x-colo",
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-colo", "state": True}]},
+    )
 
 
 def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
@@ -69,19 +94,34 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
     there = primary.replication_address
     return [
         _x_colo(s),
-        Step(s, "start NBD server", "nbd-server-start",
-             {"addr": _inet(here, ports.port(secondary, ports.NBD))}, accept=ALREADY),
-        Step(s, "export disk", "nbd-server-add",
-             {"device": SECONDARY_PARENT, "writable": True}, accept=ALREADY),
+        Step(
+            s,
+            "start NBD server",
+            "nbd-server-start",
+            {"addr": _inet(here, ports.port(secondary, ports.NBD))},
+            accept=ALREADY,
+        ),
+        Step(
+            s,
+            "export disk",
+            "nbd-server-add",
+            {"device": SECONDARY_PARENT, "writable": True},
+            accept=ALREADY,
+        ),
         _socket_chardev(s, "red0", there, ports.port(primary, ports.MIRROR), server=False),
-        _socket_chardev(s, "red1", there, ports.port(primary, ports.COMPARE_SECONDARY_IN),
-                        server=False),
+        _socket_chardev(
+            s, "red1", there, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=False
+        ),
         _object(s, "filter-redirector", "f1", netdev=NETDEV_ID, queue="tx", indev="red0"),
         _object(s, "filter-redirector", "f2", netdev=NETDEV_ID, queue="rx", outdev="red1"),
         _object(s, "filter-rewriter", "rew0", netdev=NETDEV_ID, queue="all"),
-        Step(s, "listen for migration", "migrate-incoming",
-             {"uri": f"tcp:{here}:{ports.port(secondary, ports.MIGRATION)}"},
-             accept=ALREADY),
+        Step(
+            s,
+            "listen for migration",
+            "migrate-incoming",
+            {"uri": f"tcp:{here}:{ports.port(secondary, ports.MIGRATION)}"},
+            accept=ALREADY,
+        ),
     ]
 
 
@@ -91,60 +131,130 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
     there = secondary.replication_address
     nbd_port = ports.port(secondary, ports.NBD)
     t = spec.tuning
-    replication = (f"drive_add -n buddy driver=replication,mode=primary,"
-                   f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
-                   f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}")
+    replication = (
+        f"drive_add -n buddy driver=replication,mode=primary,"
+        f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
+        f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}"
+    )
     return [
         Step(p, "pause guest", "stop"),
-        Step(p, "copy disk to secondary", "drive-mirror",
-             {"device": DISK_ID, "job-id": RESYNC_JOB,
-              "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
-              "mode": "existing", "format": "raw", "sync": "full"},
-             deadline_s=DISK_SYNC_DEADLINE_S, expect_event="BLOCK_JOB_READY",
-             event_data={"device": RESYNC_JOB}),
+        Step(
+            p,
+            "copy disk to secondary",
+            "drive-mirror",
+            {
+                "device": DISK_ID,
+                "job-id": RESYNC_JOB,
+                "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
+                "mode": "existing",
+                "format": "raw",
+                "sync": "full",
+            },
+            deadline_s=DISK_SYNC_DEADLINE_S,
+            expect_event="BLOCK_JOB_READY",
+            event_data={"device": RESYNC_JOB},
+        ),
         Step(p, "end disk copy", "block-job-cancel", {"device": RESYNC_JOB}),
-        Step(p, "wait for disk copy to end", "query-block-jobs", deadline_s=30.0,
-             until=Until.NO_BLOCK_JOB, until_args=(RESYNC_JOB,)),
-        Step(p, "attach replication child", "human-monitor-command",
-             {"command-line": replication}, hmp=True, accept=("Duplicate", "already")),
-        Step(p, "add replication child to quorum", "x-blockdev-change",
-             {"parent": DISK_ID, "node": REPLICATION_NODE}, accept=("already",)),
+        Step(
+            p,
+            "wait for disk copy to end",
+            "query-block-jobs",
+            deadline_s=30.0,
+            until=Until.NO_BLOCK_JOB,
+            until_args=(RESYNC_JOB,),
+        ),
+        Step(
+            p,
+            "attach replication child",
+            "human-monitor-command",
+            {"command-line": replication},
+            hmp=True,
+            accept=("Duplicate", "already"),
+        ),
+        Step(
+            p,
+            "add replication child to quorum",
+            "x-blockdev-change",
+            {"parent": DISK_ID, "node": REPLICATION_NODE},
+            accept=("already",),
+        ),
         _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
-        _socket_chardev(p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN),
-                        server=True),
-        *_local_chardev_pair(p, "compare0", "compare0-0",
-                             ports.port(primary, ports.COMPARE_PRIMARY_IN)),
-        *_local_chardev_pair(p, "compare_out", "compare_out0",
-                             ports.port(primary, ports.COMPARE_OUT)),
+        _socket_chardev(
+            p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=True
+        ),
+        *_local_chardev_pair(
+            p, "compare0", "compare0-0", ports.port(primary, ports.COMPARE_PRIMARY_IN)
+        ),
+        *_local_chardev_pair(
+            p, "compare_out", "compare_out0", ports.port(primary, ports.COMPARE_OUT)
+        ),
         _object(p, "filter-mirror", "m0", netdev=NETDEV_ID, queue="tx", outdev="mirror0"),
-        _object(p, "filter-redirector", "redire0", netdev=NETDEV_ID, queue="rx",
-                indev="compare_out"),
-        _object(p, "filter-redirector", "redire1", netdev=NETDEV_ID, queue="rx",
-                outdev="compare0"),
+        _object(
+            p, "filter-redirector", "redire0", netdev=NETDEV_ID, queue="rx", indev="compare_out"
+        ),
+        _object(p, "filter-redirector", "redire1", netdev=NETDEV_ID, queue="rx", outdev="compare0"),
         _object(p, "iothread", "iothread1"),
-        _object(p, "colo-compare", "comp0", primary_in="compare0-0", secondary_in="compare1",
-                outdev="compare_out0", iothread="iothread1",
-                compare_timeout=t.compare_timeout_ms,
-                expired_scan_cycle=t.expired_scan_cycle_ms,
-                max_queue_size=t.max_queue_size),
-        Step(p, "wait for secondary's sockets", "query-chardev", deadline_s=10.0,
-             until=Until.CHARDEVS_CONNECTED, until_args=("mirror0", "compare1")),
+        _object(
+            p,
+            "colo-compare",
+            "comp0",
+            primary_in="compare0-0",
+            secondary_in="compare1",
+            outdev="compare_out0",
+            iothread="iothread1",
+            compare_timeout=t.compare_timeout_ms,
+            expired_scan_cycle=t.expired_scan_cycle_ms,
+            max_queue_size=t.max_queue_size,
+        ),
+        Step(
+            p,
+            "wait for secondary's sockets",
+            "query-chardev",
+            deadline_s=10.0,
+            until=Until.CHARDEVS_CONNECTED,
+            until_args=("mirror0", "compare1"),
+        ),
         _x_colo(p),
-        Step(p, "set checkpoint interval", "migrate-set-parameters",
-             {"x-checkpoint-delay": t.checkpoint_interval_ms}),
-        Step(p, "start migration", "migrate",
-             {"uri": f"tcp:{there}:{ports.port(secondary, ports.MIGRATION)}"}),
-        Step(p, "wait for COLO", "query-migrate", deadline_s=MIGRATE_DEADLINE_S,
-             until=Until.MIGRATION_IN_COLO),
+        Step(
+            p,
+            "set checkpoint interval",
+            "migrate-set-parameters",
+            {"x-checkpoint-delay": t.checkpoint_interval_ms},
+        ),
+        Step(
+            p,
+            "start migration",
+            "migrate",
+            {"uri": f"tcp:{there}:{ports.port(secondary, ports.MIGRATION)}"},
+        ),
+        Step(
+            p,
+            "wait for COLO",
+            "query-migrate",
+            deadline_s=MIGRATE_DEADLINE_S,
+            until=Until.MIGRATION_IN_COLO,
+        ),
         # Switches learned the guest's MAC elsewhere if it ever ran elsewhere.
-        Step(p, "announce guest MAC", "announce-self",
-             {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+        Step(
+            p,
+            "announce guest MAC",
+            "announce-self",
+            {"initial": 50, "max": 550, "rounds": 5, "step": 100},
+        ),
     ]
 
 
 def confirm_secondary(secondary: NodeSpec) -> list[Step]:
-    return [Step(secondary.name, "wait for secondary COLO", "query-colo-status",
-                 deadline_s=30.0, until=Until.COLO_MODE, until_args=("secondary",))]
+    return [
+        Step(
+            secondary.name,
+            "wait for secondary COLO",
+            "query-colo-status",
+            deadline_s=30.0,
+            until=Until.COLO_MODE,
+            until_args=("secondary",),
+        )
+    ]
 
 
 def bringup(spec: PairSpec) -> list[Step]:

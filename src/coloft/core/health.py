@@ -34,9 +34,14 @@ def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
     if kind == "RESUME" and cp.stopped_at is not None:
         pause = (now - cp.stopped_at) * 1000.0
         recent = (*tuple(t for t in cp.recent if now - t <= WINDOW_S), now)
-        return Checkpoints(count=cp.count + 1, last_at=now, stopped_at=None,
-                           last_pause_ms=pause, recent=recent,
-                           pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:])
+        return Checkpoints(
+            count=cp.count + 1,
+            last_at=now,
+            stopped_at=None,
+            last_pause_ms=pause,
+            recent=recent,
+            pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:],
+        )
     return cp
 
 
@@ -47,8 +52,9 @@ class Verdict:
     reason: str
 
 
-def verdict(primary: SideStatus, secondary: SideStatus, cp: Checkpoints,
-            interval_ms: int, now: float) -> Verdict:
+def verdict(
+    primary: SideStatus, secondary: SideStatus, cp: Checkpoints, interval_ms: int, now: float
+) -> Verdict:
     """Protected only when both sides are in COLO and checkpoints keep completing."""
     for side in (primary, secondary):
         if not side.alive:
@@ -56,18 +62,26 @@ def verdict(primary: SideStatus, secondary: SideStatus, cp: Checkpoints,
         if side.error is not None:
             return Verdict("degraded", False, f"{side.role} {side.node}: {side.error}")
     if primary.colo_mode != "primary" or primary.migration != "colo":
-        return Verdict("degraded", False,
-                       f"primary {primary.node} not in COLO (mode {primary.colo_mode}, "
-                       f"migration {primary.migration})")
+        return Verdict(
+            "degraded",
+            False,
+            f"primary {primary.node} not in COLO (mode {primary.colo_mode}, "
+            f"migration {primary.migration})",
+        )
     if secondary.colo_mode != "secondary":
-        return Verdict("degraded", False,
-                       f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})")
+        return Verdict(
+            "degraded",
+            False,
+            f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})",
+        )
     age = cp.age(now)
     limit = 2 * interval_ms / 1000.0
     if age is None:
         return Verdict("starting", False, "in COLO, waiting for the first checkpoint")
     if age > limit:
-        return Verdict("degraded", False,
-                       f"no checkpoint for {age:.1f} s (limit {limit:.1f} s = 2 intervals)")
-    return Verdict("protected", True,
-                   f"in COLO, last checkpoint {age:.1f} s ago, {cp.count} so far")
+        return Verdict(
+            "degraded", False, f"no checkpoint for {age:.1f} s (limit {limit:.1f} s = 2 intervals)"
+        )
+    return Verdict(
+        "protected", True, f"in COLO, last checkpoint {age:.1f} s ago, {cp.count} so far"
+    )

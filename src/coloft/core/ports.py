@@ -20,5 +20,7 @@ def port(node: NodeSpec, offset: int) -> int:
 
 
 def all_ports(node: NodeSpec) -> list[int]:
-    return [node.port_base + o for o in (MIRROR, COMPARE_SECONDARY_IN, COMPARE_PRIMARY_IN,
-                                         COMPARE_OUT, NBD, MIGRATION)]
+    return [
+        node.port_base + o
+        for o in (MIRROR, COMPARE_SECONDARY_IN, COMPARE_PRIMARY_IN, COMPARE_OUT, NBD, MIGRATION)
+    ]

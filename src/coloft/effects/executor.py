@@ -56,8 +56,9 @@ async def _wait_event(listener: Any, step: Step, end: float) -> None:
     while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
-            raise StepError(step.node, step.name,
-                            f"no {step.expect_event} event within {step.deadline_s:g} s")
+            raise StepError(
+                step.node, step.name, f"no {step.expect_event} event within {step.deadline_s:g} s"
+            )
         try:
             async with asyncio.timeout(remaining):
                 event = await listener.get()
@@ -74,11 +75,13 @@ async def _poll(session: QmpSession, step: Step, end: float) -> Any:
     while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
-            raise StepError(step.node, step.name,
-                            f"condition {step.until.value} not reached within "
-                            f"{step.deadline_s:g} s (last reply: {reply!r})"[:600])
-        reply = await session.execute(step.command, step.arguments,
-                                      deadline_s=min(remaining, 2.0))
+            raise StepError(
+                step.node,
+                step.name,
+                f"condition {step.until.value} not reached within "
+                f"{step.deadline_s:g} s (last reply: {reply!r})"[:600],
+            )
+        reply = await session.execute(step.command, step.arguments, deadline_s=min(remaining, 2.0))
         if condition_met(step.until, step.until_args, reply):
             return reply
         problem = failure_in_poll(step.until, reply)
@@ -87,8 +90,9 @@ async def _poll(session: QmpSession, step: Step, end: float) -> Any:
         await asyncio.sleep(POLL_INTERVAL_S)
 
 
-async def run_steps(sessions: Mapping[str, QmpSession], steps: Sequence[Step],
-                    progress: Progress | None = None) -> None:
+async def run_steps(
+    sessions: Mapping[str, QmpSession], steps: Sequence[Step], progress: Progress | None = None
+) -> None:
     """Run steps in order; the first failure stops the sequence with a StepError."""
     for step in steps:
         started = time.monotonic()

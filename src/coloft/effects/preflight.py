@@ -17,10 +17,21 @@ from coloft.effects.qmp import QmpSession
 from coloft.errors import ColoftError
 from coloft.model.spec import Accel, PairSpec
 
-REQUIRED_COMMANDS = ("x-colo-lost-heartbeat", "query-colo-status", "nbd-server-start",
-                     "x-blockdev-change", "migrate-set-capabilities", "yank")
-REQUIRED_TYPES = ("colo-compare", "filter-mirror", "filter-redirector", "filter-rewriter",
-                  "iothread")
+REQUIRED_COMMANDS = (
+    "x-colo-lost-heartbeat",
+    "query-colo-status",
+    "nbd-server-start",
+    "x-blockdev-change",
+    "migrate-set-capabilities",
+    "yank",
+)
+REQUIRED_TYPES = (
+    "colo-compare",
+    "filter-mirror",
+    "filter-redirector",
+    "filter-rewriter",
+    "iothread",
+)
 REQUIRED_DRIVERS = ("quorum", "replication", "nbd", "qcow2", "raw")
 
 
@@ -36,9 +47,18 @@ async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]
     """Commands, QOM types, block drivers and migration capabilities QEMU offers."""
     with tempfile.TemporaryDirectory(prefix="coloft-check-") as tmp:
         sock = Path(tmp) / "qmp.sock"
-        argv = [str(binary), "-machine", "none", "-nodefaults", "-display", "none",
-                "-chardev", f"socket,id=m,path={sock},server=on,wait=off",
-                "-mon", "chardev=m,mode=control"]
+        argv = [
+            str(binary),
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-chardev",
+            f"socket,id=m,path={sock},server=on,wait=off",
+            "-mon",
+            "chardev=m,mode=control",
+        ]
         proc = launch("check", argv, None, Path(tmp))
         session = QmpSession("check", sock)
         try:
@@ -65,8 +85,9 @@ async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]
 
 
 def _version(binary: Path) -> str:
-    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                          check=False, timeout=10)
+    done = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=10
+    )
     return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else ""
 
 
@@ -107,66 +128,132 @@ def run_checks(spec: PairSpec) -> list[Check]:
     except ColoftError as e:
         return [Check("qemu binary", False, str(e), "run `make setup`")]
     version = _version(choice.binary)
-    checks.append(Check("qemu binary", bool(version), f"{choice.binary}: {version or 'no version'}"
-                        f" ({choice.why})", "" if version else "the binary does not run"))
+    checks.append(
+        Check(
+            "qemu binary",
+            bool(version),
+            f"{choice.binary}: {version or 'no version'} ({choice.why})",
+            "" if version else "the binary does not run",
+        )
+    )
     kvm_ok, kvm_why = qemu_binary.kvm_usable()
     accel_ok = choice.accel is Accel.TCG or kvm_ok
-    checks.append(Check("accelerator", accel_ok, f"{choice.accel.value}; KVM: {kvm_why}",
-                        "" if accel_ok else "set [vm].accel = \"tcg\" or \"auto\""))
+    checks.append(
+        Check(
+            "accelerator",
+            accel_ok,
+            f"{choice.accel.value}; KVM: {kvm_why}",
+            "" if accel_ok else 'set [vm].accel = "tcg" or "auto"',
+        )
+    )
     try:
         commands, objects, drivers, caps = asyncio.run(_schema(choice.binary))
     except ColoftError as e:
         checks.append(Check("qemu features", False, str(e), "check the QEMU binary"))
     else:
-        missing = ([c for c in REQUIRED_COMMANDS if c not in commands]
-                   + [t for t in REQUIRED_TYPES if t not in objects]
-                   + [d for d in REQUIRED_DRIVERS if d not in drivers]
-                   + (["x-colo capability"] if "x-colo" not in caps else []))
-        checks.append(Check("qemu features", not missing,
-                            "missing: " + ", ".join(missing) if missing else
-                            "colo-compare, filters, quorum, replication, x-colo present",
-                            "build QEMU with --enable-replication --enable-colo-proxy"
-                            if missing else ""))
+        missing = (
+            [c for c in REQUIRED_COMMANDS if c not in commands]
+            + [t for t in REQUIRED_TYPES if t not in objects]
+            + [d for d in REQUIRED_DRIVERS if d not in drivers]
+            + (["x-colo capability"] if "x-colo" not in caps else [])
+        )
+        checks.append(
+            Check(
+                "qemu features",
+                not missing,
+                "missing: " + ", ".join(missing)
+                if missing
+                else "colo-compare, filters, quorum, replication, x-colo present",
+                "build QEMU with --enable-replication --enable-colo-proxy" if missing else "",
+            )
+        )
     firmware = [d for d in FIRMWARE_DIRS if not Path(d).is_dir()]
-    checks.append(Check("firmware", not firmware, "missing " + ", ".join(firmware) if firmware
-                        else "SeaBIOS and option ROMs present",
-                        "apt-get install qemu-system-data seabios ipxe-qemu" if firmware else ""))
+    checks.append(
+        Check(
+            "firmware",
+            not firmware,
+            "missing " + ", ".join(firmware) if firmware else "SeaBIOS and option ROMs present",
+            "apt-get install qemu-system-data seabios ipxe-qemu" if firmware else "",
+        )
+    )
     need = 2 * spec.vm.memory_mib + spec.vm.memory_mib  # secondary 2x, plus the primary here
     avail = _mem_available_mib()
-    checks.append(Check("memory", avail >= need,
-                        f"{avail} MiB available; COLO needs 2x guest RAM on the secondary "
-                        f"({2 * spec.vm.memory_mib} MiB) plus {spec.vm.memory_mib} MiB here",
-                        "" if avail >= need else "lower [vm].memory_mib or free memory"))
+    checks.append(
+        Check(
+            "memory",
+            avail >= need,
+            f"{avail} MiB available; COLO needs 2x guest RAM on the secondary "
+            f"({2 * spec.vm.memory_mib} MiB) plus {spec.vm.memory_mib} MiB here",
+            "" if avail >= need else "lower [vm].memory_mib or free memory",
+        )
+    )
     for path, what in ((spec.vm.kernel, "kernel"), (spec.vm.initrd, "initrd")):
         if path is not None:
-            checks.append(Check(what, path.is_file(), str(path),
-                                "" if path.is_file() else f"create {path} (lab: coloft lab up)"))
+            checks.append(
+                Check(
+                    what,
+                    path.is_file(),
+                    str(path),
+                    "" if path.is_file() else f"create {path} (lab: coloft lab up)",
+                )
+            )
     sizes = {}
     for node in spec.nodes:
         disk = spec.disk_of(node)
         ok = disk.is_file()
         sizes[node.name] = disk.stat().st_size if ok else -1
-        checks.append(Check(f"disk {node.name}", ok, str(disk),
-                            "" if ok else f"copy the VM's disk image to {disk}"))
+        checks.append(
+            Check(
+                f"disk {node.name}",
+                ok,
+                str(disk),
+                "" if ok else f"copy the VM's disk image to {disk}",
+            )
+        )
     if all(s >= 0 for s in sizes.values()):
         same = len(set(sizes.values())) == 1
-        checks.append(Check("disk sizes", same, ", ".join(f"{n}: {s} bytes"
-                                                          for n, s in sizes.items()),
-                            "" if same else "both nodes need images of the same size"))
+        checks.append(
+            Check(
+                "disk sizes",
+                same,
+                ", ".join(f"{n}: {s} bytes" for n, s in sizes.items()),
+                "" if same else "both nodes need images of the same size",
+            )
+        )
     for node in spec.nodes:
         where = f"netns {node.netns}" if node.netns else "host"
         if node.netns and not _netns_exists(node.netns):
-            checks.append(Check(f"host {node.name}", False, f"{where} does not exist",
-                                "create it (lab: coloft lab up)"))
+            checks.append(
+                Check(
+                    f"host {node.name}",
+                    False,
+                    f"{where} does not exist",
+                    "create it (lab: coloft lab up)",
+                )
+            )
             continue
         bridge_ok = _bridge_exists(node.netns, node.bridge)
-        checks.append(Check(f"bridge {node.name}", bridge_ok, f"{node.bridge} in {where}",
-                            "" if bridge_ok else f"create bridge {node.bridge}"))
-        taken = sorted(p for addr, p in _listening_ports(node.netns)
-                       if p in ports.all_ports(node)
-                       and addr in ("0.0.0.0", "*", "::", node.replication_address, "127.0.0.1"))
-        checks.append(Check(f"ports {node.name}", not taken,
-                            f"{node.port_base}..{node.port_base + ports.NBD + 1}" +
-                            (f": in use: {taken}" if taken else " free"),
-                            "" if not taken else "stop what listens there or change port_base"))
+        checks.append(
+            Check(
+                f"bridge {node.name}",
+                bridge_ok,
+                f"{node.bridge} in {where}",
+                "" if bridge_ok else f"create bridge {node.bridge}",
+            )
+        )
+        taken = sorted(
+            p
+            for addr, p in _listening_ports(node.netns)
+            if p in ports.all_ports(node)
+            and addr in ("0.0.0.0", "*", "::", node.replication_address, "127.0.0.1")
+        )
+        checks.append(
+            Check(
+                f"ports {node.name}",
+                not taken,
+                f"{node.port_base}..{node.port_base + ports.NBD + 1}"
+                + (f": in use: {taken}" if taken else " free"),
+                "" if not taken else "stop what listens there or change port_base",
+            )
+        )
     return checks

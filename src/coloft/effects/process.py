@@ -55,8 +55,10 @@ class QemuProcess:
         return text[-limit:].strip()
 
     def failure(self) -> str:
-        return (f"{self.node}: QEMU exited with code {self.popen.returncode}\n"
-                f"  command: {shlex.join(self.argv)}\n  stderr: {self.stderr_tail() or '(empty)'}")
+        return (
+            f"{self.node}: QEMU exited with code {self.popen.returncode}\n"
+            f"  command: {shlex.join(self.argv)}\n  stderr: {self.stderr_tail() or '(empty)'}"
+        )
 
     def kill(self) -> None:
         if self.alive():
@@ -73,8 +75,14 @@ def launch(node: str, argv: list[str], netns: str | None, run_dir: Path) -> Qemu
     full = netns_argv(netns, argv)
     log.info("%s: launching %s", node, shlex.join(full))
     with open(stderr_path, "wb") as err:
-        popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                 preexec_fn=_die_with_parent, close_fds=True)
+        popen = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
     return QemuProcess(node, full, popen, stderr_path)
 
 
@@ -88,8 +96,10 @@ async def wait_started(proc: QemuProcess, qmp_path: Path, deadline_s: float = 10
         if os.path.exists(qmp_path):
             return
         await asyncio.sleep(0.05)
-    raise FatalError(f"{proc.node}: QEMU (pid {proc.pid}) made no QMP socket within "
-                     f"{deadline_s:g} s\n  stderr: {proc.stderr_tail() or '(empty)'}")
+    raise FatalError(
+        f"{proc.node}: QEMU (pid {proc.pid}) made no QMP socket within "
+        f"{deadline_s:g} s\n  stderr: {proc.stderr_tail() or '(empty)'}"
+    )
 
 
 def pid_alive(pid: int) -> bool:

@@ -55,7 +55,8 @@ def choose(accel: Accel, configured: Path | None) -> QemuChoice:
             raise ConfigError(
                 "no patched QEMU found under "
                 f"{cache_dir() / 'qemu'}: stock QEMU deadlocks in COLO checkpoints under TCG; "
-                "build it with `make setup` (or lab/qemu/build.sh)")
+                "build it with `make setup` (or lab/qemu/build.sh)"
+            )
         return QemuChoice(lab, accel, f"{accel_why}; TCG needs the patched lab build")
     system = shutil.which("qemu-system-x86_64")
     if system is not None:

@@ -50,8 +50,9 @@ class QmpSession:
                 continue
             self._pump = asyncio.create_task(self._drain(), name=f"qmp-events-{self.name}")
             return
-        raise TransientError(f"{self.name}: QMP at {self.path} did not answer within "
-                             f"{deadline_s:.0f} s: {last}")
+        raise TransientError(
+            f"{self.name}: QMP at {self.path} did not answer within {deadline_s:.0f} s: {last}"
+        )
 
     async def _drain(self) -> None:
         async for event in self._client.events:
@@ -66,8 +67,13 @@ class QmpSession:
                 except Exception:  # a broken observer must not stop the drain
                     log.exception("%s: event callback failed on %s", self.name, kind)
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      deadline_s: float = 1.0, oob: bool = False) -> Any:
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        deadline_s: float = 1.0,
+        oob: bool = False,
+    ) -> Any:
         try:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
@@ -75,8 +81,9 @@ class QmpSession:
         except ExecuteError as e:
             raise ProtocolError(f"{self.name}: {command}: {e.error.error.desc}") from e
         except TimeoutError as e:
-            raise TransientError(f"{self.name}: {command} got no answer within "
-                                 f"{deadline_s:g} s") from e
+            raise TransientError(
+                f"{self.name}: {command} got no answer within {deadline_s:g} s"
+            ) from e
         except (QMPError, OSError, EOFError) as e:
             raise TransientError(f"{self.name}: {command}: connection lost ({e!r})") from e
 

@@ -31,11 +31,13 @@ SERVICE_BOOT_DEADLINE_S = 90.0
 def lab_spec(interval_ms: int) -> PairSpec:
     spec = load_spec(setup.lab_up(fresh_disks=True))
     return dataclasses.replace(
-        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms))
+        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms)
+    )
 
 
-def summarize(status: PairStatus, pair: Pair, result: dict[str, Any],
-              checked: dict[str, Any], duration: float) -> dict[str, Any]:
+def summarize(
+    status: PairStatus, pair: Pair, result: dict[str, Any], checked: dict[str, Any], duration: float
+) -> dict[str, Any]:
     pauses = list(pair.checkpoints.pauses_ms)
     return {
         "protected": status.protected,
@@ -62,9 +64,12 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
-async def run_demo(duration: float, interval_ms: int, live: bool,
-                   on_update: Callable[[PairStatus, dict[str, Any] | None], None] | None = None
-                   ) -> dict[str, Any]:
+async def run_demo(
+    duration: float,
+    interval_ms: int,
+    live: bool,
+    on_update: Callable[[PairStatus, dict[str, Any] | None], None] | None = None,
+) -> dict[str, Any]:
     spec = lab_spec(interval_ms)
     assert spec.vm.service is not None
     host, port = spec.vm.service
@@ -76,12 +81,15 @@ async def run_demo(duration: float, interval_ms: int, live: bool,
     view = None
     try:
         await pair.up()
-        ready = await asyncio.to_thread(wait_ready, net.CLIENT_NS, host, port,
-                                        SERVICE_BOOT_DEADLINE_S)
+        ready = await asyncio.to_thread(
+            wait_ready, net.CLIENT_NS, host, port, SERVICE_BOOT_DEADLINE_S
+        )
         if not ready:
-            raise FatalError(f"the guest service at {target} did not answer within "
-                             f"{SERVICE_BOOT_DEADLINE_S:g} s (console: "
-                             f"{spec.run_dir_of(spec.primary) / 'console.log'})")
+            raise FatalError(
+                f"the guest service at {target} did not answer within "
+                f"{SERVICE_BOOT_DEADLINE_S:g} s (console: "
+                f"{spec.run_dir_of(spec.primary) / 'console.log'})"
+            )
         started = time.monotonic()
         client = workload.start_workload(net.CLIENT_NS, target, out, duration)
         if live:
@@ -101,8 +109,9 @@ async def run_demo(duration: float, interval_ms: int, live: bool,
 
         status = await supervise(pair, stop, on_status=update)
         result = await asyncio.to_thread(workload.stop_workload, client, out)
-        checked = await asyncio.to_thread(workload.verify, net.CLIENT_NS, target,
-                                          out / "acked.jsonl")
+        checked = await asyncio.to_thread(
+            workload.verify, net.CLIENT_NS, target, out / "acked.jsonl"
+        )
         return summarize(status, pair, result, checked, time.monotonic() - started)
     finally:
         if view is not None:

@@ -616,10 +616,21 @@ def _download(directory: Path, package: str, version: str) -> Path:
 # --------------------------------------------------------------------------- processes
 
 
+def _which(program: str) -> str:
+    """`program` from PATH, else from the sbin directories a non-root PATH may lack."""
+    if "/" in program:
+        return program
+    found = shutil.which(program)
+    if found is None:
+        found = shutil.which(program, path="/usr/local/sbin:/usr/sbin:/sbin")
+    return found or program
+
+
 def _run_bytes(step: str, argv: Sequence[str], cwd: Path | None = None) -> bytes:
     log.debug("%s: %s", step, " ".join(argv))
+    command = [_which(argv[0]), *argv[1:]]
     try:
-        done = subprocess.run(list(argv), cwd=cwd, env=_apt_env(), check=True, capture_output=True)
+        done = subprocess.run(command, cwd=cwd, env=_apt_env(), check=True, capture_output=True)
     except FileNotFoundError as exc:
         raise GuestBuildError(f"{step}: command not found: {argv[0]}") from exc
     except subprocess.CalledProcessError as exc:

@@ -2,19 +2,24 @@
 
 Layout (only TEST-NET addresses, no default routes, no NAT)::
 
-    coloft-client: eth0 192.0.2.100/24 ──┐
-                                         │ (to-client)
-    coloft-lan:    lan0 (bridge, no IP) ─┼──────────────────┐
-                                 (to-a)  │           (to-b) │
-    coloft-a: uplink ─ br0 192.0.2.1/24  │  coloft-b: uplink ─ br0 192.0.2.2/24
-              repl 198.51.100.1/24 ───────────────── repl 198.51.100.2/24
+    coloft-client   eth0 192.0.2.100/24
+                      |
+    coloft-lan      to-client --[lan0 bridge, no IP]-- to-a, to-b
+                                                       |     |
+    coloft-a        br0 192.0.2.1/24 -- uplink --------'     |
+                    repl 198.51.100.1/24 ----------.         |
+    coloft-b        br0 192.0.2.2/24 -- uplink ----|---------'
+                    repl 198.51.100.2/24 ----------'
 
-The VM's tap is attached to ``br0`` later (:func:`ensure_tap`).
+The VM's tap joins ``br0`` later (:func:`coloft.effects.tap.ensure_tap`); ``lo`` is up everywhere.
 
 The topology is the declarative table :data:`HOSTS`: every host names its namespace, its
-bridges and the veth links it owns (a link names the peer host and the peer's end).  A link is
-declared once, by the host listed later.  Adding a host (e.g. a witness ``coloft-w`` on a
-203.0.113.0/24 management network) is one more entry.
+bridges and veth links (a link names the peer host and the peer's end); each link is declared
+once, by one of its two hosts. Adding a host (e.g. a witness ``coloft-w`` on a 203.0.113.0/24
+management network) is one more entry.
+
+The lab is machine-global: hold :func:`lab_lock` around a session of use (tests do).
+:func:`lab_down` also terminates processes left inside the lab namespaces.
 
 Every veth is created in the root namespace under a temporary unique name (prefix
 :data:`TEMP_PREFIX`), its ends are moved into their namespaces and renamed there: a final name
@@ -28,6 +33,7 @@ local, bridged and ARP traffic are all covered); :func:`link_down` takes it down
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -35,9 +41,12 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from coloft.effects.process import netns_argv
 
 __all__ = [
     "CLIENT_NS",
@@ -46,6 +55,7 @@ __all__ = [
     "GUEST_MAC",
     "HOSTS",
     "HOST_NS",
+    "LOCK_PATH",
     "NS_PREFIX",
     "REPLICATION_IP",
     "TEMP_PREFIX",
@@ -57,14 +67,13 @@ __all__ = [
     "Veth",
     "blackhole",
     "blackholed",
-    "ensure_tap",
     "lab_down",
+    "lab_lock",
     "lab_status",
     "lab_up",
     "link_down",
     "link_up",
     "netns_argv",
-    "remove_tap",
     "unblackhole",
 ]
 
@@ -119,7 +128,7 @@ GUEST_CIDR = "192.0.2.10/24"
 GUEST_MAC = "52:54:00:c0:10:0a"
 CLIENT_NS = "coloft-client"
 
-#: The topology. Order matters: a link is declared by a host listed after its peer's host.
+#: The topology. Each link (veth pair) is declared once, by one of its two hosts.
 HOSTS: dict[str, Host] = {
     "lan": Host(ns="coloft-lan", bridges=(Bridge("lan0"),)),
     "a": Host(
@@ -196,13 +205,6 @@ def _ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedP
     return _run([*argv, *args], check=check)
 
 
-def netns_argv(ns: str | None, argv: list[str]) -> list[str]:
-    """Prefix ``argv`` with ``ip netns exec NS``; unchanged for ``ns=None`` (root namespace)."""
-    if ns is None:
-        return list(argv)
-    return ["ip", "netns", "exec", ns, *argv]
-
-
 def _namespaces() -> list[str]:
     out = _run(["ip", "netns", "list"]).stdout
     # Lines look like "coloft-a (id: 3)" or just "coloft-a".
@@ -245,6 +247,37 @@ def _ns_sysctl(ns: str, key: str, value: str) -> None:
 
 def _ns_path_exists(ns: str, path: str) -> bool:
     return _run(["ip", "netns", "exec", ns, "test", "-e", path], check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Lock
+
+#: The lab is machine-global (fixed namespace names): concurrent users must take turns.
+LOCK_PATH = Path("/run/lock/coloft-lab.lock")
+
+
+@contextlib.contextmanager
+def lab_lock(timeout_s: float = 900.0) -> Iterator[None]:
+    """Hold the machine-wide lab lock (``flock`` on :data:`LOCK_PATH`) for a whole session
+    of lab use, e.g. a test fixture doing ``lab_up`` ... ``lab_down``. Not re-entrant; the
+    lab functions themselves do not take it."""
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        ["flock", str(LOCK_PATH)], None, f"lab busy for {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,31 +567,6 @@ def lab_status() -> dict[str, object]:
         ),
         "root_temp_links": root_temp,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Taps
-
-
-def ensure_tap(ns: str, tap: str, bridge: str = VM_BRIDGE) -> None:
-    """Pre-create a persistent tap in ``ns``, enslaved to ``bridge`` and up, for QEMU's
-    ``-netdev tap,ifname=TAP,script=no,downscript=no``. Idempotent."""
-    entry = _links(ns).get(tap)
-    if entry is not None and _kind(entry) != "tun":
-        raise LabError(
-            ["ip", "-n", ns, "link", "show", tap], 1, f"{tap} exists but is {_kind(entry)}"
-        )
-    if entry is None:
-        _ip(ns, "tuntap", "add", "dev", tap, "mode", "tap")
-    if _links(ns)[tap].get("master") != bridge:
-        _ip(ns, "link", "set", tap, "master", bridge)
-    _ip(ns, "link", "set", tap, "up")
-
-
-def remove_tap(ns: str, tap: str) -> None:
-    """Delete a tap created by :func:`ensure_tap`; absent is fine."""
-    if tap in _links(ns):
-        _ip(ns, "tuntap", "del", "dev", tap, "mode", "tap")
 
 
 # --------------------------------------------------------------------------------------------

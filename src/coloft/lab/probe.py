@@ -25,8 +25,9 @@ def ping(host: str, port: int, timeout_s: float) -> bool:
 
 def wait_ready(ns: str | None, host: str, port: int, deadline_s: float) -> bool:
     argv = [sys.executable, "-m", "coloft.lab.probe", f"{host}:{port}", str(deadline_s)]
-    done = subprocess.run(netns_argv(ns, argv), capture_output=True, check=False,
-                          timeout=deadline_s + 10)
+    done = subprocess.run(
+        netns_argv(ns, argv), capture_output=True, check=False, timeout=deadline_s + 10
+    )
     return done.returncode == 0
 
 

@@ -1,0 +1,3 @@
+from coloft.cli.main import main
+
+main()

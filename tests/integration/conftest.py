@@ -1,0 +1,81 @@
+"""Shared fixtures for tests against real QEMU in the lab (root, namespaces, TCG)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coloft.agent.pair import Pair, publish, remove_run_dirs
+from coloft.config.load import load_spec
+from coloft.effects import qemu_binary
+from coloft.effects.process import pid_alive
+from coloft.lab import net, setup
+from coloft.lab.probe import wait_ready
+from coloft.model.spec import PairSpec
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
+
+
+def lab_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith("coloft-")]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[None]:
+    """The lab's namespaces and fresh guest disks for one test module; removed after it."""
+    assert os.geteuid() == 0, "integration tests need root (namespaces, taps)"
+    with net.lab_lock():
+        setup.lab_up(fresh_disks=True)
+        try:
+            yield
+        finally:
+            net.lab_down()
+            assert lab_namespaces() == [], "lab namespaces left behind"
+
+
+def lab_spec(interval_ms: int = 2000, **tuning: int) -> PairSpec:
+    spec = load_spec(EXAMPLE)
+    return dataclasses.replace(
+        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms, **tuning)
+    )
+
+
+@pytest.fixture
+def make_pair(lab: None) -> Iterator[Callable[[PairSpec], Pair]]:
+    """Pairs built by a test are torn down (QEMUs killed by pid) after it, pass or fail."""
+    pairs: list[Pair] = []
+
+    def make(spec: PairSpec) -> Pair:
+        setup.reset_disks()
+        pair = Pair(spec, qemu_binary.choose(spec.vm.accel, spec.qemu_binary))
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        pids = [p.pid for p in pair.procs.values()]
+        asyncio.run(pair.down())
+        publish(pair.spec, None)
+        remove_run_dirs(pair.spec)
+        alive = [pid for pid in pids if pid_alive(pid)]
+        assert not alive, f"QEMU pids still alive after teardown: {alive}"
+
+
+def service_ready(spec: PairSpec, deadline_s: float = 90.0) -> bool:
+    assert spec.vm.service is not None
+    host, port = spec.vm.service
+    return wait_ready(net.CLIENT_NS, host, port, deadline_s)
+
+
+async def up_and_ready(pair: Pair) -> None:
+    await pair.up()
+    ready = await asyncio.to_thread(service_ready, pair.spec)
+    console = pair.spec.run_dir_of(pair.spec.primary) / "console.log"
+    assert ready, f"guest service never answered; console: {console.read_text()[-800:]}"
