@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,6 +20,7 @@ from coloft.lab import net, setup
 from coloft.lab.probe import wait_ready
 from coloft.model.spec import PairSpec
 
+T = TypeVar("T")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
 
 
@@ -61,7 +63,7 @@ def make_pair(lab: None) -> Iterator[Callable[[PairSpec], Pair]]:
     yield make
     for pair in pairs:
         pids = [p.pid for p in pair.procs.values()]
-        asyncio.run(pair.down())
+        pair.cleanup()
         publish(pair.spec, None)
         remove_run_dirs(pair.spec)
         alive = [pid for pid in pids if pid_alive(pid)]
@@ -79,3 +81,15 @@ async def up_and_ready(pair: Pair) -> None:
     ready = await asyncio.to_thread(service_ready, pair.spec)
     console = pair.spec.run_dir_of(pair.spec.primary) / "console.log"
     assert ready, f"guest service never answered; console: {console.read_text()[-800:]}"
+
+
+def run_scenario(pair: Pair, scenario: Callable[[], Awaitable[T]]) -> T:
+    """Run a test's async scenario; the pair's QMP sessions close in the same event loop."""
+
+    async def main() -> T:
+        try:
+            return await scenario()
+        finally:
+            await pair.down()
+
+    return asyncio.run(main())

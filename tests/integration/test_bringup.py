@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,7 @@ from coloft.effects.executor import run_steps
 from coloft.errors import StepError
 from coloft.lab import net, workload
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import EXAMPLE, lab_spec, up_and_ready
+from tests.integration.conftest import EXAMPLE, lab_spec, run_scenario, up_and_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -38,7 +40,7 @@ def test_pair_reaches_colo_and_serves_through_colo_compare(
 ) -> None:
     pair = make_pair(lab_spec(interval_ms=2000))
 
-    async def scenario() -> dict[str, object]:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         await up_and_ready(pair)
         await wait_protected(pair)
         status = await pair.observe()
@@ -57,12 +59,14 @@ def test_pair_reaches_colo_and_serves_through_colo_compare(
         assert "comp0" in {o["name"] for o in objects}
         client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, 15)
         await asyncio.to_thread(client.wait, 60)
-        return workload.read_result(tmp_path)
+        checked = await asyncio.to_thread(
+            workload.verify, net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl"
+        )
+        return workload.read_result(tmp_path), checked
 
-    result = asyncio.run(scenario())
+    result, checked = run_scenario(pair, scenario)
     assert result["requests_failed"] == 0, result.get("errors")
-    assert int(result["requests_ok"]) > 20, result  # type: ignore[call-overload]
-    checked = workload.verify(net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl")
+    assert int(result["requests_ok"]) > 20, result
     assert checked["lost_acked_writes"] == 0 and checked["wrong_values"] == 0, checked
     assert pair.checkpoints.count >= 3
 
@@ -70,7 +74,11 @@ def test_pair_reaches_colo_and_serves_through_colo_compare(
 def test_bringup_failure_names_the_step_and_leaves_nothing(
     make_pair: Callable[[PairSpec], Pair],
 ) -> None:
+    # Ports of earlier tests may linger in TIME_WAIT; use fresh ones.
     spec = lab_spec()
+    a, b = (dataclasses.replace(n, port_base=9200) for n in spec.nodes)
+    spec = dataclasses.replace(spec, nodes=(a, b))
+    ip = spec.secondary.replication_address
     nbd_port = spec.secondary.port_base + 4
     squatter = subprocess.Popen(
         net.netns_argv(
@@ -79,8 +87,7 @@ def test_bringup_failure_names_the_step_and_leaves_nothing(
                 sys.executable,
                 "-c",
                 "import socket,time; s=socket.socket(); "
-                "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                f"s.bind(('{spec.secondary.replication_address}', {nbd_port})); s.listen(); "
+                f"s.bind(('{ip}', {nbd_port})); s.listen(); "
                 "print('ready', flush=True); time.sleep(300)",
             ],
         ),
@@ -130,7 +137,7 @@ def test_secondary_steps_can_be_replayed_on_real_qemu(
         await run_steps(pair.sessions, steps)
         await run_steps(pair.sessions, steps)
 
-    asyncio.run(scenario())
+    run_scenario(pair, scenario)
 
 
 def _coloft(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,13 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coloft.agent.pair import Pair
 from coloft.lab import net, workload
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import lab_spec, up_and_ready
+from tests.integration.conftest import lab_spec, run_scenario, up_and_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -27,7 +28,7 @@ def test_soak_three_minutes_under_load(
     qmp_ms: list[float] = []
     problems: list[str] = []
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[int, dict[str, Any]]:
         await up_and_ready(pair)
         start_count = pair.checkpoints.count
         client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, SOAK_S)
@@ -43,11 +44,13 @@ def test_soak_three_minutes_under_load(
                 problems.append(f"{status.phase}: {status.reason}")
             await asyncio.sleep(0.5)
         await asyncio.to_thread(client.wait, 60)
-        return pair.checkpoints.count - start_count
+        checked = await asyncio.to_thread(
+            workload.verify, net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl"
+        )
+        return pair.checkpoints.count - start_count, checked
 
-    checkpoints = asyncio.run(scenario())
+    checkpoints, checked = run_scenario(pair, scenario)
     result = workload.read_result(tmp_path)
-    checked = workload.verify(net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl")
     assert not problems, problems[:10]
     assert checkpoints >= 60, f"only {checkpoints} checkpoints in {SOAK_S:.0f} s"
     assert max(qmp_ms) < 1000.0, f"primary QMP answered in {max(qmp_ms):.0f} ms at worst"

@@ -158,6 +158,11 @@ class Pair:
         for session in self.sessions.values():
             await session.close()
         self.sessions.clear()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Kill both QEMUs by pid and remove taps and run files; needs no event loop."""
+        self.sessions.clear()
         for proc in self.procs.values():
             proc.kill()
         self.procs.clear()

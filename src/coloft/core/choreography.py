@@ -16,15 +16,13 @@ from coloft.core.argv import DISK_ID, NETDEV_ID, SECONDARY_PARENT
 from coloft.model.spec import NodeSpec, PairSpec
 from coloft.model.steps import Step, Until
 
-# QEMU's words for "that is already there" (object-add says "duplicate property").
-ALREADY = (
-    "already exists",
-    "duplicate property",
-    "Duplicate ID",
-    "already in use",
-    "already running",
-    "already been started",
-)
+# QEMU's words for "that is already there", per command. Kept narrow: "Address
+# already in use" from a failed listen must never pass for "already done".
+CHARDEV_EXISTS = ("already exists",)
+OBJECT_EXISTS = ("attempt to add duplicate property",)
+NBD_RUNNING = ("NBD server already running",)
+EXPORT_EXISTS = ("Block export id",)
+INCOMING_STARTED = ("incoming migration has already been started",)
 REPLICATION_NODE = "replication0"
 NBD_NODE = "nbd0"
 RESYNC_JOB = "resync"
@@ -50,7 +48,7 @@ def _socket_chardev(node: str, cid: str, host: str, port: int, server: bool) -> 
         f"add chardev {cid}",
         "chardev-add",
         {"id": cid, "backend": {"type": "socket", "data": data}},
-        accept=ALREADY,
+        accept=CHARDEV_EXISTS,
     )
 
 
@@ -64,7 +62,7 @@ def _local_chardev_pair(node: str, server_id: str, client_id: str, port: int) ->
             f"add chardev {client_id}",
             "chardev-add",
             {"id": client_id, "backend": {"type": "socket", "data": client}},
-            accept=ALREADY,
+            accept=CHARDEV_EXISTS,
         ),
     ]
 
@@ -75,7 +73,7 @@ def _object(node: str, qom_type: str, oid: str, **props: Any) -> Step:
         f"add {qom_type} {oid}",
         "object-add",
         {"qom-type": qom_type, "id": oid, **props},
-        accept=ALREADY,
+        accept=OBJECT_EXISTS,
     )
 
 
@@ -99,14 +97,14 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
             "start NBD server",
             "nbd-server-start",
             {"addr": _inet(here, ports.port(secondary, ports.NBD))},
-            accept=ALREADY,
+            accept=NBD_RUNNING,
         ),
         Step(
             s,
             "export disk",
             "nbd-server-add",
             {"device": SECONDARY_PARENT, "writable": True},
-            accept=ALREADY,
+            accept=EXPORT_EXISTS,
         ),
         _socket_chardev(s, "red0", there, ports.port(primary, ports.MIRROR), server=False),
         _socket_chardev(
@@ -120,7 +118,7 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
             "listen for migration",
             "migrate-incoming",
             {"uri": f"tcp:{here}:{ports.port(secondary, ports.MIGRATION)}"},
-            accept=ALREADY,
+            accept=INCOMING_STARTED,
         ),
     ]
 
@@ -169,14 +167,13 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
             "human-monitor-command",
             {"command-line": replication},
             hmp=True,
-            accept=("Duplicate", "already"),
+            accept=("Duplicate ID",),
         ),
         Step(
             p,
             "add replication child to quorum",
             "x-blockdev-change",
             {"parent": DISK_ID, "node": REPLICATION_NODE},
-            accept=("already",),
         ),
         _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
         _socket_chardev(

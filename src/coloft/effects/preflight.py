@@ -77,7 +77,8 @@ async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]
     for e in schema:
         if e.get("meta-type") == "enum":
             values = {m["name"] for m in e.get("members", [])} | set(e.get("values", []))
-            if "quorum" in values:
+            # QuorumReadPattern has "quorum" too; the driver enum is the big one.
+            if "quorum" in values and len(values) > len(drivers):
                 drivers = values
             if "x-colo" in values:
                 caps = values
