@@ -86,11 +86,14 @@ def test_replaying_a_prefix_is_accepted(steps: list[Step]) -> None:
         assert is_accepted(s, QEMU_ALREADY[s.command]), s.describe()
 
 
-@pytest.mark.parametrize("error", [
-    "Could not open '/dev/nonexistent': No such file",
-    "Failed to find an available port: Address already in use",
-    "Failed to connect to '198.51.100.2:9004': Connection refused",
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        "Could not open '/dev/nonexistent': No such file",
+        "Failed to find an available port: Address already in use",
+        "Failed to connect to '198.51.100.2:9004': Connection refused",
+    ],
+)
 def test_real_errors_are_not_accepted(steps: list[Step], error: str) -> None:
     for s in steps:
         assert not is_accepted(s, error), s.name

@@ -1,0 +1,129 @@
+"""The `coloft` command end to end: up/status/down and the demo's JSON contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from coloft.effects.process import pid_alive
+from tests.integration.conftest import EXAMPLE
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+COLOFT = [sys.executable, "-m", "coloft.cli"]
+
+
+def coloft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COLOFT, *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+
+
+def status_json() -> dict[str, Any]:
+    done = coloft("status", str(EXAMPLE), "--json")
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def test_up_status_down(lab: None) -> None:
+    up = subprocess.Popen(
+        [*COLOFT, "up", str(EXAMPLE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 90
+        pairs: list[dict[str, Any]] = []
+        while time.monotonic() < end:
+            assert up.poll() is None, f"coloft up exited: {up.communicate()}"
+            pairs = status_json()["pairs"]
+            if pairs and pairs[0]["protected"]:
+                break
+            time.sleep(1)
+        assert pairs and pairs[0]["protected"], f"never protected: {pairs}"
+        pair = pairs[0]
+        assert pair["supervisor_pid"] == up.pid
+        roles = {s["node"]: (s["role"], s["colo_mode"], s["run_state"]) for s in pair["sides"]}
+        assert roles == {
+            "a": ("primary", "primary", "running"),
+            "b": ("secondary", "secondary", "running"),
+        }
+        qemu_pids = [s["pid"] for s in pair["sides"]]
+        assert all(pid_alive(p) for p in qemu_pids)
+        table = coloft("status", str(EXAMPLE))
+        assert table.returncode == 0
+        assert "demo: PROTECTED" in table.stdout and "checkpoints" in table.stdout, table.stdout
+        down = coloft("down", str(EXAMPLE))
+        assert down.returncode == 0 and "demo: stopped" in down.stdout, down.stderr
+        up.wait(timeout=30)
+        assert not any(pid_alive(p) for p in qemu_pids), "QEMU survived coloft down"
+        assert coloft("status", str(EXAMPLE)).returncode == 1
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGKILL)
+            up.wait()
+
+
+def test_qemu_dies_with_its_supervisor(lab: None) -> None:
+    """A dead supervisor must never leave an unsupervised primary running."""
+    up = subprocess.Popen(
+        [*COLOFT, "up", str(EXAMPLE)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        end = time.monotonic() + 60
+        pids: list[int] = []
+        while time.monotonic() < end and len(pids) < 2:
+            pairs = status_json()["pairs"]
+            pids = [s["pid"] for s in pairs[0]["sides"]] if pairs else []
+            time.sleep(0.5)
+        assert len(pids) == 2, "pair did not start"
+    finally:
+        os.kill(up.pid, signal.SIGKILL)
+        up.wait()
+    end = time.monotonic() + 5
+    while time.monotonic() < end and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in pids), "QEMU outlived its SIGKILLed supervisor"
+    stale = status_json()["pairs"]
+    assert stale and stale[0]["phase"] == "stopped" and not stale[0]["protected"]
+
+
+def test_bad_spec_is_rejected_by_every_command(tmp_path: Any) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace("memory_mib = 128", "memory_mib = 12"))
+    for command in ("plan", "check", "up"):
+        done = coloft(command, str(bad))
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert f"coloft: error: {bad}: [vm].memory_mib: 12 MiB is out of range" in done.stderr
+
+
+def test_demo_json_contract(lab: None) -> None:
+    done = coloft("demo", "--duration", "20", "--json", timeout=300)
+    last = done.stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    for key in (
+        "protected",
+        "checkpoints",
+        "requests_ok",
+        "requests_failed",
+        "acked_writes",
+        "lost_acked_writes",
+        "latency_ms_p50",
+        "latency_ms_p99",
+    ):
+        assert key in summary, key
+    assert done.returncode == 0, (summary, done.stderr[-2000:])
+    assert summary["protected"] is True, summary
+    assert summary["checkpoints"] >= 5 and summary["requests_failed"] == 0, summary
+    assert summary["acked_writes"] > 0 and summary["lost_acked_writes"] == 0, summary
+    assert (
+        subprocess.run(
+            ["pgrep", "-f", "qemu-system-x86_64 -name demo-"], capture_output=True, check=False
+        ).returncode
+        == 1
+    ), "QEMU left running"
