@@ -103,10 +103,16 @@ async def wait_started(proc: QemuProcess, qmp_path: Path, deadline_s: float = 10
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (exited, not yet reaped by its parent) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the parenthesised command name, which may itself contain ")".
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] != "Z"
