@@ -12,7 +12,8 @@ version=${COLOFT_QEMU_DEB_VERSION:-1:10.0.13+ds-0+deb13u1}
 suite=${COLOFT_QEMU_DEB_SUITE:-trixie}
 cache=${COLOFT_CACHE:-/var/cache/coloft}
 patch="$here/colo-tcg-bql.patch"
-key="$(echo "$version" | tr ':+~' '___')-$(sha256sum "$patch" "$0" | sha256sum | cut -c1-12)"
+# Contents only: the same sources in another checkout must give the same key.
+key="$(echo "$version" | tr ':+~' '___')-$(cat "$patch" "$0" | sha256sum | cut -c1-12)"
 prefix="$cache/qemu/$key"
 binary="$prefix/qemu-system-x86_64"
 
@@ -31,10 +32,13 @@ if [ -x "$binary" ]; then
     exit 0
 fi
 
-log "building patched QEMU $version (takes 6-12 minutes on 2 cores)"
 work="$cache/qemu/build-$key"
 rm -rf "$work"
 mkdir -p "$work/lists/partial"
+buildlog="$cache/qemu/build-$key.log"
+log "building patched QEMU $version (6-12 minutes on 2 cores); log: $buildlog"
+exec 3>&2 2>"$buildlog"
+trap 'echo "qemu-build: FAILED; last lines of $buildlog:" >&3; tail -n 30 "$buildlog" >&3' ERR
 
 # A private apt source list: the machine's own apt setup stays untouched.
 echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
@@ -62,12 +66,13 @@ cd "$src/build"
     --target-list=x86_64-softmmu --without-default-features \
     --enable-tcg --enable-kvm --enable-replication --enable-colo-proxy \
     --disable-docs --disable-tools --disable-user --disable-werror \
-    --disable-install-blobs >&2 2>&1 || { log "configure failed"; exit 1; }
+    --disable-install-blobs >&2
 ninja -j"$(nproc)" qemu-system-x86_64 >&2
 mkdir -p "$prefix"
 install -m 0755 qemu-system-x86_64 "$binary.tmp"
 mv "$binary.tmp" "$binary"
 cd /
 rm -rf "$work"
+exec 2>&3
 log "built $binary"
 echo "$binary"
