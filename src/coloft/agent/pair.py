@@ -15,9 +15,10 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from coloft.core import choreography, health
+from coloft.core import choreography, failover, health
 from coloft.core.argv import RunPaths, qemu_argv, tap_name
 from coloft.effects import tap
 from coloft.effects.executor import run_steps
@@ -33,6 +34,25 @@ log = logging.getLogger(__name__)
 
 QUERY_DEADLINE_S = 1.0
 Progress = Callable[[Step, float], None]
+
+
+@dataclass
+class FailoverRecord:
+    action: str
+    lost: str
+    survivor: str
+    lost_at: float
+    detected_at: float
+    done_at: float | None = None
+    error: str | None = None
+
+    @property
+    def detected_ms(self) -> float:
+        return (self.detected_at - self.lost_at) * 1000.0
+
+    @property
+    def steps_ms(self) -> float | None:
+        return None if self.done_at is None else (self.done_at - self.detected_at) * 1000.0
 
 
 def status_path(spec: PairSpec) -> Path:
@@ -56,8 +76,16 @@ class Pair:
         self.choice = choice
         self.procs: dict[str, QemuProcess] = {}
         self.sessions: dict[str, QmpSession] = {}
+        self.oob: dict[str, QmpSession] = {}
         self.checkpoints = health.Checkpoints()
         self.roles = {spec.primary.name: Role.PRIMARY, spec.secondary.name: Role.SECONDARY}
+        # Set when something changed that the supervisor must look at now (a QEMU exited).
+        self.wake = asyncio.Event()
+        self.exited_at: dict[str, float] = {}
+        self.alone: str | None = None
+        self.failovers: list[FailoverRecord] = []
+        self.refused: str | None = None
+        self.stopping = False
 
     def _on_secondary_event(self, kind: str, data: dict[str, object], now: float) -> None:
         self.checkpoints = health.on_event(self.checkpoints, kind, now)
@@ -82,11 +110,31 @@ class Pair:
         argv = qemu_argv(self.spec, node, role, self.choice.binary, self.choice.accel)
         proc = launch(node.name, argv, node.netns, paths.run_dir)
         self.procs[node.name] = proc
+        self._watch_exit(node.name, proc)
         await wait_started(proc, paths.qmp)
         on_event = self._on_secondary_event if role is Role.SECONDARY else None
-        session = QmpSession(f"{self.spec.vm.name}/{node.name}", paths.qmp, on_event)
+        name = f"{self.spec.vm.name}/{node.name}"
+        session = QmpSession(name, paths.qmp, on_event)
         await session.connect()
         self.sessions[node.name] = session
+        oob = QmpSession(f"{name}/oob", paths.qmp_oob)
+        await oob.connect()
+        self.oob[node.name] = oob
+
+    def _watch_exit(self, node: str, proc: QemuProcess) -> None:
+        """Learn of a QEMU's death the moment it happens (pidfd), not at the next poll."""
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(proc.pid)
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self.exited_at.setdefault(node, time.monotonic())
+            level = logging.INFO if self.stopping else logging.WARNING
+            log.log(level, "%s: QEMU of node %s exited", self.spec.vm.name, node)
+            self.wake.set()
+
+        loop.add_reader(fd, exited)
 
     async def up(self, progress: Progress | None = None) -> None:
         """Launch both QEMUs and run the bring-up; on any failure tear everything down."""
@@ -130,14 +178,83 @@ class Pair:
             qmp_ms=round(qmp_ms, 2),
         )
 
+    def _node_in_role(self, role: Role) -> NodeSpec:
+        return next(n for n in self.spec.nodes if self.roles[n.name] is role)
+
+    async def handle_failures(self, progress: Progress | None = None) -> None:
+        """Fail over when one side is gone: the decision is core.failover.decide's."""
+        if self.alone is not None:
+            return
+        p, s = self._node_in_role(Role.PRIMARY), self._node_in_role(Role.SECONDARY)
+        alive = {n: n in self.procs and self.procs[n].alive() for n in (p.name, s.name)}
+        decision = failover.decide(
+            SideStatus(p.name, "primary", None, alive[p.name]),
+            SideStatus(s.name, "secondary", None, alive[s.name]),
+            in_sync=self.checkpoints.count > 0,
+        )
+        if decision.action is failover.Action.REFUSE:
+            if self.refused is None:
+                log.error("%s: %s", self.spec.vm.name, decision.reason)
+            self.refused = decision.reason
+            return
+        if decision.action is failover.Action.NONE:
+            return
+        takeover = decision.action is failover.Action.SECONDARY_TAKES_OVER
+        lost, survivor = (p, s) if takeover else (s, p)
+        steps = (
+            failover.secondary_takeover(survivor.name)
+            if takeover
+            else failover.primary_continue_alone(survivor.name)
+        )
+        detected = time.monotonic()
+        record = FailoverRecord(
+            decision.action.value,
+            lost.name,
+            survivor.name,
+            self.exited_at.get(lost.name, detected),
+            detected,
+        )
+        self.failovers.append(record)
+        log.warning("%s: %s", self.spec.vm.name, decision.reason)
+        await self._forget(lost.name)
+        try:
+            await run_steps(self.sessions, steps, progress, self.oob)
+        except ColoftError as e:
+            record.error = str(e)
+            log.error("%s: failover failed: %s", self.spec.vm.name, e)
+            raise
+        finally:
+            record.done_at = time.monotonic()
+        self.roles[survivor.name] = Role.PRIMARY
+        self.roles[lost.name] = Role.SECONDARY
+        self.alone = survivor.name
+
+    async def _forget(self, node: str) -> None:
+        for sessions in (self.sessions, self.oob):
+            session = sessions.pop(node, None)
+            if session is not None:
+                await session.close()
+        proc = self.procs.get(node)
+        if proc is not None:
+            proc.kill()
+
     async def observe(self) -> PairStatus:
         now = time.monotonic()
         primary, secondary = await asyncio.gather(
-            self._observe_side(self.spec.primary), self._observe_side(self.spec.secondary)
+            self._observe_side(self._node_in_role(Role.PRIMARY)),
+            self._observe_side(self._node_in_role(Role.SECONDARY)),
         )
         cp = self.checkpoints
         interval = self.spec.tuning.checkpoint_interval_ms
         v = health.verdict(primary, secondary, cp, interval, now)
+        if self.alone is not None:
+            v = health.Verdict(
+                "unprotected",
+                False,
+                f"running alone on {self.alone} since failover ({self.failovers[-1].lost} lost)",
+            )
+        elif self.refused is not None:
+            v = health.Verdict("failed", False, self.refused)
         age = cp.age(now)
         return PairStatus(
             vm=self.spec.vm.name,
@@ -155,14 +272,18 @@ class Pair:
         )
 
     async def down(self) -> None:
-        for session in self.sessions.values():
+        self.stopping = True
+        for session in (*self.sessions.values(), *self.oob.values()):
             await session.close()
         self.sessions.clear()
+        self.oob.clear()
         self.cleanup()
 
     def cleanup(self) -> None:
         """Kill both QEMUs by pid and remove taps and run files; needs no event loop."""
+        self.stopping = True
         self.sessions.clear()
+        self.oob.clear()
         for proc in self.procs.values():
             proc.kill()
         self.procs.clear()
@@ -195,6 +316,7 @@ async def supervise(
 ) -> PairStatus:
     """Observe and publish until asked to stop; returns the last status."""
     last_reason = ""
+    await pair.handle_failures()
     status = await pair.observe()
     while True:
         publish(pair.spec, status)
@@ -205,12 +327,21 @@ async def supervise(
         ):
             log.info("%s: %s: %s", pair.spec.vm.name, status.phase, status.reason)
         last_reason = status.reason
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(tick_s):
-                await stop.wait()
+        await _sleep_until(tick_s, stop, pair.wake)
+        pair.wake.clear()
         if stop.is_set():
             return status
+        await pair.handle_failures()
         status = await pair.observe()
+
+
+async def _sleep_until(timeout_s: float, *events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def remove_run_dirs(spec: PairSpec) -> None:

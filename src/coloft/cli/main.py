@@ -237,12 +237,18 @@ def lab_status(as_json: bool) -> None:
     "--json", "as_json", is_flag=True, help="No live view; print one JSON summary as the last line."
 )
 @click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
-def demo(duration: float, as_json: bool, interval_ms: int) -> None:
+@click.option(
+    "--fault",
+    type=click.Choice(["kill-primary", "kill-secondary"]),
+    help="Inject this fault into the protected pair at 40% of the run; the summary "
+    "gains a `failover` object.",
+)
+def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
     from coloft.lab.demo import run_demo
 
     try:
-        summary = asyncio.run(run_demo(duration, interval_ms, live=not as_json))
+        summary = asyncio.run(run_demo(duration, interval_ms, live=not as_json, fault=fault))
     except ColoftError as e:
         _fail(str(e))
     if as_json:
@@ -251,7 +257,10 @@ def demo(duration: float, as_json: bool, interval_ms: int) -> None:
         from coloft.cli.view import summary_text
 
         click.echo(summary_text(summary))
-    sys.exit(0 if summary.get("protected") and not summary.get("lost_acked_writes") else 1)
+    ok = not summary["lost_acked_writes"] and (
+        summary["protected"] if fault is None else not summary["failover"]["error"]
+    )
+    sys.exit(0 if ok else 1)
 
 
 def main() -> None:

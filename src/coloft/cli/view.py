@@ -99,16 +99,24 @@ class LiveView:
 def summary_text(s: dict[str, Any]) -> str:
     verdict = "PROTECTED" if s["protected"] else f"NOT PROTECTED ({s['reason']})"
     lost = s["lost_acked_writes"]
-    return "\n".join(
-        [
-            f"== coloft demo summary ({s['duration_s']} s) ==",
-            f"protection at the end: {verdict}",
-            f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
-            f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
-            f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
-            f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "
-            f"{_fmt(s['latency_ms_p50'], ' ms')}, p99 {_fmt(s['latency_ms_p99'], ' ms')}",
-            f"acknowledged writes: {s['acked_writes']}, lost: {lost}"
-            + ("" if lost == 0 else "  <-- DATA LOSS"),
-        ]
-    )
+    lines = [
+        f"== coloft demo summary ({s['duration_s']} s) ==",
+        f"protection at the end: {verdict}",
+        f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
+        f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
+        f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
+        f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "
+        f"{_fmt(s['latency_ms_p50'], ' ms')}, p99 {_fmt(s['latency_ms_p99'], ' ms')}",
+        f"acknowledged writes: {s['acked_writes']}, lost: {lost}"
+        + ("" if lost == 0 else "  <-- DATA LOSS"),
+    ]
+    f = s.get("failover")
+    if f is not None:
+        lines.append(
+            f"failover: {f['action'] or 'none'} (survivor {f['survivor'] or '-'}), detected "
+            f"{_fmt(f['detected_ms'], ' ms')}, steps {_fmt(f['failover_steps_ms'], ' ms')}, "
+            f"longest client gap {_fmt(f['gap_ms'], ' ms')}, connection resets "
+            f"{f['connection_resets']}, both hosts active {_fmt(f['active_overlap_ms'], ' ms')}"
+            + (f", ERROR {f['error']}" if f["error"] else "")
+        )
+    return "\n".join(lines)

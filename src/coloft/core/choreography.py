@@ -274,6 +274,8 @@ def condition_met(until: Until, args: tuple[str, ...], reply: Any) -> bool:
         return all(a in found and not found[a].startswith("disconnected") for a in args)
     if until is Until.COLO_MODE:
         return isinstance(reply, dict) and reply.get("mode") in args
+    if until is Until.RUNNING:
+        return isinstance(reply, dict) and reply.get("status") == "running"
     raise ValueError(f"unknown condition {until}")
 
 

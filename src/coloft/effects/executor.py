@@ -39,7 +39,9 @@ async def run_step(session: QmpSession, step: Step) -> Any:
 
 async def _once(session: QmpSession, step: Step, deadline_s: float) -> Any:
     try:
-        reply = await session.execute(step.command, step.arguments, deadline_s=deadline_s)
+        reply = await session.execute(
+            step.command, step.arguments, deadline_s=deadline_s, oob=step.oob
+        )
     except ColoftError as e:
         if is_accepted(step, str(e)):
             log.info("%s: already in place (%s)", step.describe(), e)
@@ -91,12 +93,22 @@ async def _poll(session: QmpSession, step: Step, end: float) -> Any:
 
 
 async def run_steps(
-    sessions: Mapping[str, QmpSession], steps: Sequence[Step], progress: Progress | None = None
+    sessions: Mapping[str, QmpSession],
+    steps: Sequence[Step],
+    progress: Progress | None = None,
+    oob_sessions: Mapping[str, QmpSession] | None = None,
 ) -> None:
-    """Run steps in order; the first failure stops the sequence with a StepError."""
+    """Run steps in order; the first failure stops the sequence with a StepError.
+
+    Out-of-band steps go to the node's second monitor when one is given, so they
+    are not queued behind a command that hangs on the first.
+    """
     for step in steps:
         started = time.monotonic()
         log.info("step %s", step.describe())
-        await run_step(sessions[step.node], step)
+        session = sessions[step.node]
+        if step.oob and oob_sessions is not None:
+            session = oob_sessions.get(step.node, session)
+        await run_step(session, step)
         if progress is not None:
             progress(step, time.monotonic() - started)

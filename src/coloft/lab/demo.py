@@ -11,15 +11,16 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from coloft.agent.pair import Pair, publish, remove_run_dirs, supervise
 from coloft.config.load import load_spec
+from coloft.core.argv import tap_name
 from coloft.effects import qemu_binary
 from coloft.errors import FatalError
-from coloft.lab import net, setup, workload
+from coloft.lab import faults, net, setup, workload
+from coloft.lab.oracle import FrameWatch
 from coloft.lab.probe import wait_ready
 from coloft.lab.workload import percentile
 from coloft.model.spec import PairSpec
@@ -64,12 +65,31 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
-async def run_demo(
-    duration: float,
-    interval_ms: int,
-    live: bool,
-    on_update: Callable[[PairStatus, dict[str, Any] | None], None] | None = None,
+def failover_summary(
+    pair: Pair, fault_at: float | None, result: dict[str, Any], lost: int, watch: FrameWatch
 ) -> dict[str, Any]:
+    record = pair.failovers[0] if pair.failovers else None
+    return {
+        "fault_injected": fault_at is not None,
+        "action": record.action if record else None,
+        "survivor": record.survivor if record else None,
+        "detected_ms": _round((record.detected_at - fault_at) * 1000.0)
+        if record and fault_at is not None
+        else None,
+        "failover_steps_ms": _round(record.steps_ms) if record else None,
+        "error": record.error if record else None,
+        "gap_ms": result.get("max_reply_gap_ms"),
+        "connection_resets": int(result.get("reconnects", 0)),
+        "lost_acked_writes": lost,
+        "active_overlap_ms": watch.overlap_ms(),
+        "frames_sent_by_host": {n: watch.frames(n) for n in watch.hosts},
+    }
+
+
+async def run_demo(
+    duration: float, interval_ms: int, live: bool, fault: str | None = None
+) -> dict[str, Any]:
+    """Run the demo; with a fault, inject it into the protected pair mid-workload."""
     spec = lab_spec(interval_ms)
     assert spec.vm.service is not None
     host, port = spec.vm.service
@@ -79,6 +99,8 @@ async def run_demo(
     stop = asyncio.Event()
     client = None
     view = None
+    watch = FrameWatch({n.name: n.netns or "" for n in spec.nodes}, tap_name(spec))
+    fault_at: float | None = None
     try:
         await pair.up()
         ready = await asyncio.to_thread(
@@ -91,6 +113,7 @@ async def run_demo(
                 f"{spec.run_dir_of(spec.primary) / 'console.log'})"
             )
         started = time.monotonic()
+        watch.start()
         client = workload.start_workload(net.CLIENT_NS, target, out, duration)
         if live:
             from coloft.cli.view import LiveView
@@ -99,11 +122,12 @@ async def run_demo(
             view.start()
 
         def update(status: PairStatus) -> None:
-            live_data = workload.read_live(out)
+            nonlocal fault_at
+            elapsed = time.monotonic() - started
+            if fault and fault_at is None and status.protected and elapsed >= duration * 0.4:
+                fault_at = faults.inject(pair, fault)
             if view is not None:
-                view.update(status, live_data, time.monotonic() - started)
-            if on_update is not None:
-                on_update(status, live_data)
+                view.update(status, workload.read_live(out), elapsed)
             if client is not None and client.poll() is not None:
                 stop.set()
 
@@ -112,8 +136,15 @@ async def run_demo(
         checked = await asyncio.to_thread(
             workload.verify, net.CLIENT_NS, target, out / "acked.jsonl"
         )
-        return summarize(status, pair, result, checked, time.monotonic() - started)
+        watch.stop()
+        summary = summarize(status, pair, result, checked, time.monotonic() - started)
+        if fault is not None:
+            summary["failover"] = failover_summary(
+                pair, fault_at, result, summary["lost_acked_writes"], watch
+            )
+        return summary
     finally:
+        watch.stop()
         if view is not None:
             view.stop()
         if client is not None and client.poll() is None:

@@ -19,6 +19,7 @@ class Until(Enum):
     NO_BLOCK_JOB = "no-block-job"
     CHARDEVS_CONNECTED = "chardevs-connected"
     COLO_MODE = "colo-mode"
+    RUNNING = "running"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Step:
     until: Until | None = None
     until_args: tuple[str, ...] = ()
     hmp: bool = False
+    # Sent out-of-band on the node's second monitor: works while the main loop is stuck.
+    oob: bool = False
 
     def describe(self) -> str:
         return f"{self.node}: {self.name}"

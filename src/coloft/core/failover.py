@@ -1,0 +1,146 @@
+"""What to do when one side of a pair is lost, and the QMP steps that do it.
+
+Pure. The steps follow QEMU's COLO docs with two additions from what hung here
+(shared COLO notes, section 6): every channel that still points at the lost peer
+is yanked out-of-band first, so no later step can block on a peer that vanished
+without a reset; and the replication NBD node is yanked before drive_del, which
+otherwise flushes through the dead connection and blocks QEMU's main loop.
+The secondary keeps its filter-rewriter: it holds the TCP sequence offsets of
+the clients' open connections, which must survive the takeover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from coloft.core.argv import DISK_ID
+from coloft.core.choreography import NBD_NODE, REPLICATION_NODE
+from coloft.model.status import SideStatus
+from coloft.model.steps import Step, Until
+
+NOT_FOUND = ("not found", "does not exist", "No such", "not running")
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+class Action(Enum):
+    NONE = "none"
+    SECONDARY_TAKES_OVER = "secondary-takes-over"
+    PRIMARY_CONTINUES_ALONE = "primary-continues-alone"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class FailoverDecision:
+    action: Action
+    reason: str
+
+
+def decide(primary: SideStatus, secondary: SideStatus, in_sync: bool) -> FailoverDecision:
+    """Which side, if any, must act now.
+
+    `in_sync` says the secondary completed a checkpoint since COLO started: only
+    then does it hold the primary's state, and only then may it take over.
+    """
+    if not primary.alive and secondary.alive:
+        if not in_sync:
+            return FailoverDecision(
+                Action.REFUSE,
+                f"primary {primary.node} is gone but "
+                f"secondary {secondary.node} never completed a checkpoint; "
+                "taking over would lose data",
+            )
+        return FailoverDecision(
+            Action.SECONDARY_TAKES_OVER,
+            f"primary {primary.node} is gone; {secondary.node} takes over",
+        )
+    if not secondary.alive and primary.alive:
+        return FailoverDecision(
+            Action.PRIMARY_CONTINUES_ALONE,
+            f"secondary {secondary.node} is gone; {primary.node} runs alone",
+        )
+    if not primary.alive and not secondary.alive:
+        return FailoverDecision(Action.NONE, "both sides are gone")
+    return FailoverDecision(Action.NONE, "both sides run")
+
+
+def _yank(node: str, instance: dict[str, str]) -> Step:
+    label = instance.get("id") or instance.get("node-name") or instance["type"]
+    return Step(
+        node,
+        f"yank {label}",
+        "yank",
+        {"instances": [instance]},
+        deadline_s=2.0,
+        accept=NOT_FOUND,
+        oob=True,
+    )
+
+
+def _del(node: str, command: str, oid: str) -> Step:
+    what = "object" if command == "object-del" else "chardev"
+    return Step(node, f"remove {what} {oid}", command, {"id": oid}, accept=NOT_FOUND)
+
+
+def _resume_checks(node: str) -> list[Step]:
+    return [
+        Step(
+            node, "wait for the guest to run", "query-status", deadline_s=10.0, until=Until.RUNNING
+        ),
+        Step(node, "announce guest MAC", "announce-self", dict(ANNOUNCE)),
+    ]
+
+
+def secondary_takeover(node: str) -> list[Step]:
+    return [
+        _yank(node, {"type": "migration"}),
+        _yank(node, {"type": "chardev", "id": "red0"}),
+        _yank(node, {"type": "chardev", "id": "red1"}),
+        Step(node, "stop NBD server", "nbd-server-stop", accept=NOT_FOUND),
+        Step(node, "declare the primary lost", "x-colo-lost-heartbeat", deadline_s=5.0),
+        _del(node, "object-del", "f2"),
+        _del(node, "object-del", "f1"),
+        _del(node, "chardev-remove", "red1"),
+        _del(node, "chardev-remove", "red0"),
+        *_resume_checks(node),
+    ]
+
+
+def primary_continue_alone(node: str) -> list[Step]:
+    return [
+        _yank(node, {"type": "migration"}),
+        _yank(node, {"type": "chardev", "id": "mirror0"}),
+        _yank(node, {"type": "chardev", "id": "compare1"}),
+        _yank(node, {"type": "block-node", "node-name": NBD_NODE}),
+        Step(
+            node,
+            "detach replication child",
+            "x-blockdev-change",
+            {"parent": DISK_ID, "child": "children.1"},
+        ),
+        Step(
+            node,
+            "delete replication node",
+            "human-monitor-command",
+            {"command-line": f"drive_del {REPLICATION_NODE}"},
+            hmp=True,
+            deadline_s=5.0,
+        ),
+        *(
+            _del(node, "object-del", oid)
+            for oid in ("comp0", "iothread1", "m0", "redire0", "redire1")
+        ),
+        *(
+            _del(node, "chardev-remove", cid)
+            for cid in (
+                "mirror0",
+                "compare1",
+                "compare0-0",
+                "compare0",
+                "compare_out0",
+                "compare_out",
+            )
+        ),
+        Step(node, "declare the secondary lost", "x-colo-lost-heartbeat", deadline_s=5.0),
+        *_resume_checks(node),
+    ]
