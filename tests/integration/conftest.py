@@ -17,7 +17,6 @@ from coloft.config.load import load_spec
 from coloft.effects import qemu_binary
 from coloft.effects.process import pid_alive
 from coloft.lab import net, setup
-from coloft.lab.probe import wait_ready
 from coloft.model.spec import PairSpec
 
 T = TypeVar("T")
@@ -68,19 +67,6 @@ def make_pair(lab: None) -> Iterator[Callable[[PairSpec], Pair]]:
         remove_run_dirs(pair.spec)
         alive = [pid for pid in pids if pid_alive(pid)]
         assert not alive, f"QEMU pids still alive after teardown: {alive}"
-
-
-def service_ready(spec: PairSpec, deadline_s: float = 90.0) -> bool:
-    assert spec.vm.service is not None
-    host, port = spec.vm.service
-    return wait_ready(net.CLIENT_NS, host, port, deadline_s)
-
-
-async def up_and_ready(pair: Pair) -> None:
-    await pair.up()
-    ready = await asyncio.to_thread(service_ready, pair.spec)
-    console = pair.spec.run_dir_of(pair.spec.primary) / "console.log"
-    assert ready, f"guest service never answered; console: {console.read_text()[-800:]}"
 
 
 def run_scenario(pair: Pair, scenario: Callable[[], Awaitable[T]]) -> T:

@@ -20,8 +20,9 @@ from coloft.core.argv import tap_name
 from coloft.effects.executor import run_steps
 from coloft.errors import StepError
 from coloft.lab import net, workload
+from coloft.lab.rounds import up_and_serving
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import EXAMPLE, lab_spec, run_scenario, up_and_ready
+from tests.integration.conftest import EXAMPLE, lab_spec, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -41,7 +42,7 @@ def test_pair_reaches_colo_and_serves_through_colo_compare(
     pair = make_pair(lab_spec(interval_ms=2000))
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        await up_and_ready(pair)
+        await up_and_serving(pair)
         await wait_protected(pair)
         status = await pair.observe()
         primary, secondary = status.sides

@@ -12,8 +12,9 @@ import pytest
 
 from coloft.agent.pair import Pair
 from coloft.lab import net, workload
+from coloft.lab.rounds import up_and_serving
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import lab_spec, run_scenario, up_and_ready
+from tests.integration.conftest import lab_spec, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -29,7 +30,7 @@ def test_soak_three_minutes_under_load(
     problems: list[str] = []
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        await up_and_ready(pair)
+        await up_and_serving(pair)
         start_count = pair.checkpoints.count
         client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, SOAK_S)
         end = time.monotonic() + SOAK_S
