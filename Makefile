@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test integration demo bench clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -41,10 +41,13 @@ unit: venv
 
 check: lint types unit
 
+contract: setup
+	$(BIN)/pytest -q tests/contract $(PYTEST_ARGS)
+
 integration: setup
 	$(BIN)/pytest -v tests/integration $(PYTEST_ARGS)
 
-test: setup check integration
+test: setup check contract integration
 
 demo: setup
 	coloft demo --duration 60

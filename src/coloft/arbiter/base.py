@@ -1,0 +1,89 @@
+"""The arbiter contract: who may be the active side of a COLO pair.
+
+Both nodes of a pair can see each other's disks and network, so "the peer looks
+dead" is never enough to take over: a partition looks the same. The arbiter is
+the third party that breaks the tie. Leadership is a key bound to a lease
+(Patroni's discipline): a leader acts as leader only while its lease is valid
+on its own monotonic clock, and demotes/fences the moment a renewal fails.
+
+The leader key's create revision is the fencing *epoch*: it only grows, so every
+write a leader makes (the sync record) is guarded by "my epoch is still the
+current one", and a deposed leader's late writes are rejected by the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from coloft.errors import TransientError
+
+DEFAULT_DEADLINE_S = 1.0
+
+
+class ArbiterUnavailable(TransientError):
+    """The arbiter backend did not answer within the call's deadline.
+
+    Transient on purpose: the caller treats it as "no lease renewal this tick",
+    which for a leader means the lease clock keeps running down.
+    """
+
+
+@dataclass(frozen=True)
+class Leader:
+    """The node holding a pair's leader key, and the key's create revision."""
+
+    node: str
+    epoch: int
+
+
+def leader_key(pair: str) -> str:
+    return f"/coloft/{pair}/leader"
+
+
+def sync_key(pair: str) -> str:
+    return f"/coloft/{pair}/sync"
+
+
+class Arbiter(Protocol):
+    """Async access to one arbiter; every call is bounded by a deadline.
+
+    A call either returns an answer the backend committed to or raises
+    ArbiterUnavailable; it never blocks much longer than its deadline.
+    """
+
+    async def acquire(self, pair: str, node: str, ttl_s: float) -> Leader | None:
+        """Become leader iff no live leader key exists, with a fresh lease of ttl_s.
+
+        Returns None if another node leads. If `node` already holds the key (an
+        earlier attempt whose answer was lost), returns that leadership as is.
+        """
+        ...
+
+    async def renew(self, pair: str, node: str, epoch: int) -> bool:
+        """Keep our lease alive; False once our leadership of that epoch is gone."""
+        ...
+
+    async def leader(self, pair: str) -> Leader | None:
+        """The current live leader, if any."""
+        ...
+
+    async def resign(self, pair: str, node: str, epoch: int) -> None:
+        """Drop our key and lease, but only if they are still ours (same epoch)."""
+        ...
+
+    async def set_sync(self, pair: str, node: str, leader_epoch: int) -> bool:
+        """Name `node` the only automatic successor, iff leader_epoch is current."""
+        ...
+
+    async def clear_sync(self, pair: str, leader_epoch: int) -> bool:
+        """Remove the sync record, iff leader_epoch is current."""
+        ...
+
+    async def sync(self, pair: str) -> str | None:
+        """The node currently allowed to take over automatically, if any."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the arbiter is unusable afterwards."""
+        ...

@@ -1,0 +1,216 @@
+"""The etcd v3 arbiter, over gRPC with the `aetcd` client.
+
+Every public call is one bounded unit: all of its RPCs share one deadline
+(asyncio.timeout, and the same value as the gRPC deadline so etcd can drop the
+work too). Nothing is cached between calls except the connection, so an agent
+that restarts can renew the leadership it held by epoch alone.
+
+After a failed call the channel is thrown away and the next call dials the next
+endpoint: a fresh channel connects at once, instead of waiting out gRPC's
+reconnect backoff, which after a few failures exceeds any sane lease TTL.
+
+Lease timing, as measured against etcd 3.4.23 (what the agent must allow for):
+- TTLs are whole seconds with a 2 s minimum (a 1 s request is granted 2 s), and
+  expiry is checked every 500 ms, so a key lingers up to ~0.5 s past its TTL.
+- A restart of etcd (or a change of etcd leader) re-arms every lease for a
+  full TTL: a dead leader's key can outlive its TTL by the outage plus a TTL.
+  That delays a takeover but never allows two leaders, as long as a leader
+  trusts only its own monotonic clock since its last successful renew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aetcd  # type: ignore[import-untyped]
+from aetcd import exceptions as etcd_errors
+
+from coloft.arbiter.base import (
+    DEFAULT_DEADLINE_S,
+    ArbiterUnavailable,
+    Leader,
+    leader_key,
+    sync_key,
+)
+from coloft.errors import ConfigError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The answers that mean "could not reach a working etcd", as opposed to etcd
+# rejecting what we asked (a bug on our side, not worth retrying).
+_UNREACHABLE = (
+    TimeoutError,
+    etcd_errors.ConnectionFailedError,
+    etcd_errors.ConnectionTimeoutError,
+)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split "host:port" (an http:// prefix is tolerated) into its parts."""
+    bare = endpoint.removeprefix("http://")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"etcd endpoint {endpoint!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+class EtcdArbiter:
+    """Arbiter backed by an etcd v3 cluster (3.4 or newer)."""
+
+    def __init__(self, endpoints: Sequence[str], deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+        if not endpoints:
+            raise ConfigError("etcd arbiter: no endpoints given")
+        if deadline_s <= 0:
+            raise ConfigError(f"etcd arbiter: deadline must be positive, got {deadline_s}")
+        self._endpoints = [parse_endpoint(e) for e in endpoints]
+        self._deadline_s = deadline_s
+        self._index = 0
+        self._client: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._endpoints[self._index]
+        return f"{host}:{port}"
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            host, port = self._endpoints[self._index]
+            self._client = aetcd.Client(host=host, port=port, timeout=self._deadline_s)
+        return self._client
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        self._index = (self._index + 1) % len(self._endpoints)
+        if client is not None:
+            # Closing a gRPC channel is local, but bound it anyway: this runs on
+            # the failure path, where nothing may block.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._deadline_s):
+                    await client.close()
+
+    async def _call(self, what: str, body: Callable[[Any], Awaitable[T]]) -> T:
+        endpoint = self.endpoint
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await body(self._connect())
+        except _UNREACHABLE as exc:
+            await self._drop()
+            detail = str(exc) or type(exc).__name__
+            raise ArbiterUnavailable(
+                f"etcd {endpoint}: {what}: no answer within {self._deadline_s:g}s ({detail})"
+            ) from exc
+        except etcd_errors.ClientError as exc:
+            raise ProtocolError(f"etcd {endpoint}: {what}: rejected: {exc}") from exc
+
+    async def acquire(self, pair: str, node: str, ttl_s: float) -> Leader | None:
+        key = leader_key(pair).encode()
+        # etcd leases are whole seconds; round up so we never hold less than asked.
+        ttl = max(1, math.ceil(ttl_s))
+
+        async def body(c: Any) -> Leader | None:
+            lease = await c.lease(ttl)
+            tx = c.transactions
+            won, responses = await c.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, node.encode(), lease=lease.id), tx.get(key)],
+                failure=[tx.get(key)],
+            )
+            if not won:
+                # Free the unused lease now rather than letting it linger a TTL.
+                with contextlib.suppress(etcd_errors.ClientError):
+                    await c.revoke_lease(lease.id)
+            kvs = responses[-1]
+            if not kvs:
+                # The holder expired between compare and range: impossible in one txn.
+                raise ProtocolError(f"etcd: acquire {pair}: txn returned no leader key")
+            value, kv = kvs[0]
+            holder = Leader(value.decode(), int(kv.create_revision))
+            # Our own key from an earlier attempt whose answer was lost counts as ours.
+            return holder if holder.node == node else None
+
+        return await self._call(f"acquire {pair} for {node}", body)
+
+    async def renew(self, pair: str, node: str, epoch: int) -> bool:
+        key = leader_key(pair).encode()
+
+        async def body(c: Any) -> bool:
+            kv = await c.get(key)
+            if kv is None or kv.create_revision != epoch or kv.value != node.encode():
+                return False
+            reply = await c.refresh_lease(kv.lease)
+            # etcd answers a keepalive for an expired lease with TTL 0, not an error.
+            return reply is not None and int(reply.TTL) > 0
+
+        return await self._call(f"renew {pair} for {node} epoch {epoch}", body)
+
+    async def leader(self, pair: str) -> Leader | None:
+        async def body(c: Any) -> Leader | None:
+            kv = await c.get(leader_key(pair).encode())
+            return None if kv is None else Leader(kv.value.decode(), int(kv.create_revision))
+
+        return await self._call(f"read leader of {pair}", body)
+
+    async def resign(self, pair: str, node: str, epoch: int) -> None:
+        key = leader_key(pair).encode()
+
+        async def body(c: Any) -> None:
+            tx = c.transactions
+            done, responses = await c.transaction(
+                compare=[tx.create(key) == epoch, tx.value(key) == node.encode()],
+                success=[tx.get(key), tx.delete(key)],
+                failure=[],
+            )
+            if not done or not responses[0]:
+                return
+            _, kv = responses[0][0]
+            # The key is gone already; revoking only saves the lease's TTL of
+            # bookkeeping in etcd, so a lease that expired meanwhile is fine.
+            with contextlib.suppress(etcd_errors.ClientError):
+                await c.revoke_lease(kv.lease)
+
+        await self._call(f"resign {pair} for {node} epoch {epoch}", body)
+
+    async def set_sync(self, pair: str, node: str, leader_epoch: int) -> bool:
+        async def body(c: Any) -> bool:
+            tx = c.transactions
+            done, _ = await c.transaction(
+                compare=[tx.create(leader_key(pair).encode()) == leader_epoch],
+                success=[tx.put(sync_key(pair).encode(), node.encode())],
+                failure=[],
+            )
+            return bool(done)
+
+        return await self._call(f"set sync of {pair} to {node} epoch {leader_epoch}", body)
+
+    async def clear_sync(self, pair: str, leader_epoch: int) -> bool:
+        async def body(c: Any) -> bool:
+            tx = c.transactions
+            done, _ = await c.transaction(
+                compare=[tx.create(leader_key(pair).encode()) == leader_epoch],
+                success=[tx.delete(sync_key(pair).encode())],
+                failure=[],
+            )
+            return bool(done)
+
+        return await self._call(f"clear sync of {pair} epoch {leader_epoch}", body)
+
+    async def sync(self, pair: str) -> str | None:
+        async def body(c: Any) -> str | None:
+            kv = await c.get(sync_key(pair).encode())
+            return None if kv is None else str(kv.value.decode())
+
+        return await self._call(f"read sync of {pair}", body)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._deadline_s):
+                    await client.close()

@@ -1,0 +1,326 @@
+"""One arbiter contract, run against every backend.
+
+The decision core is unit-tested against MemoryArbiter; that is only sound if
+the memory backend behaves like the real one. So every behaviour below runs on
+both, and the etcd side uses a real etcd-server on unusual ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader
+from coloft.arbiter.embedded import ETCD_BINARY, EtcdProcess, start_etcd
+from coloft.arbiter.etcd import EtcdArbiter
+from coloft.arbiter.memory import MemoryArbiter
+
+CLIENT_URL = "http://127.0.0.1:23791"
+PEER_URL = "http://127.0.0.1:23801"
+TTL_S = 2.0  # etcd 3.4's minimum lease TTL; shorter would be rounded up
+DEADLINE_S = 0.5
+# How far past its deadline a failing call may return: scheduling, not waiting.
+SLACK_S = 0.4
+_pairs = itertools.count()
+
+
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class EtcdServer:
+    """The session's etcd; restartable on the same data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.proc: EtcdProcess | None = None
+
+    def start(self) -> EtcdProcess:
+        self.proc = start_etcd(self.data_dir, CLIENT_URL, PEER_URL, name="coloft-contract")
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.proc is not None, "etcd was never started"
+        return self.proc.endpoint
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    if not ETCD_BINARY.exists():
+        pytest.fail(
+            f"{ETCD_BINARY} is missing: the etcd contract tests need a real etcd "
+            "(apt-get install -y etcd-server, listed in scripts/apt-packages.txt)"
+        )
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Harness(Protocol):
+    def make(self) -> Arbiter: ...
+
+    async def pass_time(self, seconds: float) -> None: ...
+
+    def unreachable(self) -> list[Arbiter]: ...
+
+
+@dataclass
+class MemoryHarness:
+    clock: FakeClock = field(default_factory=FakeClock)
+    shared: MemoryArbiter | None = None
+
+    def make(self) -> Arbiter:
+        # Every "client" of the memory backend sees the same state, like etcd.
+        if self.shared is None:
+            self.shared = MemoryArbiter(clock=self.clock)
+        return self.shared
+
+    async def pass_time(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    def unreachable(self) -> list[Arbiter]:
+        down = MemoryArbiter(clock=self.clock)
+        down.available = False
+        return [down]
+
+
+@dataclass
+class EtcdHarness:
+    server: EtcdServer
+    silent_port: int
+
+    def make(self) -> Arbiter:
+        return EtcdArbiter([self.server.endpoint], deadline_s=DEADLINE_S)
+
+    async def pass_time(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def unreachable(self) -> list[Arbiter]:
+        # A closed port (refused at once) and a listener that never speaks:
+        # the second is what a hung etcd looks like to the client.
+        return [
+            EtcdArbiter([f"127.0.0.1:{_closed_port()}"], deadline_s=DEADLINE_S),
+            EtcdArbiter([f"127.0.0.1:{self.silent_port}"], deadline_s=DEADLINE_S),
+        ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def silent_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)  # the kernel completes handshakes; nobody ever answers
+        yield int(s.getsockname()[1])
+
+
+@pytest.fixture(params=["memory", "etcd"])
+def harness(request: pytest.FixtureRequest) -> Harness:
+    if request.param == "memory":
+        return MemoryHarness()
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    return EtcdHarness(server, request.getfixturevalue("silent_port"))
+
+
+@pytest.fixture
+def pair() -> str:
+    # Tests share one etcd: a fresh pair name keeps them from seeing each other.
+    return f"pair{next(_pairs)}-{time.monotonic_ns()}"
+
+
+def run(h: Harness, scenario: Callable[[Arbiter], Awaitable[None]]) -> None:
+    async def main() -> None:
+        arb = h.make()
+        try:
+            await scenario(arb)
+        finally:
+            await arb.close()
+
+    asyncio.run(main())
+
+
+def must_lead(got: Leader | None, node: str) -> Leader:
+    assert got is not None, f"{node} should have become leader, acquire returned None"
+    assert got.node == node, f"acquire returned {got}, expected leader {node}"
+    return got
+
+
+def test_acquire_when_free(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        assert await arb.leader(pair) is None, "a fresh pair must have no leader"
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert won.epoch > 0
+        assert await arb.leader(pair) == won, "leader() must report what acquire granted"
+
+    run(harness, scenario)
+
+
+def test_other_node_cannot_acquire_while_lease_lives(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.acquire(pair, "b", TTL_S) is None, "b took over a live lease"
+        again = await arb.acquire(pair, "a", TTL_S)
+        assert again == won, f"re-acquire by the holder must return its leadership, got {again}"
+        assert await arb.leader(pair) == won
+
+    run(harness, scenario)
+
+
+def test_epochs_strictly_increase_across_leaders(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        epochs = []
+        for node in ["a", "b", "a", "b"]:
+            won = must_lead(await arb.acquire(pair, node, TTL_S), node)
+            epochs.append(won.epoch)
+            await arb.resign(pair, node, won.epoch)
+            assert await arb.leader(pair) is None, f"{node} resigned but still leads"
+        assert epochs == sorted(set(epochs)), f"epochs not strictly increasing: {epochs}"
+
+    run(harness, scenario)
+
+
+def test_renew_keeps_leadership_past_ttl(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        for _ in range(3):  # 3 s in all, well past the 2 s TTL
+            await harness.pass_time(TTL_S / 2)
+            assert await arb.renew(pair, "a", won.epoch), "renew of a live lease failed"
+        assert await arb.leader(pair) == won, "renewed leadership was lost"
+        assert await arb.acquire(pair, "b", TTL_S) is None
+
+    run(harness, scenario)
+
+
+def test_lease_expires_without_renew_and_other_node_takes_over(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        old = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        # etcd checks for expired leases every 500 ms, so allow a second over.
+        await harness.pass_time(TTL_S + 1.0)
+        assert await arb.leader(pair) is None, "leader key outlived its lease"
+        assert not await arb.renew(pair, "a", old.epoch), "renew revived an expired lease"
+        new = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+        assert new.epoch > old.epoch, f"epoch went from {old.epoch} to {new.epoch}"
+        assert not await arb.renew(pair, "a", old.epoch), "old epoch renewed b's lease"
+        assert not await arb.renew(pair, "a", new.epoch), "a renewed b's leadership"
+        assert await arb.renew(pair, "b", new.epoch)
+
+    run(harness, scenario)
+
+
+def test_sync_writes_need_the_current_epoch(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        assert not await arb.set_sync(pair, "b", 1), "set_sync without any leader succeeded"
+        assert await arb.sync(pair) is None
+        old = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.set_sync(pair, "b", old.epoch)
+        assert await arb.sync(pair) == "b"
+        await arb.resign(pair, "a", old.epoch)
+        assert await arb.sync(pair) == "b", "the sync record must outlive the leader's lease"
+        new = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+
+        assert not await arb.set_sync(pair, "a", old.epoch), "stale leader wrote sync"
+        assert await arb.sync(pair) == "b", "stale set_sync changed the value"
+        assert not await arb.clear_sync(pair, old.epoch), "stale leader cleared sync"
+        assert await arb.sync(pair) == "b", "stale clear_sync changed the value"
+
+        assert await arb.set_sync(pair, "a", new.epoch)
+        assert await arb.sync(pair) == "a"
+        assert await arb.clear_sync(pair, new.epoch)
+        assert await arb.sync(pair) is None
+
+    run(harness, scenario)
+
+
+def test_resign_needs_our_epoch(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        await arb.resign(pair, "a", won.epoch - 1)
+        await arb.resign(pair, "a", won.epoch + 1)
+        await arb.resign(pair, "b", won.epoch)
+        assert await arb.leader(pair) == won, "resign with a wrong epoch or node removed it"
+        assert await arb.renew(pair, "a", won.epoch), "lease was revoked by a wrong resign"
+        await arb.resign(pair, "a", won.epoch)
+        assert await arb.leader(pair) is None
+
+    run(harness, scenario)
+
+
+def _calls(pair: str) -> list[tuple[str, Callable[[Arbiter], Awaitable[object]]]]:
+    return [
+        ("acquire", lambda a: a.acquire(pair, "a", TTL_S)),
+        ("renew", lambda a: a.renew(pair, "a", 1)),
+        ("leader", lambda a: a.leader(pair)),
+        ("resign", lambda a: a.resign(pair, "a", 1)),
+        ("set_sync", lambda a: a.set_sync(pair, "b", 1)),
+        ("clear_sync", lambda a: a.clear_sync(pair, 1)),
+        ("sync", lambda a: a.sync(pair)),
+    ]
+
+
+async def _assert_unavailable_in_time(arb: Arbiter, pair: str) -> None:
+    for name, call in _calls(pair):
+        start = time.monotonic()
+        with pytest.raises(ArbiterUnavailable):
+            await call(arb)
+        took = time.monotonic() - start
+        assert took < DEADLINE_S + SLACK_S, (
+            f"{name} on an unreachable arbiter took {took:.2f}s, deadline {DEADLINE_S}s"
+        )
+
+
+def test_unreachable_arbiter_raises_within_deadline(harness: Harness, pair: str) -> None:
+    async def scenario() -> None:
+        for arb in harness.unreachable():
+            try:
+                await _assert_unavailable_in_time(arb, pair)
+            finally:
+                await arb.close()
+
+    asyncio.run(scenario())
+
+
+def test_etcd_restart_keeps_live_leader(etcd_server: EtcdServer, pair: str) -> None:
+    """A restarted etcd still has the leader key; calls during the outage fail fast."""
+
+    async def scenario() -> None:
+        arb = EtcdArbiter([etcd_server.endpoint], deadline_s=DEADLINE_S)
+        try:
+            won = must_lead(await arb.acquire(pair, "a", 10), "a")
+            assert await arb.set_sync(pair, "b", won.epoch)
+            etcd_server.stop()
+            await _assert_unavailable_in_time(arb, pair)
+            etcd_server.start()
+            assert await arb.leader(pair) == won, "leader key lost across an etcd restart"
+            assert await arb.sync(pair) == "b", "sync record lost across an etcd restart"
+            assert await arb.renew(pair, "a", won.epoch), "could not renew after restart"
+            await arb.resign(pair, "a", won.epoch)
+            after = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+            assert after.epoch > won.epoch, "epochs must keep growing across restarts"
+        finally:
+            await arb.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,36 @@
+"""Lease arithmetic and the timing invariants."""
+
+from __future__ import annotations
+
+from coloft.core.lease import LeaseTiming, fence_at, may_act, must_fence, problems
+
+
+def test_default_timing_is_safe() -> None:
+    assert problems(LeaseTiming()) == []
+
+
+def test_renewals_that_cannot_fit_in_the_ttl_are_rejected() -> None:
+    found = problems(LeaseTiming(ttl_s=2.0, renew_every_s=1.0, call_deadline_s=0.5))
+    assert any("must stay below ttl_s - fence_margin_s" in p for p in found), found
+
+
+def test_ttl_must_be_whole_seconds_and_at_least_two() -> None:
+    assert any("whole number" in p for p in problems(LeaseTiming(ttl_s=1.0)))
+    assert any("whole number" in p for p in problems(LeaseTiming(ttl_s=2.5)))
+    assert any(
+        "fence_margin_s must be positive" in p for p in problems(LeaseTiming(fence_margin_s=0.0))
+    )
+
+
+def test_fencing_point_counts_from_when_the_renewal_was_sent() -> None:
+    t = LeaseTiming(ttl_s=2.0, fence_margin_s=0.4)
+    assert fence_at(100.0, t) == 101.6
+    assert not must_fence(101.59, 100.0, t)
+    assert must_fence(101.6, 100.0, t)
+
+
+def test_may_act_only_with_a_known_valid_lease() -> None:
+    t = LeaseTiming()
+    assert not may_act(5.0, None, t)
+    assert may_act(5.0, 4.0, t)
+    assert not may_act(10.0, 4.0, t)
