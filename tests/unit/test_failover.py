@@ -7,6 +7,7 @@ from coloft.core.failover import (
     decide,
     primary_continue_alone,
     secondary_takeover,
+    unresponsive,
 )
 from coloft.model.status import SideStatus
 from coloft.model.steps import Step, Until
@@ -65,3 +66,10 @@ def test_cleanup_steps_tolerate_what_is_already_gone() -> None:
     for s in [*secondary_takeover("b"), *primary_continue_alone("a")]:
         if s.command in ("yank", "object-del", "chardev-remove", "nbd-server-stop"):
             assert s.accept, s.name
+
+
+def test_unresponsive_after_the_limit_only() -> None:
+    last = {"a": 10.0, "b": 11.5}
+    assert unresponsive(last, 12.0, 2.0) == []
+    assert unresponsive(last, 12.1, 2.0) == ["a"]
+    assert unresponsive(last, 14.0, 2.0) == ["a", "b"]

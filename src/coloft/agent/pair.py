@@ -33,6 +33,8 @@ from coloft.model.steps import Role, Step
 log = logging.getLogger(__name__)
 
 QUERY_DEADLINE_S = 1.0
+# A QEMU silent on QMP for this long is hung (e.g. SIGSTOP) and gets killed.
+HUNG_AFTER_S = 2.0
 Progress = Callable[[Step, float], None]
 
 
@@ -185,6 +187,18 @@ class Pair:
         """Fail over when one side is gone: the decision is core.failover.decide's."""
         if self.alone is not None:
             return
+        silent = {n: t for n, q in self.sessions.items() if (t := q.silent_since) is not None}
+        for node in failover.unresponsive(silent, time.monotonic(), HUNG_AFTER_S):
+            proc = self.procs.get(node)
+            if proc is not None and proc.alive():
+                log.warning(
+                    "%s: QEMU of node %s gave no QMP answer for %.0f s: killing it",
+                    self.spec.vm.name,
+                    node,
+                    HUNG_AFTER_S,
+                )
+                self.exited_at.setdefault(node, time.monotonic())
+                proc.kill()
         p, s = self._node_in_role(Role.PRIMARY), self._node_in_role(Role.SECONDARY)
         alive = {n: n in self.procs and self.procs[n].alive() for n in (p.name, s.name)}
         decision = failover.decide(

@@ -239,7 +239,7 @@ def lab_status(as_json: bool) -> None:
 @click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
 @click.option(
     "--fault",
-    type=click.Choice(["kill-primary", "kill-secondary"]),
+    type=click.Choice(["kill-primary", "kill-secondary", "stop-primary", "stop-secondary"]),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
     "gains a `failover` object.",
 )

@@ -64,6 +64,16 @@ def decide(primary: SideStatus, secondary: SideStatus, in_sync: bool) -> Failove
     return FailoverDecision(Action.NONE, "both sides run")
 
 
+def unresponsive(silent_since: dict[str, float], now: float, limit_s: float) -> list[str]:
+    """Nodes whose QEMU has left QMP requests unanswered for longer than `limit_s`:
+    hung, to be fenced.
+
+    The limit sits well above the slowest answers seen under load (tens of ms; the
+    soak test bounds them at 1 s), since fencing a healthy primary costs a failover.
+    """
+    return sorted(n for n, t in silent_since.items() if now - t > limit_s)
+
+
 def _yank(node: str, instance: dict[str, str]) -> Step:
     label = instance.get("id") or instance.get("node-name") or instance["type"]
     return Step(

@@ -35,6 +35,9 @@ class QmpSession:
         self._on_event = on_event
         self._pump: asyncio.Task[None] | None = None
         self.recent_events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=200)
+        # Since when QEMU has left our requests unanswered (monotonic), None while it
+        # answers: silence is only a sign of a hang when we were asking.
+        self.silent_since: float | None = None
 
     async def connect(self, deadline_s: float = 5.0) -> None:
         """Connect, retrying while QEMU has not created its socket yet."""
@@ -74,13 +77,19 @@ class QmpSession:
         deadline_s: float = 1.0,
         oob: bool = False,
     ) -> Any:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
-                return await self._client.execute_msg(msg)
+                reply = await self._client.execute_msg(msg)
+            self.silent_since = None
+            return reply
         except ExecuteError as e:
+            self.silent_since = None
             raise ProtocolError(f"{self.name}: {command}: {e.error.error.desc}") from e
         except TimeoutError as e:
+            if self.silent_since is None:
+                self.silent_since = started
             raise TransientError(
                 f"{self.name}: {command} got no answer within {deadline_s:g} s"
             ) from e

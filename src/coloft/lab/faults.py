@@ -14,6 +14,8 @@ from coloft.model.steps import Role
 FAULTS: dict[str, tuple[Role, signal.Signals]] = {
     "kill-primary": (Role.PRIMARY, signal.SIGKILL),
     "kill-secondary": (Role.SECONDARY, signal.SIGKILL),
+    "stop-primary": (Role.PRIMARY, signal.SIGSTOP),
+    "stop-secondary": (Role.SECONDARY, signal.SIGSTOP),
 }
 
 
