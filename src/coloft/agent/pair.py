@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,12 @@ class Pair:
         self.failovers: list[FailoverRecord] = []
         self.refused: str | None = None
         self.stopping = False
+        # What the supervisor did, newest last, for the live view: (wall time, text).
+        self.events: deque[tuple[float, str]] = deque(maxlen=50)
+
+    def note(self, text: str, level: int) -> None:
+        self.events.append((time.time(), text))
+        log.log(level, "%s: %s", self.spec.vm.name, text)
 
     def _on_secondary_event(self, kind: str, data: dict[str, object], now: float) -> None:
         self.checkpoints = health.on_event(self.checkpoints, kind, now)
@@ -140,10 +147,16 @@ class Pair:
 
     async def up(self, progress: Progress | None = None) -> None:
         """Launch both QEMUs and run the bring-up; on any failure tear everything down."""
+        started = time.monotonic()
         try:
             await self.start_node(self.spec.secondary, Role.SECONDARY)
             await self.start_node(self.spec.primary, Role.PRIMARY)
-            await run_steps(self.sessions, choreography.bringup(self.spec), progress)
+            steps = choreography.bringup(self.spec)
+            await run_steps(self.sessions, steps, progress)
+            self.note(
+                f"bring-up done: {len(steps)} QMP steps, {time.monotonic() - started:.1f} s",
+                logging.INFO,
+            )
         except BaseException as e:
             detail = self._dead_process_detail()
             await self.down()
@@ -208,7 +221,7 @@ class Pair:
         )
         if decision.action is failover.Action.REFUSE:
             if self.refused is None:
-                log.error("%s: %s", self.spec.vm.name, decision.reason)
+                self.note(decision.reason, logging.ERROR)
             self.refused = decision.reason
             return
         if decision.action is failover.Action.NONE:
@@ -229,16 +242,28 @@ class Pair:
             detected,
         )
         self.failovers.append(record)
-        log.warning("%s: %s", self.spec.vm.name, decision.reason)
+        self.note(
+            f"{decision.reason} (detected {record.detected_ms:.0f} ms after exit)", logging.WARNING
+        )
         await self._forget(lost.name)
+
+        def step_done(step: Step, took: float) -> None:
+            self.note(f"  {step.describe()} ({took * 1000:.0f} ms)", logging.INFO)
+            if progress is not None:
+                progress(step, took)
+
         try:
-            await run_steps(self.sessions, steps, progress, self.oob)
+            await run_steps(self.sessions, steps, step_done, self.oob)
         except ColoftError as e:
             record.error = str(e)
-            log.error("%s: failover failed: %s", self.spec.vm.name, e)
+            self.note(f"failover failed: {e}", logging.ERROR)
             raise
         finally:
             record.done_at = time.monotonic()
+        self.note(
+            f"{survivor.name} serves alone; failover took {record.steps_ms:.0f} ms of QMP",
+            logging.WARNING,
+        )
         self.roles[survivor.name] = Role.PRIMARY
         self.roles[lost.name] = Role.SECONDARY
         self.alone = survivor.name
@@ -329,18 +354,19 @@ async def supervise(
     on_status: Callable[[PairStatus], None] | None = None,
 ) -> PairStatus:
     """Observe and publish until asked to stop; returns the last status."""
-    last_reason = ""
+    last_phase, last_reason = "", ""
     await pair.handle_failures()
     status = await pair.observe()
     while True:
         publish(pair.spec, status)
+        # A protected pair's reason changes every tick (checkpoint age): note phases.
+        if status.phase != last_phase or (
+            status.phase != "protected" and status.reason != last_reason
+        ):
+            pair.note(f"{status.phase}: {status.reason}", logging.INFO)
+        last_phase, last_reason = status.phase, status.reason
         if on_status is not None:
             on_status(status)
-        if (status.reason != last_reason and status.phase != "protected") or (
-            status.phase == "protected" and not last_reason.startswith("in COLO, last")
-        ):
-            log.info("%s: %s: %s", pair.spec.vm.name, status.phase, status.reason)
-        last_reason = status.reason
         await _sleep_until(tick_s, stop, pair.wake)
         pair.wake.clear()
         if stop.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from rich.console import Console, Group
@@ -75,7 +76,13 @@ class LiveView:
     def stop(self) -> None:
         self._live.stop()
 
-    def update(self, status: PairStatus, client: dict[str, Any] | None, elapsed: float) -> None:
+    def update(
+        self,
+        status: PairStatus,
+        client: dict[str, Any] | None,
+        elapsed: float,
+        events: list[tuple[float, str]] | None = None,
+    ) -> None:
         data = status.to_json()
         c = client or {}
         client_line = (
@@ -85,6 +92,10 @@ class LiveView:
             f"ok {c.get('requests_ok', 0)}, failed {c.get('requests_failed', 0)}, "
             f"acknowledged writes {c.get('acked_writes', 0)}"
         )
+        lines = [
+            Text(time.strftime("%H:%M:%S ", time.localtime(t)) + text)
+            for t, text in (events or [])[-12:]
+        ]
         self._live.update(
             Group(
                 _headline(data),
@@ -92,6 +103,7 @@ class LiveView:
                 Text(_checkpoint_line(data)),
                 Text(client_line),
                 Text(f"{elapsed:.0f} / {self.duration:.0f} s"),
+                *lines,
             )
         )
 

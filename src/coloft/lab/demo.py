@@ -127,7 +127,7 @@ async def run_demo(
             if fault and fault_at is None and status.protected and elapsed >= duration * 0.4:
                 fault_at = faults.inject(pair, fault)
             if view is not None:
-                view.update(status, workload.read_live(out), elapsed)
+                view.update(status, workload.read_live(out), elapsed, list(pair.events))
             if client is not None and client.poll() is not None:
                 stop.set()
 
