@@ -11,7 +11,6 @@ always run our own process on our own data dir and ports.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import signal
@@ -24,22 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from coloft.effects.process import die_with_parent, netns_argv
 from coloft.errors import FatalError, TransientError
 
 ETCD_BINARY = Path("/usr/bin/etcd")
-_PR_SET_PDEATHSIG = 1
-# Loaded here, not in the child: between fork and exec of a threaded parent
-# (gRPC runs threads) only async-signal-safe work is safe, and dlopen is not.
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
-    # `ip netns exec` execs in place, so the pid we hold is etcd's own.
-    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
 def probe_health(client_url: str, timeout_s: float = 0.5) -> bool:
@@ -57,7 +44,7 @@ def _healthy(client_url: str, netns: str | None) -> bool:
     # 127.0.0.1 inside a namespace is not ours: ask from within it.
     code = "import sys; from coloft.arbiter.embedded import probe_health as p; "
     code += "sys.exit(0 if p(sys.argv[1]) else 1)"
-    argv = _in_netns(netns, [sys.executable, "-c", code, client_url])
+    argv = netns_argv(netns, [sys.executable, "-c", code, client_url])
     return subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
 
 
@@ -139,7 +126,7 @@ def start_etcd(
         raise FatalError(f"{ETCD_BINARY} not found: install the Debian package etcd-server")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = data_dir.with_name(f"{data_dir.name}.etcd.log")
-    argv = _in_netns(netns, etcd_argv(data_dir, client_url, peer_url, name))
+    argv = netns_argv(netns, etcd_argv(data_dir, client_url, peer_url, name))
     # ETCD_* variables would silently override or conflict with our flags.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
     with log_path.open("ab") as log:
@@ -150,7 +137,7 @@ def start_etcd(
             stderr=log,
             env=env,
             # preexec_fn is the only way to set PDEATHSIG from Python.
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
     proc = EtcdProcess(name, client_url, data_dir, log_path, netns, argv, popen)
     deadline = time.monotonic() + ready_timeout_s

@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,27 @@ from coloft.errors import FatalError
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# Loaded here, not in the child: between fork and exec of a threaded parent only
+# async-signal-safe work is safe, and dlopen is not.
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when the thread that started it ends.
+
+    PR_SET_PDEATHSIG follows the forking *thread*: start children from a
+    long-lived thread (the event loop's), never from a worker thread.
+    """
+    parent = os.getpid()
+    prctl = _libc.prctl
+    number = int(sig)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, number, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), number)
+
+    return preexec
 
 
 def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
@@ -80,7 +97,7 @@ def launch(node: str, argv: list[str], netns: str | None, run_dir: Path) -> Qemu
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
             close_fds=True,
         )
     return QemuProcess(node, full, popen, stderr_path)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -52,12 +51,12 @@ import tempfile
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from coloft.lab.net import netns_argv
+from coloft.effects.process import die_with_parent, netns_argv
 
 __all__ = [
     "ACKED_FILE",
@@ -650,27 +649,6 @@ async def serve(listen: str, stop: asyncio.Event | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 # API for the caller in the root namespace
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_preexec() -> Callable[[], None]:
-    """A preexec_fn making the child get SIGTERM when the parent *thread* exits.
-
-    PR_SET_PDEATHSIG fires when the thread that forked the child ends: call
-    :func:`start_workload` from a long-lived thread (normally the main thread).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork, not in the child
-    prctl = libc.prctl
-    parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigterm)
-
-    return preexec
-
 
 def _module_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "coloft.lab.workload", *args]
@@ -712,7 +690,7 @@ def start_workload(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
 
