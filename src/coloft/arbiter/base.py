@@ -13,10 +13,10 @@ current one", and a deposed leader's late writes are rejected by the backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from coloft.errors import TransientError
+from coloft.model.leader import Leader as Leader  # re-exported for backends
 
 DEFAULT_DEADLINE_S = 1.0
 
@@ -27,14 +27,6 @@ class ArbiterUnavailable(TransientError):
     Transient on purpose: the caller treats it as "no lease renewal this tick",
     which for a leader means the lease clock keeps running down.
     """
-
-
-@dataclass(frozen=True)
-class Leader:
-    """The node holding a pair's leader key, and the key's create revision."""
-
-    node: str
-    epoch: int
 
 
 def leader_key(pair: str) -> str:

@@ -1,0 +1,200 @@
+"""The per-host agent's decision: one pure function per tick, over frozen values.
+
+    observe (QEMU, peer heartbeats, arbiter) -> Observation
+    decide(state, observation, timing) -> Decision(next_state, actions, reason)
+
+Safety rules (Patroni's lease discipline, the issue's split-brain rules):
+- a leader acts only while its own lease is valid on its monotonic clock, counted
+  from when its last good renewal was *sent*; past that it fences (kills its QEMU);
+- a leader that sees another leader, or another epoch, fences at once;
+- a secondary takes over only when the leader key is gone, the `sync` record names
+  it, and it completed a checkpoint; it acquires first and runs the takeover only
+  once it holds the key;
+- a primary clears `sync` before it runs alone, and never goes alone while `sync`
+  still names the lost peer;
+- with the arbiter unreachable, nobody gains authority.
+
+The transition table below is the whole state machine: decide() may only move
+along it (checked, like h11's table), and `diagram()` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from coloft.core.lease import LeaseTiming, may_act
+from coloft.model.leader import Leader
+from coloft.model.steps import Role
+
+
+class State(Enum):
+    STARTING = "starting"
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    ALONE = "alone"
+    FENCED = "fenced"
+    DOWN = "down"
+
+
+class Act(Enum):
+    RENEW = "renew"
+    ACQUIRE = "acquire"
+    RESIGN = "resign"
+    SET_SYNC = "set-sync"
+    CLEAR_SYNC = "clear-sync"
+    FENCE = "fence"
+    TAKEOVER = "takeover"
+    GO_ALONE = "go-alone"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset(
+        {State.STARTING, State.PRIMARY, State.SECONDARY, State.FENCED, State.DOWN}
+    ),
+    State.PRIMARY: frozenset({State.PRIMARY, State.ALONE, State.FENCED}),
+    State.SECONDARY: frozenset({State.SECONDARY, State.ALONE, State.DOWN}),
+    State.ALONE: frozenset({State.ALONE, State.FENCED}),
+    State.FENCED: frozenset({State.FENCED}),
+    State.DOWN: frozenset({State.DOWN}),
+}
+
+
+@dataclass(frozen=True)
+class Observation:
+    node: str
+    peer: str
+    now: float
+    qemu_role: Role | None  # what this node's QEMU was brought up as
+    qemu_alive: bool
+    qemu_hung: bool
+    in_colo: bool
+    synced: bool  # the secondary completed a checkpoint since COLO started
+    peer_qemu_alive: bool  # from the peer's heartbeats (False once they stop)
+    arbiter_ok: bool
+    leader: Leader | None
+    sync: str | None
+    my_epoch: int | None
+    renew_sent_at: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    actions: tuple[Act, ...]
+    reason: str
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+def _holds(o: Observation) -> bool:
+    return o.my_epoch is not None and o.leader == Leader(o.node, o.my_epoch)
+
+
+def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
+    if o.arbiter_ok and not _holds(o):
+        holder = f"{o.leader.node} (epoch {o.leader.epoch})" if o.leader else "nobody"
+        return Decision(
+            State.FENCED,
+            (Act.FENCE,),
+            f"leadership lost (leader is {holder}, mine was epoch {o.my_epoch}); fencing",
+        )
+    if not may_act(o.now, o.renew_sent_at, t):
+        return Decision(
+            State.FENCED,
+            (Act.FENCE,),
+            "lease not renewed in time; fencing before it can expire elsewhere",
+        )
+    if not o.qemu_alive or o.qemu_hung:
+        what = "hung" if o.qemu_alive else "died"
+        return Decision(
+            State.FENCED,
+            (Act.FENCE, Act.RESIGN),
+            f"my QEMU {what}; resigning so the secondary can take over now",
+        )
+    if state is State.PRIMARY and not o.peer_qemu_alive:
+        # Only the arbiter's word that sync is gone counts: unreachable means unknown.
+        if not o.arbiter_ok:
+            return Decision(
+                State.PRIMARY,
+                (Act.RENEW,),
+                f"secondary {o.peer} lost, arbiter unreachable; cannot clear sync",
+            )
+        if o.sync is not None:
+            return Decision(
+                State.PRIMARY,
+                (Act.CLEAR_SYNC, Act.RENEW),
+                f"secondary {o.peer} lost; clearing sync before running alone",
+            )
+        return Decision(
+            State.ALONE,
+            (Act.GO_ALONE, Act.RENEW),
+            f"secondary {o.peer} lost; running alone (unprotected)",
+        )
+    if state is State.PRIMARY and o.in_colo and o.synced and o.sync != o.peer:
+        return Decision(
+            State.PRIMARY,
+            (Act.SET_SYNC, Act.RENEW),
+            f"{o.peer} completed a checkpoint; naming it the sync node",
+        )
+    where = "in COLO" if state is State.PRIMARY else "alone"
+    return Decision(state, (Act.RENEW,), f"leader (epoch {o.my_epoch}), {where}")
+
+
+def _following(o: Observation, t: LeaseTiming) -> Decision:
+    if not o.qemu_alive:
+        return Decision(State.DOWN, (), "my secondary QEMU died; waiting for re-protection")
+    if _holds(o) and may_act(o.now, o.renew_sent_at, t):
+        assert o.leader is not None
+        return Decision(
+            State.ALONE,
+            (Act.TAKEOVER, Act.RENEW),
+            f"holding leadership (epoch {o.leader.epoch}); taking over",
+        )
+    if not o.arbiter_ok:
+        return Decision(State.SECONDARY, (), "arbiter unreachable; never acting without it")
+    if o.leader is not None:
+        return Decision(State.SECONDARY, (), f"following {o.leader.node} (epoch {o.leader.epoch})")
+    if o.sync == o.node and o.synced and not o.qemu_hung:
+        return Decision(
+            State.SECONDARY,
+            (Act.ACQUIRE,),
+            "leader gone and I am the sync node; acquiring leadership",
+        )
+    return Decision(
+        State.SECONDARY,
+        (),
+        f"leader gone but I may not take over (sync={o.sync}, checkpoint completed={o.synced})",
+    )
+
+
+def _starting(o: Observation) -> Decision:
+    if o.qemu_role is Role.PRIMARY and o.in_colo and _holds(o):
+        return Decision(State.PRIMARY, (Act.RENEW,), "bring-up done; primary in COLO")
+    if o.qemu_role is Role.SECONDARY and o.in_colo:
+        return Decision(State.SECONDARY, (), "bring-up done; secondary in COLO")
+    return Decision(State.STARTING, (), "bringing up")
+
+
+def decide(state: State, o: Observation, timing: LeaseTiming) -> Decision:
+    if state in (State.FENCED, State.DOWN):
+        d = Decision(state, (), f"{state.value}; needs re-protection")
+    elif state is State.STARTING:
+        d = _starting(o)
+    elif state in (State.PRIMARY, State.ALONE):
+        d = _leading(state, o, timing)
+    else:
+        d = _following(o, timing)
+    if d.state not in TRANSITIONS[state]:
+        raise IllegalTransition(f"{state.value} -> {d.state.value}: {d.reason}")
+    return d
+
+
+def diagram() -> str:
+    """The state machine as text, generated from TRANSITIONS."""
+    return "\n".join(
+        f"{s.value:>9} -> " + ", ".join(sorted(n.value for n in nxt if n is not s))
+        for s, nxt in TRANSITIONS.items()
+    )

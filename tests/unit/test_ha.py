@@ -1,0 +1,174 @@
+"""The agent's decision core: rules, the transition table, and safety over random inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from coloft.core.ha import TRANSITIONS, Act, Decision, Observation, State, decide, diagram
+from coloft.core.lease import LeaseTiming
+from coloft.model.leader import Leader
+from coloft.model.steps import Role
+
+T = LeaseTiming(ttl_s=2.0, renew_every_s=0.5, call_deadline_s=0.4, fence_margin_s=0.4)
+
+PRIMARY_OK = Observation(
+    node="a",
+    peer="b",
+    now=100.0,
+    qemu_role=Role.PRIMARY,
+    qemu_alive=True,
+    qemu_hung=False,
+    in_colo=True,
+    synced=True,
+    peer_qemu_alive=True,
+    arbiter_ok=True,
+    leader=Leader("a", 7),
+    sync="b",
+    my_epoch=7,
+    renew_sent_at=99.8,
+)
+SECONDARY_OK = dataclasses.replace(
+    PRIMARY_OK, node="b", peer="a", qemu_role=Role.SECONDARY, my_epoch=None, renew_sent_at=None
+)
+
+
+def test_healthy_primary_renews() -> None:
+    d = decide(State.PRIMARY, PRIMARY_OK, T)
+    assert d == Decision(State.PRIMARY, (Act.RENEW,), "leader (epoch 7), in COLO")
+
+
+def test_primary_names_the_sync_node_once_a_checkpoint_completed() -> None:
+    d = decide(State.PRIMARY, dataclasses.replace(PRIMARY_OK, sync=None), T)
+    assert d.actions == (Act.SET_SYNC, Act.RENEW)
+    not_yet = dataclasses.replace(PRIMARY_OK, sync=None, synced=False)
+    assert Act.SET_SYNC not in decide(State.PRIMARY, not_yet, T).actions
+
+
+def test_leader_fences_when_its_lease_runs_out() -> None:
+    late = dataclasses.replace(PRIMARY_OK, now=99.8 + 1.6)
+    d = decide(State.PRIMARY, late, T)
+    assert d.state is State.FENCED and d.actions == (Act.FENCE,)
+
+
+def test_leader_fences_on_another_leader_or_epoch() -> None:
+    for leader in (Leader("b", 8), Leader("a", 8), None):
+        d = decide(State.PRIMARY, dataclasses.replace(PRIMARY_OK, leader=leader), T)
+        assert d.state is State.FENCED, leader
+        assert "leadership lost" in d.reason
+
+
+def test_arbiter_down_leader_keeps_acting_only_within_its_lease() -> None:
+    down = dataclasses.replace(PRIMARY_OK, arbiter_ok=False, leader=None, sync=None)
+    assert decide(State.PRIMARY, down, T).state is State.PRIMARY
+    assert decide(State.PRIMARY, dataclasses.replace(down, now=102.0), T).state is State.FENCED
+
+
+def test_primary_whose_qemu_died_resigns_at_once() -> None:
+    d = decide(State.PRIMARY, dataclasses.replace(PRIMARY_OK, qemu_alive=False), T)
+    assert d.state is State.FENCED and d.actions == (Act.FENCE, Act.RESIGN)
+
+
+def test_primary_clears_sync_before_running_alone() -> None:
+    lost = dataclasses.replace(PRIMARY_OK, peer_qemu_alive=False)
+    first = decide(State.PRIMARY, lost, T)
+    assert first.state is State.PRIMARY and first.actions == (Act.CLEAR_SYNC, Act.RENEW)
+    then = decide(State.PRIMARY, dataclasses.replace(lost, sync=None), T)
+    assert then.state is State.ALONE and then.actions == (Act.GO_ALONE, Act.RENEW)
+    # With the arbiter unreachable, a sync that reads as None is unknown, not cleared.
+    blind = dataclasses.replace(lost, sync=None, arbiter_ok=False)
+    assert decide(State.PRIMARY, blind, T).actions == (Act.RENEW,)
+
+
+def test_secondary_follows_a_live_leader() -> None:
+    d = decide(State.SECONDARY, SECONDARY_OK, T)
+    assert d.actions == () and d.reason == "following a (epoch 7)"
+
+
+def test_secondary_acquires_then_takes_over() -> None:
+    gone = dataclasses.replace(SECONDARY_OK, leader=None)
+    assert decide(State.SECONDARY, gone, T).actions == (Act.ACQUIRE,)
+    held = dataclasses.replace(gone, leader=Leader("b", 9), my_epoch=9, renew_sent_at=100.0)
+    d = decide(State.SECONDARY, held, T)
+    assert d.state is State.ALONE and d.actions == (Act.TAKEOVER, Act.RENEW)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sync": None},
+        {"sync": "a"},
+        {"synced": False},
+        {"qemu_hung": True},
+        {"arbiter_ok": False},
+    ],
+)
+def test_secondary_never_takes_over_without_every_condition(change: dict[str, object]) -> None:
+    o = dataclasses.replace(SECONDARY_OK, leader=None, **change)  # type: ignore[arg-type]
+    d = decide(State.SECONDARY, o, T)
+    assert d.actions == () and d.state is State.SECONDARY, d
+
+
+def test_starting_needs_colo_and_for_a_primary_the_leadership() -> None:
+    assert decide(State.STARTING, PRIMARY_OK, T).state is State.PRIMARY
+    no_lead = dataclasses.replace(PRIMARY_OK, leader=Leader("b", 3))
+    assert decide(State.STARTING, no_lead, T).state is State.STARTING
+    assert decide(State.STARTING, SECONDARY_OK, T).state is State.SECONDARY
+    booting = dataclasses.replace(SECONDARY_OK, in_colo=False)
+    assert decide(State.STARTING, booting, T).state is State.STARTING
+
+
+def test_terminal_states_stay() -> None:
+    for s in (State.FENCED, State.DOWN):
+        assert decide(s, PRIMARY_OK, T).state is s
+
+
+def random_observation(rng: random.Random) -> Observation:
+    node, peer = "a", "b"
+    leader = rng.choice([None, Leader(node, rng.randint(1, 3)), Leader(peer, rng.randint(1, 3))])
+    return Observation(
+        node=node,
+        peer=peer,
+        now=100.0,
+        qemu_role=rng.choice([Role.PRIMARY, Role.SECONDARY]),
+        qemu_alive=rng.random() < 0.8,
+        qemu_hung=rng.random() < 0.2,
+        in_colo=rng.random() < 0.8,
+        synced=rng.random() < 0.7,
+        peer_qemu_alive=rng.random() < 0.7,
+        arbiter_ok=rng.random() < 0.8,
+        leader=leader,
+        sync=rng.choice([None, node, peer]),
+        my_epoch=rng.choice([None, 1, 2, 3]),
+        renew_sent_at=rng.choice([None, 99.9, 98.0]),
+    )
+
+
+def test_safety_over_random_observations() -> None:
+    rng = random.Random(20261126)
+    for _ in range(20000):
+        state = rng.choice(list(State))
+        o = random_observation(rng)
+        d = decide(state, o, T)
+        assert d.state in TRANSITIONS[state]
+        holds = o.my_epoch is not None and o.leader == Leader(o.node, o.my_epoch)
+        if Act.TAKEOVER in d.actions:
+            assert holds and o.renew_sent_at is not None, (state, o)
+            assert o.now < o.renew_sent_at + 1.6, (state, o)
+        if Act.ACQUIRE in d.actions:
+            assert o.sync == o.node and o.synced and o.arbiter_ok and o.leader is None
+        if Act.GO_ALONE in d.actions:
+            assert o.arbiter_ok and o.sync is None and holds, (state, o)
+        if state in (State.PRIMARY, State.ALONE) and d.state is not State.FENCED:
+            # Acting as leader needs a valid own lease and, when the arbiter answers,
+            # the leader key with our epoch.
+            assert o.renew_sent_at is not None and o.now < o.renew_sent_at + 1.6
+            assert holds or not o.arbiter_ok, (state, o)
+
+
+def test_diagram_comes_from_the_table() -> None:
+    text = diagram()
+    assert "primary -> alone, fenced" in text
+    assert "secondary -> alone, down" in text
