@@ -127,3 +127,22 @@ def test_demo_json_contract(lab: None) -> None:
         ).returncode
         == 1
     ), "QEMU left running"
+
+
+def test_demo_fault_json_contract(lab: None) -> None:
+    done = coloft("demo", "--duration", "20", "--fault", "kill-primary", "--json", timeout=300)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    failover = summary["failover"]
+    for key in (
+        "detected_ms",
+        "gap_ms",
+        "connection_resets",
+        "lost_acked_writes",
+        "active_overlap_ms",
+    ):
+        assert key in failover, key
+    assert done.returncode == 0, (summary, done.stderr[-2000:])
+    assert failover["action"] == "secondary-takes-over" and failover["error"] is None, failover
+    assert failover["lost_acked_writes"] == 0 and failover["connection_resets"] == 0, failover
+    assert failover["active_overlap_ms"] == 0.0, failover
+    assert summary["phase"] == "unprotected" and not summary["protected"], summary

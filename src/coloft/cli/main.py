@@ -51,6 +51,9 @@ def cli(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # qemu.qmp reports a peer that died (expected in a failover) as an ERROR.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 @cli.command()
