@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from coloft.agent.pair import HUNG_AFTER_S, Pair
+from coloft.agent.pair import HUNG_AFTER_S, OOB_PROBE_S, QUERY_DEADLINE_S, TICK_S, Pair
 from coloft.lab import faults
 from coloft.lab.rounds import FaultRound, fault_round
 from coloft.model.spec import PairSpec
@@ -22,8 +22,8 @@ from tests.integration.conftest import lab_spec, run_scenario
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-# Silence limit, plus a QMP deadline and a supervisor tick of slack.
-STOP_DETECT_MS = HUNG_AFTER_S * 1000 + 1500
+# Silence limit, plus a supervisor tick, a QMP deadline and the out-of-band probe.
+STOP_DETECT_MS = (HUNG_AFTER_S + TICK_S + QUERY_DEADLINE_S + OOB_PROBE_S) * 1000 + 500
 
 
 def run_fault(make_pair: Callable[[PairSpec], Pair], tmp_path: Path, fault: str) -> FaultRound:

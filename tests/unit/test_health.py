@@ -57,3 +57,13 @@ def test_dead_or_not_colo_sides() -> None:
     hung = SideStatus("a", "primary", 1, True, error="query-status got no answer within 1 s")
     v = verdict(hung, S, checkpoints_at(10.0), 2000, 10.5)
     assert not v.protected and "no answer" in v.reason
+
+
+def test_a_checkpoint_that_does_not_finish_is_degraded_within_a_second() -> None:
+    cp = checkpoints_at(10.0)
+    assert verdict(P, S, cp, 2000, 10.5, primary_paused_since=10.2).protected
+    v = verdict(P, S, cp, 2000, 11.3, primary_paused_since=10.2)
+    assert v.phase == "degraded" and "primary guest frozen in a checkpoint for 1.1 s" in v.reason
+    stuck = on_event(cp, "STOP", 11.0)
+    v = verdict(P, S, stuck, 2000, 12.1)
+    assert v.phase == "degraded" and "secondary stopped for 1.1 s" in v.reason

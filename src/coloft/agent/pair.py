@@ -33,9 +33,12 @@ from coloft.model.steps import Role, Step
 
 log = logging.getLogger(__name__)
 
-QUERY_DEADLINE_S = 1.0
+QUERY_DEADLINE_S = 0.5
 # A QEMU silent on QMP for this long is hung (e.g. SIGSTOP) and gets killed.
-HUNG_AFTER_S = 2.0
+HUNG_AFTER_S = 1.0
+# The out-of-band monitor runs in its own thread: only a stopped or dead QEMU misses this.
+OOB_PROBE_S = 0.5
+TICK_S = 0.5
 Progress = Callable[[Step, float], None]
 
 
@@ -89,6 +92,7 @@ class Pair:
         self.failovers: list[FailoverRecord] = []
         self.refused: str | None = None
         self.stopping = False
+        self.primary_paused_since: float | None = None
         # What the supervisor did, newest last, for the live view: (wall time, text).
         self.events: deque[tuple[float, str]] = deque(maxlen=50)
 
@@ -203,15 +207,19 @@ class Pair:
         silent = {n: t for n, q in self.sessions.items() if (t := q.silent_since) is not None}
         for node in failover.unresponsive(silent, time.monotonic(), HUNG_AFTER_S):
             proc = self.procs.get(node)
-            if proc is not None and proc.alive():
-                log.warning(
-                    "%s: QEMU of node %s gave no QMP answer for %.0f s: killing it",
-                    self.spec.vm.name,
-                    node,
-                    HUNG_AFTER_S,
-                )
-                self.exited_at.setdefault(node, time.monotonic())
-                proc.kill()
+            if proc is None or not proc.alive():
+                continue
+            if await self._answers_out_of_band(node):
+                # Its main loop waits (e.g. a checkpoint blocked on a stalled peer) but
+                # the process runs: fencing it would kill the side that still works.
+                continue
+            self.note(
+                f"{node}: QEMU silent for {HUNG_AFTER_S:.0f} s, also out-of-band: "
+                "killing it (fence)",
+                logging.WARNING,
+            )
+            self.exited_at.setdefault(node, time.monotonic())
+            proc.kill()
         p, s = self._node_in_role(Role.PRIMARY), self._node_in_role(Role.SECONDARY)
         alive = {n: n in self.procs and self.procs[n].alive() for n in (p.name, s.name)}
         decision = failover.decide(
@@ -268,6 +276,16 @@ class Pair:
         self.roles[lost.name] = Role.SECONDARY
         self.alone = survivor.name
 
+    async def _answers_out_of_band(self, node: str) -> bool:
+        oob = self.oob.get(node)
+        if oob is None:
+            return False
+        try:
+            await oob.execute("query-yank", deadline_s=OOB_PROBE_S, oob=True)
+        except ColoftError:
+            return False
+        return True
+
     async def _forget(self, node: str) -> None:
         for sessions in (self.sessions, self.oob):
             session = sessions.pop(node, None)
@@ -285,7 +303,11 @@ class Pair:
         )
         cp = self.checkpoints
         interval = self.spec.tuning.checkpoint_interval_ms
-        v = health.verdict(primary, secondary, cp, interval, now)
+        if primary.run_state == "colo":
+            self.primary_paused_since = self.primary_paused_since or now
+        else:
+            self.primary_paused_since = None
+        v = health.verdict(primary, secondary, cp, interval, now, self.primary_paused_since)
         if self.alone is not None:
             v = health.Verdict(
                 "unprotected",
@@ -350,7 +372,7 @@ def publish(spec: PairSpec, status: PairStatus | None) -> None:
 async def supervise(
     pair: Pair,
     stop: asyncio.Event,
-    tick_s: float = 0.5,
+    tick_s: float = TICK_S,
     on_status: Callable[[PairStatus], None] | None = None,
 ) -> PairStatus:
     """Observe and publish until asked to stop; returns the last status."""

@@ -52,10 +52,25 @@ class Verdict:
     reason: str
 
 
+# A checkpoint pauses the guests for tens of ms (p99 ~100 ms under load here); one
+# that has not finished after this long is stuck, typically on a replication link
+# that drops packets silently while every QMP status still reads "colo".
+STALL_LIMIT_S = 1.0
+
+
 def verdict(
-    primary: SideStatus, secondary: SideStatus, cp: Checkpoints, interval_ms: int, now: float
+    primary: SideStatus,
+    secondary: SideStatus,
+    cp: Checkpoints,
+    interval_ms: int,
+    now: float,
+    primary_paused_since: float | None = None,
 ) -> Verdict:
-    """Protected only when both sides are in COLO and checkpoints keep completing."""
+    """Protected only when both sides are in COLO and checkpoints keep completing.
+
+    `primary_paused_since` is when the primary was first seen stopped inside a
+    checkpoint (run state "colo") in the current stretch, None while it runs.
+    """
     for side in (primary, secondary):
         if not side.alive:
             return Verdict("failed", False, f"{side.role} {side.node}: QEMU is not running")
@@ -73,6 +88,20 @@ def verdict(
             "degraded",
             False,
             f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})",
+        )
+    if primary_paused_since is not None and now - primary_paused_since > STALL_LIMIT_S:
+        return Verdict(
+            "degraded",
+            False,
+            f"checkpoint stalled: primary guest frozen in a checkpoint for "
+            f"{now - primary_paused_since:.1f} s (replication link?)",
+        )
+    if cp.stopped_at is not None and now - cp.stopped_at > STALL_LIMIT_S:
+        return Verdict(
+            "degraded",
+            False,
+            f"checkpoint stalled: secondary stopped for {now - cp.stopped_at:.1f} s "
+            "without resuming",
         )
     age = cp.age(now)
     limit = 2 * interval_ms / 1000.0
