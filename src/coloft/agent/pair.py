@@ -1,7 +1,9 @@
-"""Bring up, observe and tear down one COLO pair whose two nodes this process reaches.
+"""Bring up, observe, fail over and tear down one COLO pair whose two nodes this
+process reaches.
 
 In the lab both nodes are namespaces of this machine, so one supervisor drives
-both QEMUs; the per-host agents with an arbiter come with failover.
+both QEMUs and its kill of a QEMU is the fence. Per-host agents that run
+core.ha against the etcd lease replace this where the nodes are separate hosts.
 """
 
 from __future__ import annotations
