@@ -61,8 +61,8 @@ def test_dead_or_not_colo_sides() -> None:
 
 def test_a_checkpoint_that_does_not_finish_is_degraded_within_a_second() -> None:
     cp = checkpoints_at(10.0)
-    assert verdict(P, S, cp, 2000, 10.5, primary_paused_since=10.2).protected
-    v = verdict(P, S, cp, 2000, 11.3, primary_paused_since=10.2)
+    assert verdict(P, S, cp, 2000, 10.5, primary_stopped_at=10.2).protected
+    v = verdict(P, S, cp, 2000, 11.3, primary_stopped_at=10.2)
     assert v.phase == "degraded" and "primary guest frozen in a checkpoint for 1.1 s" in v.reason
     stuck = on_event(cp, "STOP", 11.0)
     v = verdict(P, S, stuck, 2000, 12.1)

@@ -94,7 +94,8 @@ class Pair:
         self.failovers: list[FailoverRecord] = []
         self.refused: str | None = None
         self.stopping = False
-        self.primary_paused_since: float | None = None
+        # The primary's own STOP/RESUME per checkpoint: a checkpoint that never ends.
+        self.primary_checkpoints = health.Checkpoints()
         # What the supervisor did, newest last, for the live view: (wall time, text).
         self.events: deque[tuple[float, str]] = deque(maxlen=50)
 
@@ -104,6 +105,9 @@ class Pair:
 
     def _on_secondary_event(self, kind: str, data: dict[str, object], now: float) -> None:
         self.checkpoints = health.on_event(self.checkpoints, kind, now)
+
+    def _on_primary_event(self, kind: str, data: dict[str, object], now: float) -> None:
+        self.primary_checkpoints = health.on_event(self.primary_checkpoints, kind, now)
 
     def _prepare(self, node: NodeSpec, role: Role) -> RunPaths:
         paths = RunPaths(self.spec.run_dir_of(node))
@@ -127,7 +131,7 @@ class Pair:
         self.procs[node.name] = proc
         self._watch_exit(node.name, proc)
         await wait_started(proc, paths.qmp)
-        on_event = self._on_secondary_event if role is Role.SECONDARY else None
+        on_event = self._on_secondary_event if role is Role.SECONDARY else self._on_primary_event
         name = f"{self.spec.vm.name}/{node.name}"
         session = QmpSession(name, paths.qmp, on_event)
         await session.connect()
@@ -305,11 +309,9 @@ class Pair:
         )
         cp = self.checkpoints
         interval = self.spec.tuning.checkpoint_interval_ms
-        if primary.run_state == "colo":
-            self.primary_paused_since = self.primary_paused_since or now
-        else:
-            self.primary_paused_since = None
-        v = health.verdict(primary, secondary, cp, interval, now, self.primary_paused_since)
+        v = health.verdict(
+            primary, secondary, cp, interval, now, self.primary_checkpoints.stopped_at
+        )
         if self.alone is not None:
             v = health.Verdict(
                 "unprotected",

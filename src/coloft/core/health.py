@@ -64,12 +64,14 @@ def verdict(
     cp: Checkpoints,
     interval_ms: int,
     now: float,
-    primary_paused_since: float | None = None,
+    primary_stopped_at: float | None = None,
 ) -> Verdict:
     """Protected only when both sides are in COLO and checkpoints keep completing.
 
-    `primary_paused_since` is when the primary was first seen stopped inside a
-    checkpoint (run state "colo") in the current stretch, None while it runs.
+    `primary_stopped_at` is the primary's STOP event of a checkpoint still without
+    its RESUME (None while the primary runs); `cp.stopped_at` is the same for the
+    secondary. Events, not sampled run states: under load checkpoints come several
+    times a second, and samples would keep landing in different ones.
     """
     for side in (primary, secondary):
         if not side.alive:
@@ -89,12 +91,12 @@ def verdict(
             False,
             f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})",
         )
-    if primary_paused_since is not None and now - primary_paused_since > STALL_LIMIT_S:
+    if primary_stopped_at is not None and now - primary_stopped_at > STALL_LIMIT_S:
         return Verdict(
             "degraded",
             False,
             f"checkpoint stalled: primary guest frozen in a checkpoint for "
-            f"{now - primary_paused_since:.1f} s (replication link?)",
+            f"{now - primary_stopped_at:.1f} s (replication link?)",
         )
     if cp.stopped_at is not None and now - cp.stopped_at > STALL_LIMIT_S:
         return Verdict(
