@@ -101,45 +101,41 @@ def test_bad_spec_is_rejected_by_every_command(tmp_path: Any) -> None:
         assert f"coloft: error: {bad}: [vm].memory_mib: 12 MiB is out of range" in done.stderr
 
 
+def demo_summary(*args: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """Run `coloft demo --json ARGS`; its last stdout line is the summary."""
+    done = coloft("demo", "--duration", "20", "--json", *args, timeout=300)
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary, done
+
+
+def assert_keys(found: dict[str, Any], keys: str) -> None:
+    missing = [k for k in keys.split() if k not in found]
+    assert not missing, f"missing keys {missing} in {found}"
+
+
 def test_demo_json_contract(lab: None) -> None:
-    done = coloft("demo", "--duration", "20", "--json", timeout=300)
-    last = done.stdout.strip().splitlines()[-1]
-    summary = json.loads(last)
-    for key in (
-        "protected",
-        "checkpoints",
-        "requests_ok",
-        "requests_failed",
-        "acked_writes",
-        "lost_acked_writes",
-        "latency_ms_p50",
-        "latency_ms_p99",
-    ):
-        assert key in summary, key
+    summary, done = demo_summary()
+    assert_keys(
+        summary,
+        "protected checkpoints requests_ok requests_failed acked_writes "
+        "lost_acked_writes latency_ms_p50 latency_ms_p99",
+    )
     assert done.returncode == 0, (summary, done.stderr[-2000:])
     assert summary["protected"] is True, summary
     assert summary["checkpoints"] >= 5 and summary["requests_failed"] == 0, summary
     assert summary["acked_writes"] > 0 and summary["lost_acked_writes"] == 0, summary
-    assert (
-        subprocess.run(
-            ["pgrep", "-f", "qemu-system-x86_64 -name demo-"], capture_output=True, check=False
-        ).returncode
-        == 1
-    ), "QEMU left running"
+    leftover = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64 -name demo-"], capture_output=True, check=False
+    )
+    assert leftover.returncode == 1, "QEMU left running"
 
 
 def test_demo_fault_json_contract(lab: None) -> None:
-    done = coloft("demo", "--duration", "20", "--fault", "kill-primary", "--json", timeout=300)
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary, done = demo_summary("--fault", "kill-primary")
     failover = summary["failover"]
-    for key in (
-        "detected_ms",
-        "gap_ms",
-        "connection_resets",
-        "lost_acked_writes",
-        "active_overlap_ms",
-    ):
-        assert key in failover, key
+    assert_keys(
+        failover, "detected_ms gap_ms connection_resets lost_acked_writes active_overlap_ms"
+    )
     assert done.returncode == 0, (summary, done.stderr[-2000:])
     assert failover["action"] == "secondary-takes-over" and failover["error"] is None, failover
     assert failover["lost_acked_writes"] == 0 and failover["connection_resets"] == 0, failover
