@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from coloft.agent.pair import Pair, publish, remove_run_dirs
-from coloft.config.load import load_spec
 from coloft.effects import qemu_binary
 from coloft.lab import net, setup
 from coloft.lab.rounds import fault_round
@@ -31,7 +30,8 @@ from steady_state import unprotected
 
 
 async def one_round(fault: str) -> dict[str, Any]:
-    spec = load_spec(setup.lab_up(fresh_disks=True))
+    setup.lab_up(fresh_disks=True)
+    spec = setup.lab_spec()
     pair = Pair(spec, qemu_binary.choose(spec.vm.accel, spec.qemu_binary))
     with tempfile.TemporaryDirectory() as out:
         try:
@@ -65,7 +65,8 @@ def main() -> int:
     args = parser.parse_args()
     rounds = []
     try:
-        spec = load_spec(setup.lab_up(fresh_disks=True))
+        setup.lab_up(fresh_disks=True)
+        spec = setup.lab_spec()
         with tempfile.TemporaryDirectory() as out:
             baseline = asyncio.run(unprotected(spec, 20.0, Path(out)))
         for i in range(args.rounds):

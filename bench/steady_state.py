@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import platform
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from coloft.agent.pair import Pair, publish, remove_run_dirs
-from coloft.config.load import load_spec
 from coloft.effects import qemu_binary
 from coloft.lab import net, setup, workload
 from coloft.lab.probe import wait_ready
@@ -29,13 +27,6 @@ from coloft.model.spec import PairSpec
 from coloft.model.steps import Role
 
 TARGET = "192.0.2.10:7000"
-
-
-def spec_with(interval_ms: int) -> PairSpec:
-    spec = load_spec(setup.lab_up(fresh_disks=True))
-    return dataclasses.replace(
-        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms)
-    )
 
 
 async def load(pair: Pair, duration: float, out: Path) -> dict[str, Any]:
@@ -129,7 +120,8 @@ def main() -> int:
     parser.add_argument("--interval-ms", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    spec = spec_with(args.interval_ms)
+    setup.lab_up(fresh_disks=True)
+    spec = setup.lab_spec(args.interval_ms)
     try:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             plain = asyncio.run(unprotected(spec, args.duration, Path(a)))

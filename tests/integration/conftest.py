@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from coloft.agent.pair import Pair, publish, remove_run_dirs
-from coloft.config.load import load_spec
 from coloft.effects import qemu_binary
 from coloft.effects.process import pid_alive
 from coloft.lab import net, setup
 from coloft.model.spec import PairSpec
 
 T = TypeVar("T")
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
+EXAMPLE = setup.EXAMPLE_SPEC
 
 
 def lab_namespaces() -> list[str]:
@@ -39,13 +36,6 @@ def lab() -> Iterator[None]:
         finally:
             net.lab_down()
             assert lab_namespaces() == [], "lab namespaces left behind"
-
-
-def lab_spec(interval_ms: int = 2000, **tuning: int) -> PairSpec:
-    spec = load_spec(EXAMPLE)
-    return dataclasses.replace(
-        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms, **tuning)
-    )
 
 
 @pytest.fixture

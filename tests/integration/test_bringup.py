@@ -21,8 +21,9 @@ from coloft.effects.executor import run_steps
 from coloft.errors import StepError
 from coloft.lab import net, workload
 from coloft.lab.rounds import up_and_serving
+from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import EXAMPLE, lab_spec, run_scenario
+from tests.integration.conftest import EXAMPLE, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -19,9 +19,10 @@ import pytest
 from coloft.agent.pair import Pair
 from coloft.lab import net, workload
 from coloft.lab.rounds import up_and_serving
+from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
 from coloft.model.status import PairStatus
-from tests.integration.conftest import lab_spec, run_scenario
+from tests.integration.conftest import run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -16,8 +16,9 @@ import pytest
 from coloft.agent.pair import HUNG_AFTER_S, OOB_PROBE_S, QUERY_DEADLINE_S, TICK_S, Pair
 from coloft.lab import faults
 from coloft.lab.rounds import FaultRound, fault_round
+from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import lab_spec, run_scenario
+from tests.integration.conftest import run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from coloft.agent.pair import Pair, publish, remove_run_dirs, supervise
-from coloft.config.load import load_spec
 from coloft.core.argv import tap_name
 from coloft.effects import qemu_binary
 from coloft.errors import FatalError
@@ -23,17 +21,9 @@ from coloft.lab import faults, net, setup, workload
 from coloft.lab.oracle import FrameWatch
 from coloft.lab.probe import wait_ready
 from coloft.lab.workload import percentile
-from coloft.model.spec import PairSpec
 from coloft.model.status import PairStatus
 
 SERVICE_BOOT_DEADLINE_S = 90.0
-
-
-def lab_spec(interval_ms: int) -> PairSpec:
-    spec = load_spec(setup.lab_up(fresh_disks=True))
-    return dataclasses.replace(
-        spec, tuning=dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms)
-    )
 
 
 def summarize(
@@ -90,7 +80,8 @@ async def run_demo(
     duration: float, interval_ms: int, live: bool, fault: str | None = None
 ) -> dict[str, Any]:
     """Run the demo; with a fault, inject it into the protected pair mid-workload."""
-    spec = lab_spec(interval_ms)
+    setup.lab_up(fresh_disks=True)
+    spec = setup.lab_spec(interval_ms)
     assert spec.vm.service is not None
     host, port = spec.vm.service
     target = f"{host}:{port}"

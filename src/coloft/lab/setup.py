@@ -5,12 +5,15 @@ The files land at fixed paths under LAB_DIR so that examples/lab.toml works as i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
+from coloft.config.load import load_spec
 from coloft.errors import FatalError
 from coloft.lab import guest, net
+from coloft.model.spec import PairSpec
 
 LAB_DIR = Path(os.environ.get("COLOFT_LAB_DIR", "/var/lib/coloft/lab"))
 EXAMPLE_SPEC = Path(__file__).resolve().parents[3] / "examples" / "lab.toml"
@@ -48,3 +51,10 @@ def lab_up(fresh_disks: bool = False) -> Path:
     if fresh_disks or not all((LAB_DIR / f"disk-{n}.raw").exists() for n in NODES):
         reset_disks(image)
     return EXAMPLE_SPEC
+
+
+def lab_spec(interval_ms: int = 2000) -> PairSpec:
+    """examples/lab.toml with the given checkpoint interval (the lab must be up to run it)."""
+    spec = load_spec(EXAMPLE_SPEC)
+    tuning = dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms)
+    return dataclasses.replace(spec, tuning=tuning)
