@@ -150,3 +150,39 @@ def test_not_toml(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read spec"):
         load_spec(tmp_path / "nope.toml")
+
+
+def test_example_names_its_witness_and_heartbeat_paths() -> None:
+    spec = load_spec(EXAMPLE)
+    assert spec.arbiter.endpoints == ("203.0.113.3:2379",)
+    assert spec.arbiter.embedded_netns == "coloft-w"
+    assert spec.heartbeat.timeout_s == pytest.approx(0.15)
+    assert spec.primary.lan_address == "192.0.2.1"
+
+
+def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.arbiter.embedded_netns == "" and spec.arbiter.endpoints == ("127.0.0.1:2379",)
+    existing = load_spec(
+        write(tmp_path, GOOD + '[arbiter]\nembedded = false\nendpoints = ["e1:2379", "e2:2379"]\n')
+    )
+    assert existing.arbiter.embedded_netns is None and len(existing.arbiter.endpoints) == 2
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("[arbiter]\nttl_s = 2\nrenew_every_s = 1.5\n", "unsafe lease timing: renew_every_s"),
+        ("[arbiter]\nttl_s = 2.5\n", "whole number of seconds"),
+        ("[arbiter]\nendpoints = []\n", "non-empty array of strings"),
+        ("[arbiter]\nendpoints = ['nohost']\n", "expected host:port"),
+        ("[arbiter]\nendpoints = ['a:1', 'b:2']\n", "an embedded etcd has exactly one endpoint"),
+        ("[arbiter]\nembedded = 'yes'\n", "[arbiter].embedded: expected a boolean"),
+        ("[arbiter]\nttl = 2\n", "unknown key 'ttl'"),
+        ("[heartbeat]\nmisses = 1\n", "[heartbeat].misses: 1 is out of range 2..100"),
+        ("[heartbeat]\ninterval_ms = 'fast'\n", "[heartbeat].interval_ms: expected an integer"),
+    ],
+)
+def test_arbiter_and_heartbeat_errors(tmp_path: Path, table: str, words: str) -> None:
+    message = error_of(tmp_path, GOOD + table)
+    assert words in message, message

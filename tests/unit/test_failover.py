@@ -1,40 +1,13 @@
-"""Failover decisions and choreographies (pure)."""
+"""Failover choreographies (pure)."""
 
 from __future__ import annotations
 
-from coloft.core.failover import (
-    Action,
-    decide,
-    primary_continue_alone,
-    secondary_takeover,
-    unresponsive,
-)
-from coloft.model.status import SideStatus
+from coloft.core.failover import primary_continue_alone, secondary_takeover
 from coloft.model.steps import Step, Until
-
-
-def side(node: str, role: str, alive: bool) -> SideStatus:
-    return SideStatus(node, role, None, alive)
 
 
 def names(steps: list[Step]) -> list[str]:
     return [s.name for s in steps]
-
-
-def test_decisions() -> None:
-    p, s = side("a", "primary", True), side("b", "secondary", True)
-    p_dead, s_dead = side("a", "primary", False), side("b", "secondary", False)
-    assert decide(p, s, True).action is Action.NONE
-    assert decide(p_dead, s, True).action is Action.SECONDARY_TAKES_OVER
-    assert decide(p, s_dead, True).action is Action.PRIMARY_CONTINUES_ALONE
-    assert decide(p, s_dead, False).action is Action.PRIMARY_CONTINUES_ALONE
-    assert decide(p_dead, s_dead, True).action is Action.NONE
-
-
-def test_an_unsynced_secondary_never_takes_over() -> None:
-    d = decide(side("a", "primary", False), side("b", "secondary", True), in_sync=False)
-    assert d.action is Action.REFUSE
-    assert "never completed a checkpoint" in d.reason
 
 
 def test_secondary_takeover_yanks_first_and_keeps_the_rewriter() -> None:
@@ -66,10 +39,3 @@ def test_cleanup_steps_tolerate_what_is_already_gone() -> None:
     for s in [*secondary_takeover("b"), *primary_continue_alone("a")]:
         if s.command in ("yank", "object-del", "chardev-remove", "nbd-server-stop"):
             assert s.accept, s.name
-
-
-def test_unresponsive_after_the_limit_only() -> None:
-    last = {"a": 10.0, "b": 11.5}
-    assert unresponsive(last, 12.0, 2.0) == []
-    assert unresponsive(last, 12.1, 2.0) == ["a"]
-    assert unresponsive(last, 14.0, 2.0) == ["a", "b"]

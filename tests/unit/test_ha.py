@@ -7,7 +7,17 @@ import random
 
 import pytest
 
-from coloft.core.ha import TRANSITIONS, Act, Decision, Observation, State, decide, diagram
+from coloft.core.ha import (
+    TRANSITIONS,
+    Act,
+    Decision,
+    Intent,
+    Observation,
+    State,
+    decide,
+    diagram,
+    first_role,
+)
 from coloft.core.lease import LeaseTiming
 from coloft.model.leader import Leader
 from coloft.model.steps import Role
@@ -101,7 +111,6 @@ def test_secondary_acquires_then_takes_over() -> None:
         {"sync": None},
         {"sync": "a"},
         {"synced": False},
-        {"qemu_hung": True},
         {"arbiter_ok": False},
     ],
 )
@@ -113,16 +122,20 @@ def test_secondary_never_takes_over_without_every_condition(change: dict[str, ob
 
 def test_starting_needs_colo_and_for_a_primary_the_leadership() -> None:
     assert decide(State.STARTING, PRIMARY_OK, T).state is State.PRIMARY
-    no_lead = dataclasses.replace(PRIMARY_OK, leader=Leader("b", 3))
-    assert decide(State.STARTING, no_lead, T).state is State.STARTING
+    deposed = dataclasses.replace(PRIMARY_OK, leader=Leader("b", 3))
+    assert decide(State.STARTING, deposed, T).state is State.FENCED
     assert decide(State.STARTING, SECONDARY_OK, T).state is State.SECONDARY
     booting = dataclasses.replace(SECONDARY_OK, in_colo=False)
     assert decide(State.STARTING, booting, T).state is State.STARTING
 
 
-def test_terminal_states_stay() -> None:
+def test_terminal_states_stay_and_never_let_a_qemu_run() -> None:
     for s in (State.FENCED, State.DOWN):
-        assert decide(s, PRIMARY_OK, T).state is s
+        # A QEMU started by a bring-up that raced the fence is stopped.
+        assert decide(s, PRIMARY_OK, T) == Decision(
+            s, (Act.FENCE,), f"{s.value}: stopping a QEMU that still runs"
+        )
+        assert decide(s, dataclasses.replace(PRIMARY_OK, qemu_alive=False), T).actions == ()
 
 
 def random_observation(rng: random.Random) -> Observation:
@@ -143,6 +156,9 @@ def random_observation(rng: random.Random) -> Observation:
         sync=rng.choice([None, node, peer]),
         my_epoch=rng.choice([None, 1, 2, 3]),
         renew_sent_at=rng.choice([None, 99.9, 98.0]),
+        repl_ok=rng.random() < 0.8,
+        peer_state=rng.choice([None, "primary", "secondary", "alone", "fenced"]),
+        intent=rng.choice([None, None, Intent.FAILOVER, Intent.FORCE_FAILOVER]),
     )
 
 
@@ -158,9 +174,13 @@ def test_safety_over_random_observations() -> None:
             assert holds and o.renew_sent_at is not None, (state, o)
             assert o.now < o.renew_sent_at + 1.6, (state, o)
         if Act.ACQUIRE in d.actions:
-            assert o.sync == o.node and o.synced and o.arbiter_ok and o.leader is None
+            assert o.arbiter_ok and o.leader is None, (state, o)
+            forced = o.intent is Intent.FORCE_FAILOVER
+            assert forced or (o.sync == o.node and o.synced), (state, o)
         if Act.GO_ALONE in d.actions:
             assert o.arbiter_ok and o.sync is None and holds, (state, o)
+        if Act.FENCE in d.actions and Act.RESIGN in d.actions:
+            assert d.actions.index(Act.FENCE) < d.actions.index(Act.RESIGN), d
         if state in (State.PRIMARY, State.ALONE) and d.state is not State.FENCED:
             # Acting as leader needs a valid own lease and, when the arbiter answers,
             # the leader key with our epoch.
@@ -172,3 +192,77 @@ def test_diagram_comes_from_the_table() -> None:
     text = diagram()
     assert "primary -> alone, fenced" in text
     assert "secondary -> alone, down" in text
+
+
+def test_primary_runs_alone_when_only_the_replication_path_is_lost() -> None:
+    cut = dataclasses.replace(PRIMARY_OK, repl_ok=False)
+    d = decide(State.PRIMARY, cut, T)
+    assert d.actions == (Act.CLEAR_SYNC, Act.RENEW)
+    assert "replication link to b lost" in d.reason
+    assert decide(State.PRIMARY, dataclasses.replace(cut, sync=None), T).state is State.ALONE
+
+
+def test_secondary_stops_its_stale_copy_once_the_leader_runs_alone() -> None:
+    d = decide(State.SECONDARY, dataclasses.replace(SECONDARY_OK, peer_state="alone"), T)
+    assert d.state is State.DOWN and d.actions == (Act.FENCE,)
+
+
+def test_planned_failover_hands_over_only_to_the_sync_node() -> None:
+    asked = dataclasses.replace(PRIMARY_OK, intent=Intent.FAILOVER)
+    d = decide(State.PRIMARY, asked, T)
+    assert d.state is State.FENCED and d.actions == (Act.FENCE, Act.RESIGN)
+    unsynced = dataclasses.replace(asked, sync=None)
+    d = decide(State.PRIMARY, unsynced, T)
+    assert d.state is State.PRIMARY and "failover refused" in d.reason and "--force" in d.reason
+    forced = dataclasses.replace(unsynced, intent=Intent.FORCE_FAILOVER)
+    d = decide(State.PRIMARY, forced, T)
+    assert d.state is State.FENCED and d.actions == (Act.CLEAR_SYNC, Act.FENCE, Act.RESIGN)
+    alone = decide(State.ALONE, dataclasses.replace(asked, peer_qemu_alive=False), T)
+    assert alone.state is State.ALONE and "no secondary" in alone.reason
+
+
+def test_forced_secondary_acquires_without_sync_but_only_once_the_leader_is_gone() -> None:
+    forced = dataclasses.replace(
+        SECONDARY_OK, sync=None, synced=False, intent=Intent.FORCE_FAILOVER
+    )
+    assert decide(State.SECONDARY, forced, T).actions == ()
+    gone = dataclasses.replace(forced, leader=None)
+    assert decide(State.SECONDARY, gone, T).actions == (Act.ACQUIRE,)
+    blind = dataclasses.replace(gone, arbiter_ok=False)
+    assert decide(State.SECONDARY, blind, T).actions == ()
+
+
+def test_designated_primary_leads_through_bring_up() -> None:
+    booting = dataclasses.replace(PRIMARY_OK, in_colo=False)
+    assert decide(State.STARTING, booting, T) == Decision(
+        State.STARTING, (Act.RENEW,), "bringing up as primary"
+    )
+    died = dataclasses.replace(booting, qemu_alive=False)
+    assert decide(State.STARTING, died, T).actions == (Act.FENCE, Act.RESIGN)
+    late = dataclasses.replace(booting, now=99.8 + 1.6)
+    assert decide(State.STARTING, late, T).state is State.FENCED
+
+
+@pytest.mark.parametrize(
+    ("node", "leader", "peer_state", "role", "words"),
+    [
+        ("a", None, None, Role.PRIMARY, "as the spec says"),
+        ("b", None, None, Role.SECONDARY, "as the spec says"),
+        ("a", Leader("a", 4), None, None, "resigning"),
+        ("b", Leader("a", 4), "starting", Role.SECONDARY, "joining as secondary"),
+        ("b", Leader("a", 4), "alone", None, "a leads (epoch 4)"),
+        ("b", Leader("a", 4), None, None, "waiting for re-protection"),
+    ],
+)
+def test_first_role_after_a_start_or_restart(
+    node: str, leader: Leader | None, peer_state: str | None, role: Role | None, words: str
+) -> None:
+    got, why = first_role(node, "a", leader, peer_state)
+    assert got is role and words in why
+
+
+def test_hung_secondary_is_stopped_so_the_primary_hears_of_it() -> None:
+    for leader in (Leader("a", 7), None):
+        o = dataclasses.replace(SECONDARY_OK, qemu_hung=True, leader=leader)
+        d = decide(State.SECONDARY, o, T)
+        assert d.state is State.DOWN and d.actions == (Act.FENCE,), d

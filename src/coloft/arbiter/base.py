@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from coloft.errors import TransientError
+from coloft.errors import ConfigError, TransientError
 from coloft.model.leader import Leader as Leader  # re-exported for backends
 
 DEFAULT_DEADLINE_S = 1.0
@@ -27,6 +27,15 @@ class ArbiterUnavailable(TransientError):
     Transient on purpose: the caller treats it as "no lease renewal this tick",
     which for a leader means the lease clock keeps running down.
     """
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split "host:port" (an http:// prefix is tolerated) into its parts."""
+    bare = endpoint.removeprefix("http://")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"etcd endpoint {endpoint!r}: expected host:port")
+    return host.strip("[]"), int(port)
 
 
 def leader_key(pair: str) -> str:

@@ -35,6 +35,7 @@ from coloft.arbiter.base import (
     ArbiterUnavailable,
     Leader,
     leader_key,
+    parse_endpoint,
     sync_key,
 )
 from coloft.errors import ConfigError, ProtocolError
@@ -50,15 +51,6 @@ _UNREACHABLE = (
     etcd_errors.ConnectionFailedError,
     etcd_errors.ConnectionTimeoutError,
 )
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """Split "host:port" (an http:// prefix is tolerated) into its parts."""
-    bare = endpoint.removeprefix("http://")
-    host, sep, port = bare.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"etcd endpoint {endpoint!r}: expected host:port")
-    return host.strip("[]"), int(port)
 
 
 class EtcdArbiter:

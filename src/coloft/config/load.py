@@ -13,8 +13,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coloft.arbiter.base import parse_endpoint
+from coloft.core.lease import LeaseTiming, problems
 from coloft.errors import ConfigError
-from coloft.model.spec import Accel, NodeSpec, PairSpec, Tuning, VmSpec
+from coloft.model.spec import (
+    Accel,
+    ArbiterSpec,
+    HeartbeatSpec,
+    NodeSpec,
+    PairSpec,
+    Tuning,
+    VmSpec,
+)
 
 T = TypeVar("T")
 
@@ -23,7 +33,7 @@ MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 NIC_MODELS = ("e1000", "virtio-net-pci", "rtl8139")
 # Ports used on a node, as offsets from its port_base (see effects.argv).
-PORTS_PER_NODE = 6
+PORTS_PER_NODE = 7
 MIN_MEMORY_MIB = 32
 MAX_MEMORY_MIB = 1024 * 1024
 
@@ -71,6 +81,26 @@ class _Reader:
         ):
             raise self.fail(key, f"{value}{unit} is out of range {low}..{high}{unit}")
         return value
+
+    def number(self, key: str, default: float, low: float, high: float, unit: str = "") -> float:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {_describe(value)}")
+        if not low <= value <= high:
+            raise self.fail(key, f"{value:g}{unit} is out of range {low:g}..{high:g}{unit}")
+        return float(value)
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"expected a non-empty array of strings, got {_describe(value)}")
+        return tuple(value)
 
     def path(self, key: str, required: bool = False) -> Path | None:
         text = self.string(key, required=required)
@@ -197,6 +227,7 @@ def _node(source: Path, name: str, table: object) -> NodeSpec:
         netns=r.string("netns"),
         disk=r.path("disk"),
         run_dir=r.path("run_dir"),
+        lan_address=r.checked("lan_address", _is_ip, "an IP address"),
     )
     r.finish()
     return node
@@ -218,6 +249,50 @@ def _tuning(source: Path, table: Mapping[str, Any]) -> Tuning:
     )
     r.finish()
     return t
+
+
+def _arbiter(source: Path, table: Mapping[str, Any]) -> ArbiterSpec:
+    r = _Reader(source, "[arbiter]", table)
+    d = ArbiterSpec()
+    endpoints = r.strings("endpoints", d.endpoints)
+    for e in endpoints:
+        try:
+            parse_endpoint(e)
+        except ConfigError as err:
+            raise r.fail("endpoints", str(err)) from err
+    embedded = r.string("embedded_netns")
+    if "embedded" in table and not isinstance(table["embedded"], bool):
+        raise r.fail("embedded", f"expected a boolean, got {_describe(table['embedded'])}")
+    r.used.add("embedded")
+    is_embedded = bool(table.get("embedded", True))
+    a = ArbiterSpec(
+        endpoints=endpoints,
+        embedded_netns=(embedded or "") if is_embedded else None,
+        data_dir=r.path("data_dir") or d.data_dir,
+        ttl_s=r.number("ttl_s", d.ttl_s, 2, 60, " s"),
+        renew_every_s=r.number("renew_every_s", d.renew_every_s, 0.05, 30, " s"),
+        call_deadline_s=r.number("call_deadline_s", d.call_deadline_s, 0.05, 30, " s"),
+        fence_margin_s=r.number("fence_margin_s", d.fence_margin_s, 0.05, 30, " s"),
+    )
+    r.finish()
+    if embedded and not is_embedded:
+        raise r.fail("embedded_netns", "set, but embedded = false")
+    if is_embedded and len(endpoints) != 1:
+        raise r.fail("endpoints", "an embedded etcd has exactly one endpoint")
+    timing = LeaseTiming(a.ttl_s, a.renew_every_s, a.call_deadline_s, a.fence_margin_s)
+    for problem in problems(timing):
+        raise r.fail(None, f"unsafe lease timing: {problem}")
+    return a
+
+
+def _heartbeat(source: Path, table: Mapping[str, Any]) -> HeartbeatSpec:
+    r = _Reader(source, "[heartbeat]", table)
+    h = HeartbeatSpec(
+        interval_ms=r.integer("interval_ms", default=50, low=10, high=10_000, unit=" ms"),
+        misses=r.integer("misses", default=3, low=2, high=100),
+    )
+    r.finish()
+    return h
 
 
 def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
@@ -247,13 +322,21 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     if primary != nodes[0].name:
         nodes.reverse()
     tuning = _tuning(source, table("tuning", False))
+    arbiter = _arbiter(source, table("arbiter", False))
+    heartbeat = _heartbeat(source, table("heartbeat", False))
     qemu = _Reader(source, "[qemu]", table("qemu", False))
     binary = qemu.path("binary")
     qemu.finish()
     top.finish()
     _cross_checks(source, vm, nodes)
     return PairSpec(
-        source=source, vm=vm, nodes=(nodes[0], nodes[1]), tuning=tuning, qemu_binary=binary
+        source=source,
+        vm=vm,
+        nodes=(nodes[0], nodes[1]),
+        tuning=tuning,
+        qemu_binary=binary,
+        arbiter=arbiter,
+        heartbeat=heartbeat,
     )
 
 

@@ -1,4 +1,4 @@
-"""What to do when one side of a pair is lost, and the QMP steps that do it.
+"""The QMP steps of a failover, on the surviving node.
 
 Pure. The steps follow QEMU's COLO docs with two additions from what hung here
 (shared COLO notes, section 6): every channel that still points at the lost peer
@@ -11,12 +11,10 @@ the clients' open connections, which must survive the takeover.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
 from coloft.core.argv import DISK_ID
 from coloft.core.choreography import NBD_NODE, REPLICATION_NODE
-from coloft.model.status import SideStatus
 from coloft.model.steps import Step, Until
 
 NOT_FOUND = ("not found", "does not exist", "No such", "not running")
@@ -24,54 +22,10 @@ ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 class Action(Enum):
-    NONE = "none"
+    """The two failovers; which one runs, and when, is core.ha's decision."""
+
     SECONDARY_TAKES_OVER = "secondary-takes-over"
     PRIMARY_CONTINUES_ALONE = "primary-continues-alone"
-    REFUSE = "refuse"
-
-
-@dataclass(frozen=True)
-class FailoverDecision:
-    action: Action
-    reason: str
-
-
-def decide(primary: SideStatus, secondary: SideStatus, in_sync: bool) -> FailoverDecision:
-    """Which side, if any, must act now.
-
-    `in_sync` says the secondary completed a checkpoint since COLO started: only
-    then does it hold the primary's state, and only then may it take over.
-    """
-    if not primary.alive and secondary.alive:
-        if not in_sync:
-            return FailoverDecision(
-                Action.REFUSE,
-                f"primary {primary.node} is gone but "
-                f"secondary {secondary.node} never completed a checkpoint; "
-                "taking over would lose data",
-            )
-        return FailoverDecision(
-            Action.SECONDARY_TAKES_OVER,
-            f"primary {primary.node} is gone; {secondary.node} takes over",
-        )
-    if not secondary.alive and primary.alive:
-        return FailoverDecision(
-            Action.PRIMARY_CONTINUES_ALONE,
-            f"secondary {secondary.node} is gone; {primary.node} runs alone",
-        )
-    if not primary.alive and not secondary.alive:
-        return FailoverDecision(Action.NONE, "both sides are gone")
-    return FailoverDecision(Action.NONE, "both sides run")
-
-
-def unresponsive(silent_since: dict[str, float], now: float, limit_s: float) -> list[str]:
-    """Nodes whose QEMU has left QMP requests unanswered for longer than `limit_s`:
-    hung, to be fenced.
-
-    The limit sits well above the slowest answers seen under load (tens of ms; the
-    soak test bounds them at 1 s), since fencing a healthy primary costs a failover.
-    """
-    return sorted(n for n, t in silent_since.items() if now - t > limit_s)
 
 
 def _yank(node: str, instance: dict[str, str]) -> Step:

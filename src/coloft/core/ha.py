@@ -1,6 +1,6 @@
 """The per-host agent's decision: one pure function per tick, over frozen values.
 
-    observe (QEMU, peer heartbeats, arbiter) -> Observation
+    observe (own QEMU, peer heartbeats, arbiter) -> Observation
     decide(state, observation, timing) -> Decision(next_state, actions, reason)
 
 Safety rules (Patroni's lease discipline, the issue's split-brain rules):
@@ -11,8 +11,12 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   it, and it completed a checkpoint; it acquires first and runs the takeover only
   once it holds the key;
 - a primary clears `sync` before it runs alone, and never goes alone while `sync`
-  still names the lost peer;
-- with the arbiter unreachable, nobody gains authority.
+  still names the lost peer; losing only the replication path (the peer still
+  heard on the LAN) is a lost secondary too: COLO cannot work without it;
+- with the arbiter unreachable, nobody gains authority;
+- an operator's failover hands over only to a sync node in lock-step, unless forced
+  (then the secondary may acquire without `sync`, accepting possible data loss);
+- FENCED and DOWN are final for this agent's life: no QEMU runs there.
 
 The transition table below is the whole state machine: decide() may only move
 along it (checked, like h11's table), and `diagram()` prints it.
@@ -35,6 +39,11 @@ class State(Enum):
     ALONE = "alone"
     FENCED = "fenced"
     DOWN = "down"
+
+
+class Intent(Enum):
+    FAILOVER = "failover"
+    FORCE_FAILOVER = "force-failover"
 
 
 class Act(Enum):
@@ -76,6 +85,10 @@ class Observation:
     sync: str | None
     my_epoch: int | None
     renew_sent_at: float | None
+    # Heartbeats still arrive over the replication network (COLO's own path).
+    repl_ok: bool = True
+    peer_state: str | None = None
+    intent: Intent | None = None
 
 
 @dataclass(frozen=True)
@@ -114,25 +127,26 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
             (Act.FENCE, Act.RESIGN),
             f"my QEMU {what}; resigning so the secondary can take over now",
         )
-    if state is State.PRIMARY and not o.peer_qemu_alive:
+    if o.intent is not None:
+        return _handing_over(state, o)
+    if state is State.PRIMARY and (not o.peer_qemu_alive or not o.repl_ok):
+        lost = (
+            f"secondary {o.peer} lost"
+            if not o.peer_qemu_alive
+            else f"replication link to {o.peer} lost (LAN heartbeats still arrive)"
+        )
         # Only the arbiter's word that sync is gone counts: unreachable means unknown.
         if not o.arbiter_ok:
             return Decision(
-                State.PRIMARY,
-                (Act.RENEW,),
-                f"secondary {o.peer} lost, arbiter unreachable; cannot clear sync",
+                State.PRIMARY, (Act.RENEW,), f"{lost}, arbiter unreachable; cannot clear sync"
             )
         if o.sync is not None:
             return Decision(
                 State.PRIMARY,
                 (Act.CLEAR_SYNC, Act.RENEW),
-                f"secondary {o.peer} lost; clearing sync before running alone",
+                f"{lost}; clearing sync before running alone",
             )
-        return Decision(
-            State.ALONE,
-            (Act.GO_ALONE, Act.RENEW),
-            f"secondary {o.peer} lost; running alone (unprotected)",
-        )
+        return Decision(State.ALONE, (Act.GO_ALONE, Act.RENEW), f"{lost}; running alone")
     if state is State.PRIMARY and o.in_colo and o.synced and o.sync != o.peer:
         return Decision(
             State.PRIMARY,
@@ -143,9 +157,40 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
     return Decision(state, (Act.RENEW,), f"leader (epoch {o.my_epoch}), {where}")
 
 
+def _handing_over(state: State, o: Observation) -> Decision:
+    """An operator asked the leader to hand over to its secondary."""
+    if state is State.ALONE:
+        return Decision(state, (Act.RENEW,), "failover refused: no secondary to hand over to")
+    if o.intent is Intent.FORCE_FAILOVER:
+        return Decision(
+            State.FENCED,
+            (Act.CLEAR_SYNC, Act.FENCE, Act.RESIGN),
+            f"forced failover to {o.peer}: stopping here, possible data loss acknowledged",
+        )
+    if o.sync != o.peer or not o.peer_qemu_alive or not o.repl_ok:
+        return Decision(
+            state,
+            (Act.RENEW,),
+            f"failover refused: {o.peer} is not in sync (sync={o.sync}); use --force",
+        )
+    return Decision(
+        State.FENCED, (Act.FENCE, Act.RESIGN), f"planned failover: handing over to {o.peer}"
+    )
+
+
 def _following(o: Observation, t: LeaseTiming) -> Decision:
     if not o.qemu_alive:
         return Decision(State.DOWN, (), "my secondary QEMU died; waiting for re-protection")
+    if o.qemu_hung and not _holds(o):
+        # A stopped secondary stalls every checkpoint of the primary: end it, so the
+        # primary hears at once that it must run alone.
+        return Decision(State.DOWN, (Act.FENCE,), "my secondary QEMU hung; stopping it")
+    if o.leader is not None and o.leader.node == o.peer and o.peer_state == State.ALONE.value:
+        return Decision(
+            State.DOWN,
+            (Act.FENCE,),
+            f"{o.peer} runs alone (epoch {o.leader.epoch}); my copy is stale, stopping it",
+        )
     if _holds(o) and may_act(o.now, o.renew_sent_at, t):
         assert o.leader is not None
         return Decision(
@@ -163,6 +208,12 @@ def _following(o: Observation, t: LeaseTiming) -> Decision:
             (Act.ACQUIRE,),
             "leader gone and I am the sync node; acquiring leadership",
         )
+    if o.intent is Intent.FORCE_FAILOVER and not o.qemu_hung:
+        return Decision(
+            State.SECONDARY,
+            (Act.ACQUIRE,),
+            "leader gone; forced failover: acquiring without sync (possible data loss)",
+        )
     return Decision(
         State.SECONDARY,
         (),
@@ -170,19 +221,60 @@ def _following(o: Observation, t: LeaseTiming) -> Decision:
     )
 
 
-def _starting(o: Observation) -> Decision:
-    if o.qemu_role is Role.PRIMARY and o.in_colo and _holds(o):
-        return Decision(State.PRIMARY, (Act.RENEW,), "bring-up done; primary in COLO")
-    if o.qemu_role is Role.SECONDARY and o.in_colo:
-        return Decision(State.SECONDARY, (), "bring-up done; secondary in COLO")
+def _starting(o: Observation, t: LeaseTiming) -> Decision:
+    if o.my_epoch is not None:
+        # The designated primary leads (holds the lease) from before its QEMU starts.
+        if o.arbiter_ok and not _holds(o):
+            return Decision(State.FENCED, (Act.FENCE,), "leadership lost during bring-up")
+        if not may_act(o.now, o.renew_sent_at, t):
+            return Decision(State.FENCED, (Act.FENCE,), "lease not renewed during bring-up")
+        if o.qemu_role is not None and (not o.qemu_alive or o.qemu_hung):
+            return Decision(State.FENCED, (Act.FENCE, Act.RESIGN), "my QEMU failed during bring-up")
+        if o.qemu_role is Role.PRIMARY and o.in_colo:
+            return Decision(State.PRIMARY, (Act.RENEW,), "bring-up done; primary in COLO")
+        return Decision(State.STARTING, (Act.RENEW,), "bringing up as primary")
+    if o.qemu_role is Role.SECONDARY:
+        if not o.qemu_alive or o.qemu_hung:
+            return Decision(State.DOWN, (Act.FENCE,), "my secondary QEMU failed during bring-up")
+        if o.in_colo:
+            return Decision(State.SECONDARY, (), "bring-up done; secondary in COLO")
+        return Decision(State.STARTING, (), "bringing up as secondary")
     return Decision(State.STARTING, (), "bringing up")
+
+
+def first_role(
+    node: str, designated_primary: str, leader: Leader | None, peer_state: str | None
+) -> tuple[Role | None, str]:
+    """What an agent that just started runs as, from who leads the pair now.
+
+    Its QEMU died with its previous incarnation (if any). A pair nobody leads is
+    brought up as the spec says; a peer that leads and is still bringing the pair
+    up is joined as its secondary; a node that finds the pair led otherwise (by
+    itself before a restart, or by a peer that runs) has nothing to offer until
+    re-protection.
+    """
+    if leader is None:
+        role = Role.PRIMARY if node == designated_primary else Role.SECONDARY
+        return role, f"nobody leads; starting as {role.value} as the spec says"
+    if leader.node == node:
+        return None, f"I led (epoch {leader.epoch}) before a restart; my QEMU is gone: resigning"
+    if peer_state == State.STARTING.value:
+        return Role.SECONDARY, (
+            f"{leader.node} is bringing the pair up (epoch {leader.epoch}); joining as secondary"
+        )
+    return None, f"{leader.node} leads (epoch {leader.epoch}); waiting for re-protection"
 
 
 def decide(state: State, o: Observation, timing: LeaseTiming) -> Decision:
     if state in (State.FENCED, State.DOWN):
-        d = Decision(state, (), f"{state.value}; needs re-protection")
+        # A terminal node never lets a QEMU run, whatever started it meanwhile.
+        d = (
+            Decision(state, (Act.FENCE,), f"{state.value}: stopping a QEMU that still runs")
+            if o.qemu_alive
+            else Decision(state, (), f"{state.value}; needs re-protection")
+        )
     elif state is State.STARTING:
-        d = _starting(o)
+        d = _starting(o, timing)
     elif state in (State.PRIMARY, State.ALONE):
         d = _leading(state, o, timing)
     else:

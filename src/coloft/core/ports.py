@@ -13,6 +13,8 @@ COMPARE_OUT = 3
 # On a secondary: the disk export and the incoming migration.
 NBD = 4
 MIGRATION = 5
+# On both: the agents' UDP heartbeats (replication address and LAN address).
+HEARTBEAT = 6
 
 
 def port(node: NodeSpec, offset: int) -> int:

@@ -38,6 +38,8 @@ class NodeSpec:
     netns: str | None = None
     disk: Path | None = None
     run_dir: Path | None = None
+    # A second, independent path for the agents' heartbeats (the client LAN).
+    lan_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,39 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class ArbiterSpec:
+    """Where the pair's leadership lease lives, and its timing (see core.lease)."""
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    # Start a single etcd here (the lab's witness namespace, or "" for this host's
+    # own namespace) with `coloft up`; None means an existing cluster.
+    embedded_netns: str | None = ""
+    data_dir: Path = Path("/run/coloft/etcd")
+    ttl_s: float = 2.0
+    renew_every_s: float = 0.5
+    call_deadline_s: float = 0.4
+    fence_margin_s: float = 0.4
+
+
+@dataclass(frozen=True)
+class HeartbeatSpec:
+    interval_ms: int = 50
+    misses: int = 3
+
+    @property
+    def timeout_s(self) -> float:
+        return self.interval_ms * self.misses / 1000.0
+
+
+@dataclass(frozen=True)
 class PairSpec:
     source: Path
     vm: VmSpec
     nodes: tuple[NodeSpec, NodeSpec]
     tuning: Tuning
     qemu_binary: Path | None = None
+    arbiter: ArbiterSpec = ArbiterSpec()
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
 
     @property
     def primary(self) -> NodeSpec:
@@ -69,6 +98,9 @@ class PairSpec:
             if n.name == name:
                 return n
         raise KeyError(name)
+
+    def peer_of(self, name: str) -> NodeSpec:
+        return self.nodes[1] if self.nodes[0].name == name else self.nodes[0]
 
     def disk_of(self, node: NodeSpec) -> Path:
         return node.disk if node.disk is not None else self.vm.disk
