@@ -1,22 +1,21 @@
-"""Shared fixtures for tests against real QEMU in the lab (root, namespaces, TCG)."""
+"""Shared fixtures for tests against real QEMU, real etcd and real agents in the lab."""
 
 from __future__ import annotations
 
-import asyncio
 import os
+import shutil
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from coloft.agent.pair import Pair, publish, remove_run_dirs
-from coloft.effects import qemu_binary
+from coloft.agent import api
+from coloft.agent.launch import LocalPair
 from coloft.effects.process import pid_alive
-from coloft.lab import net, setup
+from coloft.lab import faults, net, setup
 from coloft.model.spec import PairSpec
 
-T = TypeVar("T")
 EXAMPLE = setup.EXAMPLE_SPEC
 
 
@@ -38,34 +37,47 @@ def lab() -> Iterator[None]:
             assert lab_namespaces() == [], "lab namespaces left behind"
 
 
-@pytest.fixture
-def make_pair(lab: None) -> Iterator[Callable[[PairSpec], Pair]]:
-    """Pairs built by a test are torn down (QEMUs killed by pid) after it, pass or fail."""
-    pairs: list[Pair] = []
+def pids_of(pair: LocalPair) -> list[int]:
+    """Every process of the pair: agents, their QEMUs, etcd."""
+    pids = [p.pid for p in pair.agents.values()]
+    if pair.etcd is not None:
+        pids.append(pair.etcd.pid)
+    for s in pair.statuses().values():
+        if s is not None and s["qemu"]["pid"] is not None:
+            pids.append(int(s["qemu"]["pid"]))
+    return pids
 
-    def make(spec: PairSpec) -> Pair:
+
+@pytest.fixture
+def make_pair(lab: None) -> Iterator[Callable[[PairSpec], LocalPair]]:
+    """Pairs a test starts are stopped after it, pass or fail, and checked gone by pid."""
+    pairs: list[tuple[LocalPair, list[int]]] = []
+
+    def make(spec: PairSpec) -> LocalPair:
         setup.reset_disks()
-        pair = Pair(spec, qemu_binary.choose(spec.vm.accel, spec.qemu_binary))
-        pairs.append(pair)
+        pair = LocalPair(spec)
+        pairs.append((pair, []))
         return pair
 
     yield make
-    for pair in pairs:
-        pids = [p.pid for p in pair.procs.values()]
-        pair.cleanup()
-        publish(pair.spec, None)
-        remove_run_dirs(pair.spec)
+    for pair, _ in pairs:
+        pids = pids_of(pair)
+        faults.heal(pair)
+        pair.stop()
+        for node in pair.agents:
+            # Shown by pytest when the test failed: what each agent decided and did.
+            print(f"--- agent {node} log (tail) ---\n{pair.log_tail(node, 6000)}")
+        shutil.rmtree(api.run_root(pair.spec), ignore_errors=True)
         alive = [pid for pid in pids if pid_alive(pid)]
-        assert not alive, f"QEMU pids still alive after teardown: {alive}"
+        assert not alive, f"pids still alive after teardown: {alive}"
 
 
-def run_scenario(pair: Pair, scenario: Callable[[], Awaitable[T]]) -> T:
-    """Run a test's async scenario; the pair's QMP sessions close in the same event loop."""
-
-    async def main() -> T:
-        try:
-            return await scenario()
-        finally:
-            await pair.down()
-
-    return asyncio.run(main())
+def spec_variant(tmp_path: Path, replace: dict[str, str]) -> Path:
+    """examples/lab.toml with some lines replaced, as a file agents can read."""
+    text = EXAMPLE.read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / "pair.toml"
+    path.write_text(text)
+    return path

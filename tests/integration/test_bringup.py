@@ -3,83 +3,72 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from coloft.agent.pair import Pair
+from coloft.agent.launch import LocalPair
+from coloft.config.load import load_spec
 from coloft.core import choreography
 from coloft.core.argv import tap_name
+from coloft.effects import qemu_binary
 from coloft.effects.executor import run_steps
-from coloft.errors import StepError
+from coloft.effects.local_qemu import LocalQemu
+from coloft.effects.process import pid_alive
 from coloft.lab import net, workload
+from coloft.lab.oracle import FrameWatch
 from coloft.lab.rounds import up_and_serving
 from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
-from tests.integration.conftest import EXAMPLE, run_scenario
+from coloft.model.steps import Role
+from tests.integration.conftest import EXAMPLE, spec_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-async def wait_protected(pair: Pair, within_s: float = 20.0) -> None:
-    end = time.monotonic() + within_s
-    status = await pair.observe()
-    while not status.protected and time.monotonic() < end:
-        await asyncio.sleep(0.5)
-        status = await pair.observe()
-    assert status.protected, f"pair not protected: {status.reason}"
-
-
 def test_pair_reaches_colo_and_serves_through_colo_compare(
-    make_pair: Callable[[PairSpec], Pair], tmp_path: Path
+    make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path
 ) -> None:
     pair = make_pair(lab_spec(interval_ms=2000))
-
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        await up_and_serving(pair)
-        await wait_protected(pair)
-        status = await pair.observe()
-        primary, secondary = status.sides
-        assert (primary.colo_mode, primary.migration) == ("primary", "colo")
-        assert secondary.colo_mode == "secondary"
-        # Every guest packet goes into colo-compare (redire1) and only its output
-        # (redire0) goes out: answered requests went through the comparison.
-        session = pair.sessions["a"]
-        for fid in ("m0", "redire0", "redire1"):
-            state = await session.execute(
-                "qom-get", {"path": f"/objects/{fid}", "property": "status"}
-            )
-            assert state == "on", f"filter {fid} is {state}"
-        objects = await session.execute("qom-list", {"path": "/objects"})
-        assert "comp0" in {o["name"] for o in objects}
+    asyncio.run(up_and_serving(pair))
+    a, b = pair.status("a"), pair.status("b")
+    assert a is not None and b is not None
+    assert (a["state"], a["qemu"]["colo_mode"], a["qemu"]["migration"]) == (
+        "primary",
+        "primary",
+        "colo",
+    )
+    assert (b["state"], b["qemu"]["colo_mode"]) == ("secondary", "secondary")
+    assert (a["leader"], a["sync"]) == ({"node": "a", "epoch": a["epoch"]}, "b"), a
+    watch = FrameWatch({n.name: n.netns or "" for n in pair.spec.nodes}, tap_name(pair.spec))
+    watch.start()
+    try:
         client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, 15)
-        await asyncio.to_thread(client.wait, 60)
-        checked = await asyncio.to_thread(
-            workload.verify, net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl"
-        )
-        return workload.read_result(tmp_path), checked
-
-    result, checked = run_scenario(pair, scenario)
+        client.wait(60)
+    finally:
+        watch.stop()
+    checked = workload.verify(net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl")
+    result = workload.read_result(tmp_path)
     assert result["requests_failed"] == 0, result.get("errors")
     assert int(result["requests_ok"]) > 20, result
     assert checked["lost_acked_writes"] == 0 and checked["wrong_values"] == 0, checked
-    assert pair.checkpoints.count >= 3
+    # Only the primary's host puts the VM's frames on the LAN: the secondary's
+    # output goes to colo-compare, which releases the primary's copy.
+    assert watch.frames("a") > 20 and watch.frames("b") == 0, (watch.frames("a"), watch.frames("b"))
+    later = pair.status("a")
+    assert later is not None
+    assert later["checkpoints"]["count"] >= 3, later["checkpoints"]
 
 
 def test_bringup_failure_names_the_step_and_leaves_nothing(
-    make_pair: Callable[[PairSpec], Pair],
+    make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path
 ) -> None:
     # Ports of earlier tests may linger in TIME_WAIT; use fresh ones.
-    spec = lab_spec()
-    a, b = (dataclasses.replace(n, port_base=9200) for n in spec.nodes)
-    spec = dataclasses.replace(spec, nodes=(a, b))
+    spec = load_spec(spec_variant(tmp_path, {"port_base = 9000": "port_base = 9200"}))
     ip = spec.secondary.replication_address
     nbd_port = spec.secondary.port_base + 4
     squatter = subprocess.Popen(
@@ -98,13 +87,19 @@ def test_bringup_failure_names_the_step_and_leaves_nothing(
     try:
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == b"ready"
         pair = make_pair(spec)
-        with pytest.raises(StepError) as info:
-            asyncio.run(pair.up())
-        message = str(info.value)
-        assert "b: step 'start NBD server' failed" in message, message
-        assert "Address already in use" in message, message
-        pids = [p.pid for p in pair.procs.values()]
-        assert pids == [], "a failed bring-up must kill what it started"
+        pair.start()
+        views = pair.wait_for(
+            lambda s: bool(s["b"]) and "bring-up failed" in s["b"]["progress"], 60, "failure"
+        )
+        b = views["b"]
+        assert b is not None
+        assert "b: step 'start NBD server' failed" in b["progress"], b["progress"]
+        assert "Address already in use" in b["progress"], b["progress"]
+        assert b["state"] == "down" and not b["qemu"]["alive"], b
+        # The primary never got its secondary, so it never left bring-up.
+        a = views["a"]
+        assert a is not None and a["state"] == "starting", a
+        pair.stop()
         for node in spec.nodes:
             link = subprocess.run(
                 ["ip", "-n", node.netns or "", "link", "show", tap_name(spec)],
@@ -125,21 +120,27 @@ def test_bringup_failure_names_the_step_and_leaves_nothing(
     assert out.stdout.strip() == "", f"QEMU still running: {out.stdout}"
 
 
-def test_secondary_steps_can_be_replayed_on_real_qemu(
-    make_pair: Callable[[PairSpec], Pair],
-) -> None:
+def test_secondary_steps_can_be_replayed_on_real_qemu(lab: None) -> None:
     """An interrupted bring-up can be run again: QEMU's "already there" answers are accepted."""
     spec = lab_spec()
-    pair = make_pair(spec)
     steps = choreography.secondary_bringup(spec, spec.primary, spec.secondary)
+    choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
+    qemu = LocalQemu(spec, spec.secondary, Role.SECONDARY, choice)
 
     async def scenario() -> None:
-        await pair.start_node(spec.secondary, pair.roles[spec.secondary.name])
-        await run_steps(pair.sessions, steps[:5])
-        await run_steps(pair.sessions, steps)
-        await run_steps(pair.sessions, steps)
+        try:
+            await qemu.start()
+            assert qemu.session is not None
+            sessions = {spec.secondary.name: qemu.session}
+            await run_steps(sessions, steps[:5])
+            await run_steps(sessions, steps)
+            await run_steps(sessions, steps)
+        finally:
+            await qemu.close()
+            qemu.cleanup()
 
-    run_scenario(pair, scenario)
+    asyncio.run(scenario())
+    assert qemu.pid is not None and not pid_alive(qemu.pid)
 
 
 def _coloft(*args: str) -> subprocess.CompletedProcess[str]:

@@ -32,35 +32,56 @@ def status_json() -> dict[str, Any]:
     return data
 
 
+def wait_protected(up: subprocess.Popen[str], within_s: float = 240) -> dict[str, Any]:
+    end = time.monotonic() + within_s
+    pairs: list[dict[str, Any]] = []
+    while time.monotonic() < end:
+        assert up.poll() is None, f"coloft up exited: {up.communicate()}"
+        pairs = status_json()["pairs"]
+        if pairs and pairs[0]["protected"]:
+            return pairs[0]
+        time.sleep(1)
+    raise AssertionError(f"never protected: {pairs}")
+
+
+def all_pids(pair: dict[str, Any]) -> list[int]:
+    """Agents and QEMUs of a pair, from `coloft status --json`."""
+    pids = [a["agent_pid"] for a in pair["agents"].values()]
+    return pids + [a["qemu"]["pid"] for a in pair["agents"].values()]
+
+
+def etcd_pids() -> list[int]:
+    done = subprocess.run(
+        ["pgrep", "-f", "etcd --name=coloft"], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in done.stdout.split()]
+
+
 def test_up_status_down(lab: None) -> None:
     up = subprocess.Popen(
         [*COLOFT, "up", str(EXAMPLE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        end = time.monotonic() + 90
-        pairs: list[dict[str, Any]] = []
-        while time.monotonic() < end:
-            assert up.poll() is None, f"coloft up exited: {up.communicate()}"
-            pairs = status_json()["pairs"]
-            if pairs and pairs[0]["protected"]:
-                break
-            time.sleep(1)
-        assert pairs and pairs[0]["protected"], f"never protected: {pairs}"
-        pair = pairs[0]
-        assert pair["supervisor_pid"] == up.pid
-        # The run state reads "colo" while a checkpoint pauses the guest.
-        roles = {s["node"]: (s["role"], s["colo_mode"]) for s in pair["sides"]}
-        assert roles == {"a": ("primary", "primary"), "b": ("secondary", "secondary")}
-        assert all(s["run_state"] in ("running", "colo") for s in pair["sides"]), pair
-        qemu_pids = [s["pid"] for s in pair["sides"]]
-        assert all(pid_alive(p) for p in qemu_pids)
-        table = coloft("status", str(EXAMPLE))
-        assert table.returncode == 0
-        assert "demo: PROTECTED" in table.stdout and "checkpoints" in table.stdout, table.stdout
+        pair = wait_protected(up)
+        assert (pair["leader"], pair["sync"]) == ("a", "b"), pair
+        assert isinstance(pair["epoch"], int) and pair["epoch"] > 0
+        states = {n["node"]: (n["state"], n["colo_mode"]) for n in pair["nodes"]}
+        assert states == {"a": ("primary", "primary"), "b": ("secondary", "secondary")}
+        # Both heartbeat paths hear the peer.
+        for n in pair["nodes"]:
+            assert set(n["peer_paths_ms"]) == {"replication", "lan"}, n
+        pids = all_pids(pair) + etcd_pids()
+        assert len(pids) == 5 and all(pid_alive(p) for p in pids), pids
+        line = coloft("status", str(EXAMPLE))
+        assert line.returncode == 0
+        assert line.stdout.startswith("demo: PROTECTED | leader a (epoch "), line.stdout
+        assert "b secondary" in line.stdout and "last checkpoint" in line.stdout, line.stdout
+        table = coloft("status", "--table")
+        assert "checkpoints" in table.stdout and "peer heard" in table.stdout, table.stdout
         down = coloft("down", str(EXAMPLE))
         assert down.returncode == 0 and "demo: stopped" in down.stdout, down.stderr
         up.wait(timeout=30)
-        assert not any(pid_alive(p) for p in qemu_pids), "QEMU survived coloft down"
+        assert not any(pid_alive(p) for p in pids), "a process survived coloft down"
         assert coloft("status", str(EXAMPLE)).returncode == 1
     finally:
         if up.poll() is None:
@@ -68,28 +89,31 @@ def test_up_status_down(lab: None) -> None:
             up.wait()
 
 
-def test_qemu_dies_with_its_supervisor(lab: None) -> None:
-    """A dead supervisor must never leave an unsupervised primary running."""
+def test_everything_dies_with_its_parent(lab: None) -> None:
+    """A dead agent never leaves its QEMU running, nor a dead `coloft up` its agents."""
     up = subprocess.Popen(
-        [*COLOFT, "up", str(EXAMPLE)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*COLOFT, "up", str(EXAMPLE)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        end = time.monotonic() + 60
-        pids: list[int] = []
-        while time.monotonic() < end and len(pids) < 2:
-            pairs = status_json()["pairs"]
-            pids = [s["pid"] for s in pairs[0]["sides"]] if pairs else []
-            time.sleep(0.5)
-        assert len(pids) == 2, "pair did not start"
+        pair = wait_protected(up)
+        b = pair["agents"]["b"]
+        os.kill(b["agent_pid"], signal.SIGKILL)
+        assert_gone([b["qemu"]["pid"]], "QEMU outlived its SIGKILLed agent")
+        pids = all_pids(pair) + etcd_pids()
     finally:
         os.kill(up.pid, signal.SIGKILL)
         up.wait()
+    assert_gone(pids, "a process outlived the SIGKILLed `coloft up`")
+
+
+def assert_gone(pids: list[int], message: str) -> None:
     end = time.monotonic() + 5
     while time.monotonic() < end and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    assert not any(pid_alive(p) for p in pids), "QEMU outlived its SIGKILLed supervisor"
-    stale = status_json()["pairs"]
-    assert stale and stale[0]["phase"] == "stopped" and not stale[0]["protected"]
+    assert not any(pid_alive(p) for p in pids), message
 
 
 def test_bad_spec_is_rejected_by_every_command(tmp_path: Any) -> None:

@@ -251,23 +251,17 @@ def test_workload_through_the_lan(lab: None, tmp_path: Path) -> None:
     assert report["lost_acked_writes"] == 0 and report["wrong_values"] == 0
 
 
-def test_one_more_host_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    witness = net.Host(
-        ns="coloft-w",
-        bridges=(net.Bridge("mgmt0", ("203.0.113.3/24",)),),
-        links=(
-            net.Veth("to-a", master="mgmt0", peer=net.Peer("a", "mgmt", ("203.0.113.1/24",))),
-            net.Veth("to-b", master="mgmt0", peer=net.Peer("b", "mgmt", ("203.0.113.2/24",))),
-        ),
-    )
-    monkeypatch.setitem(net.HOSTS, "w", witness)
-    with net.lab_lock():
-        try:
-            net.lab_up()
-            status = net.lab_status()
-            assert status["ok"] is True, status["problems"]
-            assert _ping_soon("coloft-a", "203.0.113.2")
-            assert _ping_soon("coloft-w", "203.0.113.1")
-        finally:
-            net.lab_down()
-    assert _coloft_namespaces() == []
+def test_witness_network_and_host_isolation(lab: None) -> None:
+    """Each host reaches the witness on its own network; isolating a host cuts every link
+    it has (LAN, replication, witness) at once, and healing restores them."""
+    assert _ping_soon("coloft-a", net.WITNESS_IP) and _ping_soon("coloft-b", net.WITNESS_IP)
+    net.isolate("coloft-a")
+    try:
+        assert sorted(net.blackholed("coloft-a")) == sorted(net.HOST_IFACES)
+        for target in (net.WITNESS_IP, "198.51.100.2", "192.0.2.2"):
+            assert not _ping(ns="coloft-a", addr=target), f"isolated a still reaches {target}"
+        assert _ping_soon("coloft-b", net.WITNESS_IP), "isolating a must not cut b"
+    finally:
+        net.heal("coloft-a")
+    assert net.blackholed("coloft-a") == []
+    assert _ping_soon("coloft-a", net.WITNESS_IP) and _ping_soon("coloft-a", "198.51.100.2")

@@ -20,6 +20,7 @@ from coloft.core.argv import qemu_argv
 from coloft.effects import preflight, qemu_binary
 from coloft.effects.process import netns_argv, pid_alive
 from coloft.errors import ColoftError
+from coloft.lab.faults import FAULT_NAMES
 from coloft.model.spec import Accel, PairSpec
 from coloft.model.steps import Role
 
@@ -121,49 +122,81 @@ def check(spec: Path, as_json: bool) -> None:
 
 @cli.command()
 @SPEC
-def up(spec: Path) -> None:
-    """Bring the pair up and supervise it in the foreground; Ctrl-C or `coloft down` ends it."""
-    from coloft.agent.run import run_pair
+@click.option("--node", required=True, help="This host's node name in the spec.")
+def agent(spec: Path, node: str) -> None:
+    """Run the agent of one node: owns its QEMU, holds or waits for the pair's lease,
+    fails over on its own. One per host (systemd); QEMU dies with it."""
+    from coloft.agent.run import run_agent
 
     s = _load(spec)
+    if node not in {n.name for n in s.nodes}:
+        _fail(f"--node {node!r} is not a node of {spec} ({', '.join(n.name for n in s.nodes)})", 2)
     try:
-        asyncio.run(run_pair(s, echo=lambda line: click.echo(line, err=True)))
+        asyncio.run(run_agent(s, node, echo=lambda line: click.echo(line, err=True)))
     except ColoftError as e:
         _fail(str(e))
 
 
-def _read_status(name: str) -> dict[str, Any] | None:
-    path = Path(os.environ.get("COLOFT_RUN", "/run/coloft")) / name / "status.json"
+@cli.command()
+@SPEC
+@click.pass_context
+def up(ctx: click.Context, spec: Path) -> None:
+    """Run a whole pair from this machine (the lab): the embedded etcd when the spec
+    asks for one and an agent per node inside its namespace; Ctrl-C or `coloft down`
+    stops it."""
+    from coloft.agent.launch import running_launcher
+    from coloft.agent.run import run_up
+
+    s = _load(spec)
+    pid = running_launcher(s)
+    if pid is not None:
+        _fail(f"{s.vm.name} is already up (pid {pid}); `coloft down {spec}` first")
+    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data
+        run_up(s, echo=lambda line: click.echo(line, err=True), verbose=verbose)
+    except ColoftError as e:
+        _fail(str(e))
 
 
-def _vm_names() -> list[str]:
-    root = Path(os.environ.get("COLOFT_RUN", "/run/coloft"))
-    return sorted(p.parent.name for p in root.glob("*/status.json"))
+def _run_root() -> Path:
+    return Path(os.environ.get("COLOFT_RUN", "/run/coloft"))
+
+
+def _pair_names() -> list[str]:
+    return sorted({p.parent.name for p in _run_root().glob("*/agent-*.sock")})
+
+
+def _agents_of(name: str) -> dict[str, dict[str, Any] | None]:
+    from coloft.agent import api
+
+    found: dict[str, dict[str, Any] | None] = {}
+    for sock in sorted((_run_root() / name).glob("agent-*.sock")):
+        node = sock.stem.removeprefix("agent-")
+        try:
+            found[node] = api.call(sock, "GET", "/status", timeout=2.0)
+        except ColoftError:
+            found[node] = None
+    return found
 
 
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path), required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(spec: Path | None, as_json: bool) -> None:
-    """Show each running pair: per side pid, run state, COLO mode; checkpoints and pause."""
-    names = [_load(spec).vm.name] if spec else _vm_names()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--table", is_flag=True, help="A table per pair instead of one line.")
+def status(spec: Path | None, as_json: bool, table: bool) -> None:
+    """Each pair in one line: protection, leader and epoch, each node's state, how
+    recently each heartbeat path heard the peer, and the reason. Asks the agents."""
+    from coloft.model.status import one_line, pair_view
+
+    names = [_load(spec).vm.name] if spec else _pair_names()
     pairs = []
     for name in names:
-        data = _read_status(name)
-        if data is None:
-            continue
-        if not pid_alive(int(data["supervisor_pid"])):
-            data.update(
-                phase="stopped",
-                protected=False,
-                reason=f"supervisor pid {data['supervisor_pid']} is gone",
-            )
-        pairs.append(data)
+        agents = _agents_of(name)
+        if agents:
+            view = pair_view(name, agents)
+            if as_json:
+                view["agents"] = agents
+            pairs.append(view)
     if as_json:
         click.echo(json.dumps({"pairs": pairs}, indent=1))
         return
@@ -172,29 +205,66 @@ def status(spec: Path | None, as_json: bool) -> None:
         sys.exit(1)
     from coloft.cli.view import status_table
 
-    for data in pairs:
-        click.echo(status_table(data))
+    for view in pairs:
+        click.echo(status_table(view) if table else one_line(view))
+
+
+@cli.command()
+@SPEC
+@click.option("--force", is_flag=True, help="Take over even where the safety rules refuse.")
+@click.option(
+    "--accept-data-loss",
+    is_flag=True,
+    help="Required with --force: the secondary may lack acknowledged writes.",
+)
+def failover(spec: Path, force: bool, accept_data_loss: bool) -> None:
+    """Planned failover: the leader hands over to its secondary, which takes over.
+    Refused unless the secondary is the in-sync node; --force overrides that."""
+    from coloft.agent import api
+
+    s = _load(spec)
+    if force and not accept_data_loss:
+        _fail("--force may lose acknowledged writes; add --accept-data-loss to confirm", 2)
+    agents = _agents_of(s.vm.name)
+    leader = next((n for n, v in agents.items() if v and v["state"] in ("primary", "alone")), None)
+    if leader is None and not force:
+        _fail(f"{s.vm.name}: no leading agent answers; only --force can make a node take over")
+    others = [n for n in agents if n != leader and agents[n] is not None]
+    answer: dict[str, Any] = {}
+    try:
+        # The others first: a forced secondary must be ready to acquire once the leader resigns.
+        for node in [*others, *([leader] if leader else [])]:
+            sock = _run_root() / s.vm.name / f"agent-{node}.sock"
+            answer = api.call(sock, "POST", "/failover", {"force": force}, timeout=5.0)
+    except ColoftError as e:
+        _fail(str(e))
+    if not answer:
+        _fail(f"{s.vm.name}: no agent answers")
+    click.echo(f"{answer['node']}: {answer['state']} ({answer['reason']})")
+    if answer["state"] not in ("fenced", "alone") and not (leader is None and force):
+        sys.exit(1)
 
 
 @cli.command()
 @SPEC
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
 def down(spec: Path, timeout: float) -> None:
-    """Stop a pair started by `coloft up`: its supervisor kills both QEMUs and cleans up."""
+    """Stop a pair started by `coloft up`: agents stop their QEMUs, then etcd stops."""
     import time
 
+    from coloft.agent.launch import running_launcher
+
     s = _load(spec)
-    data = _read_status(s.vm.name)
-    if data is None or not pid_alive(int(data["supervisor_pid"])):
+    pid = running_launcher(s)
+    if pid is None:
         click.echo(f"{s.vm.name}: not running")
         return
-    pid = int(data["supervisor_pid"])
     os.kill(pid, signal.SIGTERM)
     end = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < end:
         time.sleep(0.1)
     if pid_alive(pid):
-        _fail(f"supervisor pid {pid} still running after {timeout:g} s")
+        _fail(f"`coloft up` pid {pid} still running after {timeout:g} s")
     click.echo(f"{s.vm.name}: stopped")
 
 
@@ -242,7 +312,7 @@ def lab_status(as_json: bool) -> None:
 @click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
 @click.option(
     "--fault",
-    type=click.Choice(["kill-primary", "kill-secondary", "stop-primary", "stop-secondary"]),
+    type=click.Choice(sorted(FAULT_NAMES)),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
     "gains a `failover` object.",
 )

@@ -11,8 +11,6 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from coloft.model.status import PairStatus
-
 
 def _fmt(value: object, unit: str = "") -> str:
     if value is None:
@@ -22,48 +20,54 @@ def _fmt(value: object, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
-def _sides_table(sides: list[dict[str, Any]]) -> Table:
+def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
     t = Table(box=None, pad_edge=False)
-    for col in ("node", "role", "pid", "run state", "COLO mode", "migration", "QMP ms"):
+    for col in ("node", "agent", "QEMU pid", "run state", "COLO mode", "peer heard (ms ago)"):
         t.add_column(col)
-    for s in sides:
+    for n in nodes:
+        paths = n.get("peer_paths_ms") or {}
+        heard = ", ".join(f"{p} {_fmt(ms)}" for p, ms in sorted(paths.items()))
+        alive = n.get("qemu_alive")
         t.add_row(
-            s["node"],
-            s["role"],
-            _fmt(s["pid"]),
-            s["run_state"] or ("dead" if not s["alive"] else "-"),
-            _fmt(s["colo_mode"]),
-            _fmt(s["migration"]),
-            _fmt(s["qmp_ms"]),
+            n["node"],
+            n["state"],
+            _fmt(n.get("qemu_pid")),
+            n.get("run_state") or ("dead" if alive is False else "-"),
+            _fmt(n.get("colo_mode")),
+            heard or "-",
         )
     return t
 
 
-def _headline(data: dict[str, Any]) -> Text:
-    style = "bold green" if data["protected"] else "bold red"
-    return Text.assemble((f"{data['vm']}: {data['phase'].upper()}", style), f"  {data['reason']}")
-
-
-def _checkpoint_line(data: dict[str, Any]) -> str:
-    return (
-        f"checkpoints {data['checkpoints']} ({_fmt(data['checkpoints_per_min'])}/min), "
-        f"last {_fmt(data['last_checkpoint_age_s'], ' s')} ago, "
-        f"last pause {_fmt(data['last_pause_ms'], ' ms')}, "
-        f"interval {data['checkpoint_interval_ms']} ms"
+def _headline(view: dict[str, Any]) -> Text:
+    style = "bold green" if view["protected"] else "bold red"
+    lead = f"  leader {view['leader']} (epoch {view['epoch']})" if view["leader"] else ""
+    return Text.assemble(
+        (f"{view['vm']}: {view['phase'].upper()}", style), lead, f"  {view['reason']}"
     )
 
 
-def status_table(data: dict[str, Any]) -> str:
+def _checkpoint_line(view: dict[str, Any]) -> str:
+    c = view.get("checkpoints") or {}
+    return (
+        f"checkpoints {c.get('count', 0)} ({_fmt(c.get('per_min'))}/min), "
+        f"last {_fmt(c.get('last_age_s'), ' s')} ago, "
+        f"last pause {_fmt(c.get('last_pause_ms'), ' ms')}, "
+        f"interval {c.get('interval_ms', '-')} ms"
+    )
+
+
+def status_table(view: dict[str, Any]) -> str:
     buf = io.StringIO()
-    console = Console(file=buf, width=110, force_terminal=False)
-    console.print(_headline(data))
-    console.print(_sides_table(data["sides"]))
-    console.print(_checkpoint_line(data))
+    console = Console(file=buf, width=120, force_terminal=False)
+    console.print(_headline(view))
+    console.print(_nodes_table(view["nodes"]))
+    console.print(_checkpoint_line(view))
     return buf.getvalue()
 
 
 class LiveView:
-    """The demo's terminal view, refreshed on every supervisor tick."""
+    """The demo's terminal view, refreshed every few hundred ms."""
 
     def __init__(self, vm: str, duration: float) -> None:
         self.vm = vm
@@ -78,12 +82,11 @@ class LiveView:
 
     def update(
         self,
-        status: PairStatus,
+        view: dict[str, Any],
         client: dict[str, Any] | None,
         elapsed: float,
-        events: list[tuple[float, str]] | None = None,
+        events: list[dict[str, Any]] | None = None,
     ) -> None:
-        data = status.to_json()
         c = client or {}
         client_line = (
             f"client: {_fmt(c.get('reqs_per_s'))} req/s, "
@@ -93,14 +96,17 @@ class LiveView:
             f"acknowledged writes {c.get('acked_writes', 0)}"
         )
         lines = [
-            Text(time.strftime("%H:%M:%S ", time.localtime(t)) + text)
-            for t, text in (events or [])[-12:]
+            Text(
+                time.strftime("%H:%M:%S ", time.localtime(e["unix"]))
+                + f"{e.get('node', '')} {e['text']}"
+            )
+            for e in (events or [])[-12:]
         ]
         self._live.update(
             Group(
-                _headline(data),
-                _sides_table(data["sides"]),
-                Text(_checkpoint_line(data)),
+                _headline(view),
+                _nodes_table(view["nodes"]),
+                Text(_checkpoint_line(view)),
                 Text(client_line),
                 Text(f"{elapsed:.0f} / {self.duration:.0f} s"),
                 *lines,

@@ -27,17 +27,22 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+def die_with_parent(
+    sig: signal.Signals = signal.SIGKILL, nice: int | None = None
+) -> Callable[[], None]:
     """A preexec_fn: the child gets `sig` when the thread that started it ends.
 
     PR_SET_PDEATHSIG follows the forking *thread*: start children from a
-    long-lived thread (the event loop's), never from a worker thread.
+    long-lived thread (the event loop's), never from a worker thread. `nice`
+    sets the child's priority (a raised agent's QEMU goes back to normal).
     """
     parent = os.getpid()
     prctl = _libc.prctl
     number = int(sig)
 
     def preexec() -> None:
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         prctl(PR_SET_PDEATHSIG, number, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), number)
@@ -97,7 +102,7 @@ def launch(node: str, argv: list[str], netns: str | None, run_dir: Path) -> Qemu
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
-            preexec_fn=die_with_parent(),
+            preexec_fn=die_with_parent(nice=0),
             close_fds=True,
         )
     return QemuProcess(node, full, popen, stderr_path)

@@ -1,30 +1,87 @@
-"""Faults the demo and the tests inject into a running pair."""
+"""Faults the demo, the tests and the benchmarks inject into a running pair."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from typing import TYPE_CHECKING, Any
 
-from coloft.agent.pair import Pair
-from coloft.errors import ConfigError
-from coloft.model.steps import Role
+from coloft.agent import api
+from coloft.errors import ConfigError, FatalError
 
-# fault name -> (role of the victim, signal sent to its QEMU)
-FAULTS: dict[str, tuple[Role, signal.Signals]] = {
-    "kill-primary": (Role.PRIMARY, signal.SIGKILL),
-    "kill-secondary": (Role.SECONDARY, signal.SIGKILL),
-    "stop-primary": (Role.PRIMARY, signal.SIGSTOP),
-    "stop-secondary": (Role.SECONDARY, signal.SIGSTOP),
+if TYPE_CHECKING:
+    from coloft.agent.launch import LocalPair
+
+# fault name -> (the victim, by its agent's state; what is done to it)
+FAULTS: dict[str, tuple[str, str]] = {
+    "kill-primary": ("primary", "SIGKILL its QEMU"),
+    "kill-secondary": ("secondary", "SIGKILL its QEMU"),
+    "stop-primary": ("primary", "SIGSTOP its QEMU"),
+    "stop-secondary": ("secondary", "SIGSTOP its QEMU"),
+    "kill-primary-agent": ("primary", "SIGKILL its agent (its QEMU dies with it)"),
+    "kill-secondary-agent": ("secondary", "SIGKILL its agent (its QEMU dies with it)"),
+    "isolate-primary": ("primary", "blackhole all its links: LAN, replication, witness"),
+    "cut-replication": ("primary", "blackhole its replication link only"),
+    "kill-primary-in-checkpoint": ("primary", "SIGKILL its QEMU while a checkpoint runs"),
+    "planned-failover": ("primary", "ask its agent to hand over (coloft failover)"),
 }
+CHECKPOINT_WAIT_S = 30.0
+FAULT_NAMES = tuple(FAULTS)
 
 
-def inject(pair: Pair, fault: str) -> float:
-    """Inject the fault now; returns when (monotonic seconds)."""
+def victim(statuses: dict[str, dict[str, Any] | None], state: str) -> dict[str, Any]:
+    for s in statuses.values():
+        if s is not None and s["state"] == state:
+            return s
+    raise ConfigError(f"no node is {state} now; cannot inject the fault")
+
+
+def inject(pair: LocalPair, fault: str) -> float:
+    """Inject the fault now; returns when (wall clock, as agents stamp their events)."""
+    from coloft.lab import net
+
     if fault not in FAULTS:
         raise ConfigError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
-    role, sig = FAULTS[fault]
-    node = next(n for n, r in pair.roles.items() if r is role)
-    at = time.monotonic()
-    os.kill(pair.procs[node].pid, sig)
+    state, _ = FAULTS[fault]
+    v = victim(pair.statuses(), state)
+    node = pair.spec.node(v["node"])
+    at = time.time()
+    if fault == "kill-primary-in-checkpoint":
+        return _kill_in_checkpoint(pair, node.name)
+    if fault == "planned-failover":
+        api.call(api.socket_path(pair.spec, node.name), "POST", "/failover", {"force": False})
+    elif fault.endswith("-agent"):
+        pair.signal_agent(node.name, signal.SIGKILL)
+    elif fault.startswith(("kill-", "stop-")):
+        sig = signal.SIGKILL if fault.startswith("kill-") else signal.SIGSTOP
+        os.kill(int(v["qemu"]["pid"]), sig)
+    elif fault == "isolate-primary":
+        assert node.netns is not None
+        net.isolate(node.netns)
+    elif fault == "cut-replication":
+        assert node.netns is not None
+        net.blackhole(node.netns, "repl")
     return at
+
+
+def _kill_in_checkpoint(pair: LocalPair, node: str) -> float:
+    """Poll the primary's agent until its QEMU is inside a checkpoint, then SIGKILL it."""
+    sock = api.socket_path(pair.spec, node)
+    end = time.monotonic() + CHECKPOINT_WAIT_S
+    while time.monotonic() < end:
+        s = api.call(sock, "GET", "/status")
+        if s["qemu"].get("in_checkpoint_ms") is not None:
+            at = time.time()
+            os.kill(int(s["qemu"]["pid"]), signal.SIGKILL)
+            return at
+    raise FatalError(f"no checkpoint of {node} seen within {CHECKPOINT_WAIT_S:g} s")
+
+
+def heal(pair: LocalPair) -> None:
+    """Lift every network fault (processes killed stay dead)."""
+    from coloft.lab import net
+
+    for node in pair.spec.nodes:
+        if node.netns is not None:
+            net.heal(node.netns)

@@ -54,12 +54,15 @@ __all__ = [
     "GUEST_IP",
     "GUEST_MAC",
     "HOSTS",
+    "HOST_IFACES",
     "HOST_NS",
     "LOCK_PATH",
     "NS_PREFIX",
     "REPLICATION_IP",
     "TEMP_PREFIX",
     "VM_BRIDGE",
+    "WITNESS_IP",
+    "WITNESS_NS",
     "Bridge",
     "Host",
     "LabError",
@@ -67,6 +70,8 @@ __all__ = [
     "Veth",
     "blackhole",
     "blackholed",
+    "heal",
+    "isolate",
     "lab_down",
     "lab_lock",
     "lab_status",
@@ -127,6 +132,10 @@ GUEST_IP = "192.0.2.10"
 GUEST_CIDR = "192.0.2.10/24"
 GUEST_MAC = "52:54:00:c0:10:0a"
 CLIENT_NS = "coloft-client"
+WITNESS_NS = "coloft-w"
+WITNESS_IP = "203.0.113.3"
+#: Every link a lab host has to the world: blackholing all of them isolates it.
+HOST_IFACES = ("uplink", "repl", "mgmt")
 
 #: The topology. Each link (veth pair) is declared once, by one of its two hosts.
 HOSTS: dict[str, Host] = {
@@ -150,10 +159,15 @@ HOSTS: dict[str, Host] = {
             Veth("eth0", addrs=("192.0.2.100/24",), peer=Peer("lan", "to-client", master="lan0")),
         ),
     ),
-    # A witness host later is one entry, e.g.:
-    # "w": Host(ns="coloft-w", bridges=(Bridge("mgmt0", ("203.0.113.3/24",)),),
-    #           links=(Veth("to-a", master="mgmt0", peer=Peer("a", "mgmt", ("203.0.113.1/24",))),
-    #                  Veth("to-b", master="mgmt0", peer=Peer("b", "mgmt", ("203.0.113.2/24",))))),
+    # The witness: runs the embedded etcd, reachable from each host on its own network.
+    "w": Host(
+        ns=WITNESS_NS,
+        bridges=(Bridge("mgmt0", (f"{WITNESS_IP}/24",)),),
+        links=(
+            Veth("to-a", master="mgmt0", peer=Peer("a", "mgmt", ("203.0.113.1/24",))),
+            Veth("to-b", master="mgmt0", peer=Peer("b", "mgmt", ("203.0.113.2/24",))),
+        ),
+    ),
 }
 
 HOST_NS: dict[str, str] = {"a": HOSTS["a"].ns, "b": HOSTS["b"].ns}
@@ -660,3 +674,13 @@ def link_down(ns: str, iface: str) -> None:
 def link_up(ns: str, iface: str) -> None:
     """Bring ``iface`` back up."""
     _ip(ns, "link", "set", iface, "up")
+
+
+def isolate(ns: str) -> None:
+    """Blackhole every link of a lab host at once (one nft transaction)."""
+    _set_blackholed(ns, HOST_IFACES)
+
+
+def heal(ns: str) -> None:
+    """Lift every blackhole in ``ns``."""
+    _set_blackholed(ns, [])

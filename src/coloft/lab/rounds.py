@@ -1,6 +1,6 @@
-"""One fault round: a protected pair under client load, a fault, the oracles' findings.
+"""A protected pair under client load, a fault, and what the oracles found.
 
-Shared by the failover tests and bench/failover.py.
+Shared by the demo, the failover tests and bench/failover.py.
 """
 
 from __future__ import annotations
@@ -10,73 +10,121 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coloft.agent.pair import FailoverRecord, Pair, supervise
+from coloft.agent.launch import LocalPair
 from coloft.core.argv import tap_name
 from coloft.errors import FatalError
 from coloft.lab import faults, net, workload
 from coloft.lab.oracle import FrameWatch
 from coloft.lab.probe import wait_ready
+from coloft.model.status import pair_view
 
-BOOT_DEADLINE_S = 90.0
+BOOT_DEADLINE_S = 240.0
+SERVICE_DEADLINE_S = 90.0
 
 
-async def up_and_serving(pair: Pair) -> None:
-    """Bring the pair up and wait until the guest's service answers the client."""
-    await pair.up()
+async def up_and_serving(pair: LocalPair) -> None:
+    """Start the pair, wait until it is protected and the guest's service answers."""
+    pair.start()
+    await asyncio.to_thread(pair.wait_protected, BOOT_DEADLINE_S)
     assert pair.spec.vm.service is not None
     host, port = pair.spec.vm.service
-    if not await asyncio.to_thread(wait_ready, net.CLIENT_NS, host, port, BOOT_DEADLINE_S):
+    if not await asyncio.to_thread(wait_ready, net.CLIENT_NS, host, port, SERVICE_DEADLINE_S):
         console = pair.spec.run_dir_of(pair.spec.primary) / "console.log"
         raise FatalError(f"guest service never answered; console: {console}")
+
+
+def all_events(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Both agents' events on one timeline, each tagged with its node."""
+    merged = [
+        {**e, "node": node} for node, s in statuses.items() if s is not None for e in s["events"]
+    ]
+    return sorted(merged, key=lambda e: e["unix"])
+
+
+@dataclass
+class Watcher:
+    """Keeps the latest answer of each agent: a killed agent's last words survive it."""
+
+    pair: LocalPair
+    last: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+    def poll(self) -> dict[str, Any]:
+        for node, s in self.pair.statuses().items():
+            if s is not None or node not in self.last:
+                self.last[node] = s
+        return pair_view(self.pair.spec.vm.name, self.pair.statuses())
+
+    def events(self) -> list[dict[str, Any]]:
+        return all_events(self.last)
 
 
 @dataclass
 class FaultRound:
     fault: str
-    fault_at: float
+    fault_at: float  # wall clock
     result: dict[str, Any]
     checked: dict[str, Any]
     overlap_ms: float
     frames: dict[str, int]
-    failovers: list[FailoverRecord] = field(default_factory=list)
+    events: list[dict[str, Any]]
+    failover: dict[str, Any] | None
+    final: dict[str, Any]
 
     @property
     def detected_ms(self) -> float | None:
-        if not self.failovers:
-            return None
-        return (self.failovers[0].detected_at - self.fault_at) * 1000.0
+        return detected_ms(self.events, self.fault_at)
+
+    @property
+    def lost_acked_writes(self) -> int:
+        return int(self.checked.get("lost_acked_writes", 0)) + int(
+            self.checked.get("wrong_values", 0)
+        )
+
+
+def detected_ms(events: list[dict[str, Any]], fault_at: float | None) -> float | None:
+    """From the fault to the first agent that noticed something wrong."""
+    if fault_at is None:
+        return None
+    seen = [e["unix"] for e in events if e["kind"] == "detected" and e["unix"] >= fault_at]
+    return None if not seen else (min(seen) - fault_at) * 1000.0
+
+
+def settled(view: dict[str, Any]) -> bool:
+    """A failover finished (or failed) and a single leader serves."""
+    f = view["failover"]
+    return f is not None and f["done_unix"] is not None
 
 
 async def fault_round(
-    pair: Pair, fault: str, out: Path, load_s: float = 24.0, fault_after_s: float = 8.0
+    pair: LocalPair,
+    fault: str,
+    out: Path,
+    load_s: float = 24.0,
+    fault_after_s: float = 8.0,
 ) -> FaultRound:
-    """Run the round on a pair that is not up yet; leaves the pair up (caller tears down)."""
+    """Run the round on a pair that is not started yet; the caller stops the pair."""
     assert pair.spec.vm.service is not None
     target = "{}:{}".format(*pair.spec.vm.service)
     await up_and_serving(pair)
     watch = FrameWatch({n.name: n.netns or "" for n in pair.spec.nodes}, tap_name(pair.spec))
+    watcher = Watcher(pair)
     watch.start()
+    fault_at = 0.0
     try:
         client = workload.start_workload(net.CLIENT_NS, target, out, load_s)
-        stop = asyncio.Event()
-        fault_at = 0.0
-
-        async def inject() -> None:
-            nonlocal fault_at
-            try:
-                await asyncio.sleep(fault_after_s)
-                if not (await pair.observe()).protected:
-                    raise FatalError("pair not protected when the fault was due")
-                fault_at = faults.inject(pair, fault)
-                await asyncio.to_thread(client.wait, load_s + 30)
-            finally:
-                stop.set()
-
-        injector = asyncio.create_task(inject())
-        supervisor = asyncio.create_task(supervise(pair, stop))
-        await asyncio.gather(injector, supervisor)
+        await asyncio.sleep(fault_after_s)
+        view = await asyncio.to_thread(watcher.poll)
+        if not view["protected"]:
+            raise FatalError(f"pair not protected when the fault was due: {view['reason']}")
+        fault_at = await asyncio.to_thread(faults.inject, pair, fault)
+        while client.poll() is None:
+            await asyncio.sleep(0.3)
+            view = await asyncio.to_thread(watcher.poll)
+        await asyncio.to_thread(client.wait, 30)
+        final = await asyncio.to_thread(watcher.poll)
     finally:
         watch.stop()
+        await asyncio.to_thread(faults.heal, pair)
     checked = await asyncio.to_thread(workload.verify, net.CLIENT_NS, target, out / "acked.jsonl")
     return FaultRound(
         fault,
@@ -85,5 +133,7 @@ async def fault_round(
         checked,
         watch.overlap_ms(),
         {n: watch.frames(n) for n in watch.hosts},
-        list(pair.failovers),
+        watcher.events(),
+        final["failover"],
+        final,
     )

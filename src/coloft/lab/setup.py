@@ -5,8 +5,8 @@ The files land at fixed paths under LAB_DIR so that examples/lab.toml works as i
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -54,7 +54,15 @@ def lab_up(fresh_disks: bool = False) -> Path:
 
 
 def lab_spec(interval_ms: int = 2000) -> PairSpec:
-    """examples/lab.toml with the given checkpoint interval (the lab must be up to run it)."""
-    spec = load_spec(EXAMPLE_SPEC)
-    tuning = dataclasses.replace(spec.tuning, checkpoint_interval_ms=interval_ms)
-    return dataclasses.replace(spec, tuning=tuning)
+    """examples/lab.toml with the given checkpoint interval, as a file of its own
+    (agents read the spec from its file); the lab must be up to run it."""
+    text = EXAMPLE_SPEC.read_text()
+    changed, n = re.subn(
+        r"(?m)^checkpoint_interval_ms = \d+", f"checkpoint_interval_ms = {interval_ms}", text
+    )
+    if n != 1:
+        raise FatalError(f"{EXAMPLE_SPEC}: no single checkpoint_interval_ms line to set")
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    path = LAB_DIR / f"lab-{interval_ms}ms.toml"
+    path.write_text(changed)
+    return load_spec(path)

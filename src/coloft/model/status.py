@@ -1,9 +1,11 @@
-"""What the supervisor publishes about a pair."""
+"""What agents publish, and the pair seen through both agents' eyes."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
+
+LEADING = ("primary", "alone")
 
 
 @dataclass(frozen=True)
@@ -20,20 +22,67 @@ class SideStatus:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class PairStatus:
-    vm: str
-    phase: str
-    protected: bool
-    reason: str
-    checkpoints: int
-    checkpoints_per_min: float
-    last_checkpoint_age_s: float | None
-    last_pause_ms: float | None
-    checkpoint_interval_ms: int
-    sides: tuple[SideStatus, ...]
-    supervisor_pid: int
-    updated_unix: float
+def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """One pair from its agents' statuses (None: that agent did not answer).
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    The leader's agent judges protection (it sees its own QEMU and the secondary's
+    heartbeats); with no leader answering, the pair is not protected, whatever
+    else is running.
+    """
+    answering = {n: s for n, s in agents.items() if s is not None}
+    leader = next((s for s in answering.values() if s["state"] in LEADING), None)
+    judge = leader or next(iter(answering.values()), None)
+    nodes = []
+    for name, s in agents.items():
+        if s is None:
+            nodes.append({"node": name, "state": "no-agent", "reason": "agent does not answer"})
+            continue
+        q = s["qemu"]
+        nodes.append(
+            {
+                "node": name,
+                "state": s["state"],
+                "role": s["role"],
+                "reason": s["reason"],
+                "qemu_pid": q["pid"],
+                "qemu_alive": q["alive"],
+                "run_state": q.get("run_state"),
+                "colo_mode": q.get("colo_mode"),
+                "agent_pid": s["agent_pid"],
+                "peer_paths_ms": s["peer_health"]["paths_ms"],
+            }
+        )
+    if judge is None:
+        phase, protected, reason = "stopped", False, "no agent answers"
+    elif leader is None:
+        phase, protected = "unprotected", False
+        reason = f"no leader; {judge['node']}: {judge['state']} ({judge['reason']})"
+    else:
+        phase, protected, reason = leader["phase"], leader["protected"], leader["protection_reason"]
+    failovers = [s["failover"] for s in answering.values() if s.get("failover")]
+    return {
+        "vm": vm,
+        "phase": phase,
+        "protected": protected,
+        "reason": reason,
+        "leader": None if leader is None else leader["node"],
+        "epoch": None if leader is None else leader["epoch"],
+        "sync": None if judge is None else judge["sync"],
+        "nodes": nodes,
+        "checkpoints": None if judge is None else judge["checkpoints"],
+        "failover": failovers[0] if failovers else None,
+    }
+
+
+def one_line(view: dict[str, Any]) -> str:
+    """`coloft status` in one line: state, leadership, roles, peer paths, reason."""
+    parts = [f"{view['vm']}: {view['phase'].upper()}"]
+    if view["leader"]:
+        parts.append(f"leader {view['leader']} (epoch {view['epoch']})")
+    for n in view["nodes"]:
+        paths = n.get("peer_paths_ms") or {}
+        heard = ", ".join(
+            f"{p} {'-' if ms is None else f'{ms:.0f} ms'}" for p, ms in sorted(paths.items())
+        )
+        parts.append(f"{n['node']} {n['state']}" + (f" [peer heard: {heard}]" if heard else ""))
+    return " | ".join(parts) + f" -- {view['reason']}"

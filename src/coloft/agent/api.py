@@ -1,0 +1,155 @@
+"""The agent's local API: HTTP/1.1 over a root-only UNIX socket.
+
+    GET  /status            the agent's status (JSON)
+    POST /failover          body {"force": bool}: ask for a failover; answers with
+                            the leader's decision
+
+Small on purpose: one request per connection, bounded header and body sizes,
+every read under a deadline. `coloft status` and `coloft failover` use only this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+from coloft.errors import ColoftError, TransientError
+from coloft.model.spec import PairSpec
+
+MAX_HEAD = 8192
+MAX_BODY = 65536
+READ_DEADLINE_S = 5.0
+
+
+class Served(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+    async def request_failover(self, force: bool) -> dict[str, Any]: ...
+
+
+def run_root(spec: PairSpec) -> Path:
+    return Path(os.environ.get("COLOFT_RUN", "/run/coloft")) / spec.vm.name
+
+
+def socket_path(spec: PairSpec, node: str) -> Path:
+    return run_root(spec) / f"agent-{node}.sock"
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError as e:
+        raise BadRequest(431, "request head too large") from e
+    except asyncio.IncompleteReadError as e:
+        raise BadRequest(400, "incomplete request") from e
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(400, f"bad request line {lines[0][:80]!r}")
+    method, target = parts[0], parts[1]
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            if not value.strip().isdigit():
+                raise BadRequest(400, "bad Content-Length")
+            length = int(value.strip())
+    if length > MAX_BODY:
+        raise BadRequest(413, f"body of {length} bytes exceeds {MAX_BODY}")
+    body = await reader.readexactly(length) if length else b""
+    return method, target, body
+
+
+async def _route(agent: Served, method: str, target: str, body: bytes) -> Any:
+    if target == "/status":
+        if method != "GET":
+            raise BadRequest(405, "use GET /status")
+        return agent.status()
+    if target == "/failover":
+        if method != "POST":
+            raise BadRequest(405, "use POST /failover")
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError as e:
+            raise BadRequest(400, f"body is not JSON: {e}") from e
+        if not isinstance(request, dict) or not isinstance(request.get("force", False), bool):
+            raise BadRequest(400, 'expected {"force": true|false}')
+        return await agent.request_failover(bool(request.get("force", False)))
+    raise BadRequest(404, f"no such endpoint {target[:80]!r} (try /status, /failover)")
+
+
+def _response(status: int, payload: Any) -> bytes:
+    body = json.dumps(payload).encode()
+    reason = http.client.responses.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def serve(path: Path, agent: Served) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_DEADLINE_S):
+                method, target, body = await _read_request(reader)
+            payload, status = await _route(agent, method, target, body), 200
+        except BadRequest as e:
+            payload, status = {"error": str(e)}, e.status
+        except TimeoutError:
+            payload, status = {"error": "request not received in time"}, 408
+        try:
+            writer.write(_response(status, payload))
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(handle, path, limit=MAX_HEAD)
+    os.chmod(path, 0o600)
+    return server
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.unix_path))
+        self.sock = sock
+
+
+def call(path: Path, method: str, target: str, body: Any = None, timeout: float = 5.0) -> Any:
+    """One request to an agent; raises TransientError when nobody answers."""
+    conn = _UnixConnection(path, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, target, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = json.loads(resp.read() or b"null")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise TransientError(f"agent at {path}: {e}") from e
+    finally:
+        conn.close()
+    if resp.status != 200:
+        message = payload.get("error") if isinstance(payload, dict) else payload
+        raise ColoftError(f"agent at {path}: {resp.status}: {message}")
+    return payload

@@ -1,0 +1,658 @@
+"""The per-host agent: owns one node's QEMU and runs core.ha every tick.
+
+    observe (own QEMU, peer heartbeats, arbiter) -> core.ha.decide -> execute -> serve status
+
+One asyncio TaskGroup: heartbeats, QEMU polling, the bring-up, the tick loop and
+the status API. The tick loop never waits on QEMU (polling runs beside it, and
+choreographies run as their own task), so a stuck QEMU can never keep the lease
+logic from fencing on time; every arbiter call has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import asdict
+from typing import Any
+
+from coloft.agent import api
+from coloft.arbiter.base import Arbiter, ArbiterUnavailable
+from coloft.core import choreography, failover, health
+from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
+from coloft.core.lease import LeaseTiming, fence_at
+from coloft.core.ports import HEARTBEAT, port
+from coloft.effects.executor import run_steps
+from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
+from coloft.effects.local_qemu import LocalQemu
+from coloft.effects.qemu_binary import QemuChoice
+from coloft.errors import ColoftError, FatalError
+from coloft.model.leader import Leader
+from coloft.model.spec import PairSpec
+from coloft.model.status import SideStatus
+from coloft.model.steps import Role, Step
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+MIN_WAIT_S = 0.005
+TERMINAL = (State.FENCED, State.DOWN)
+POLL_S = 0.2
+START_ARBITER_WAIT_S = 30.0
+# How long a starting agent listens for a leading peer before judging the pair.
+PEER_WAIT_S = 2.0
+INTENT_ANSWER_S = 2.0
+KILL_WAIT_S = 1.0
+
+
+def lease_timing(spec: PairSpec) -> LeaseTiming:
+    a = spec.arbiter
+    return LeaseTiming(a.ttl_s, a.renew_every_s, a.call_deadline_s, a.fence_margin_s)
+
+
+class Agent:
+    def __init__(self, spec: PairSpec, node: str, arbiter: Arbiter, choice: QemuChoice) -> None:
+        self.spec = spec
+        self.pair = spec.vm.name
+        self.node = spec.node(node)
+        self.peer = spec.peer_of(node)
+        self.arbiter = arbiter
+        self.choice = choice
+        self.timing = lease_timing(spec)
+        self.boot = secrets.token_hex(4)
+        self.state = State.STARTING
+        self.reason = "starting"
+        self.progress = ""
+        self.qemu: LocalQemu | None = None
+        self.side: SideStatus | None = None
+        self.hung = False
+        self.ready = False
+        self.my_epoch: int | None = None
+        self.renew_sent_at: float | None = None
+        self.renew_tried_at = float("-inf")
+        self.leader: Leader | None = None
+        self.sync: str | None = None
+        self.arbiter_ok = False
+        self.arbiter_error: str | None = None
+        self.intent: Intent | None = None
+        self.intent_until = 0.0
+        self.intent_answer: dict[str, Any] | None = None
+        self.answered = asyncio.Event()
+        self.busy: asyncio.Task[None] | None = None
+        self.failover: dict[str, Any] | None = None
+        self.peer_lost_noted = False
+        self.wake = asyncio.Event()
+        self.peer_news = asyncio.Event()
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.protection = health.Verdict("starting", False, "starting")
+        paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
+        if self.node.lan_address and self.peer.lan_address:
+            paths[LAN] = (self.node.lan_address, self.peer.lan_address)
+        self.heartbeat = Heartbeat(
+            self.pair,
+            self.node.name,
+            paths,
+            port(self.node, HEARTBEAT),
+            spec.heartbeat.interval_ms / 1000.0,
+            self._heartbeat_state,
+            self._peer_changed,
+        )
+
+    # ---------------------------------------------------------------- events
+
+    def _peer_changed(self) -> None:
+        self.peer_news.set()
+        self.wake.set()
+
+    def note(self, kind: str, text: str, level: int = logging.INFO) -> None:
+        self.events.append({"unix": time.time(), "kind": kind, "text": text})
+        log.log(level, "%s/%s: %s", self.pair, self.node.name, text)
+
+    # ---------------------------------------------------------------- observe
+
+    def _own_role(self) -> Role | None:
+        return None if self.qemu is None else self.qemu.role
+
+    def _heartbeat_state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cp = self.qemu.checkpoints if self.qemu else health.Checkpoints()
+        age = cp.age(now)
+        return {
+            "boot": self.boot,
+            "state": self.state.value,
+            "role": None if self.qemu is None else self.qemu.role.value,
+            "qemu_alive": self.qemu is not None and self.qemu.alive(),
+            "ready": self.ready,
+            "in_colo": self._in_colo(),
+            "colo_mode": None if self.side is None else self.side.colo_mode,
+            "checkpoints": cp.count,
+            "checkpoint_age_s": age,
+            "stopped_for_s": None if cp.stopped_at is None else now - cp.stopped_at,
+            "epoch": self.my_epoch,
+            "protection": asdict(self.protection),
+        }
+
+    def _in_colo(self) -> bool:
+        if self.qemu is None or self.side is None or not self.qemu.alive():
+            return False
+        return self.side.colo_mode == self.qemu.role.value
+
+    def _peer(self, now: float) -> tuple[dict[str, Any], bool, bool]:
+        """The peer's last message, whether it is heard at all, and over replication."""
+        timeout = self.spec.heartbeat.timeout_s
+        view = self.heartbeat.peer
+        return (
+            view.message or {},
+            view.any_fresh(now, timeout),
+            view.fresh(REPLICATION, now, timeout),
+        )
+
+    async def _read_arbiter(self) -> None:
+        leader, sync = await asyncio.gather(
+            self.arbiter.leader(self.pair), self.arbiter.sync(self.pair), return_exceptions=True
+        )
+        for answer in (leader, sync):
+            if isinstance(answer, ColoftError):
+                self.arbiter_ok, self.arbiter_error = False, str(answer)
+                return
+            if isinstance(answer, BaseException):
+                raise answer
+        assert not isinstance(leader, BaseException) and not isinstance(sync, BaseException)
+        self.leader, self.sync = leader, sync
+        self.arbiter_ok, self.arbiter_error = True, None
+
+    def _observation(self, now: float) -> Observation:
+        msg, heard, repl = self._peer(now)
+        if self.intent is not None and now > self.intent_until:
+            self.intent = None
+        role = self._own_role()
+        synced = (
+            int(msg.get("checkpoints") or 0) > 0 and heard
+            if role is Role.PRIMARY
+            else (self.qemu is not None and self.qemu.checkpoints.count > 0)
+        )
+        return Observation(
+            node=self.node.name,
+            peer=self.peer.name,
+            now=now,
+            qemu_role=role,
+            qemu_alive=self.qemu is not None and self.qemu.alive(),
+            qemu_hung=self.hung,
+            in_colo=self._in_colo(),
+            synced=synced,
+            peer_qemu_alive=heard and bool(msg.get("qemu_alive")),
+            arbiter_ok=self.arbiter_ok,
+            leader=self.leader,
+            sync=self.sync,
+            my_epoch=self.my_epoch,
+            renew_sent_at=self.renew_sent_at,
+            repl_ok=repl,
+            peer_state=msg.get("state") if heard else None,
+            intent=self.intent,
+        )
+
+    def _note_detection(self, o: Observation) -> None:
+        """One `detected` event per peer loss, for the timeline (and the demo's oracle)."""
+        if self.state not in (State.PRIMARY, State.SECONDARY):
+            return
+        lost = not o.peer_qemu_alive or not o.repl_ok
+        if self.state is State.SECONDARY:
+            lost = lost or (o.arbiter_ok and o.leader is None)
+        if lost and not self.peer_lost_noted:
+            what = "peer heartbeats stopped" if not o.peer_qemu_alive else "peer trouble"
+            if o.peer_qemu_alive and not o.repl_ok:
+                what = "replication-path heartbeats stopped"
+            elif o.arbiter_ok and o.leader is None and self.state is State.SECONDARY:
+                what = "leader key gone"
+            self.note("detected", f"{what} ({self.peer.name})", logging.WARNING)
+        self.peer_lost_noted = lost
+
+    # ---------------------------------------------------------------- decide + execute
+
+    def _lease_left(self) -> float | None:
+        """Seconds until this leader must fence (None when it holds no lease)."""
+        if self.renew_sent_at is None:
+            return None
+        return fence_at(self.renew_sent_at, self.timing) - time.monotonic()
+
+    async def _bounded(self, call: Awaitable[None]) -> None:
+        """An arbiter call that may never delay fencing: it ends at the fencing point."""
+        left = self._lease_left()
+        try:
+            async with asyncio.timeout(None if left is None else max(0.0, left)):
+                await call
+        except TimeoutError:
+            self.arbiter_ok, self.arbiter_error = False, "no answer before my fencing point"
+
+    async def _tick(self) -> None:
+        epoch = self.my_epoch
+        await self._bounded(self._read_arbiter())
+        if self.my_epoch != epoch:
+            # Leadership changed while we read (the bring-up acquired): that read is stale.
+            if self.my_epoch is not None:
+                self.leader = Leader(self.node.name, self.my_epoch)
+            self.wake.set()
+            return
+        now = time.monotonic()
+        o = self._observation(now)
+        self._note_detection(o)
+        d = decide(self.state, o, self.timing)
+        changed = d.state is not self.state
+        if d.state in TERMINAL and not changed and d.actions == ():
+            d = Decision(d.state, (), self.reason)  # keep the reason that got us here
+        if changed or d.reason != self.reason:
+            level = logging.WARNING if d.state in (State.FENCED, State.ALONE) else logging.INFO
+            self.note("state", f"{d.state.value}: {d.reason}", level)
+        self.state, self.reason = d.state, d.reason
+        if self.state in TERMINAL:
+            self.renew_sent_at = None  # never act on a lease again
+        if o.intent is not None and self.state in (State.PRIMARY, State.ALONE, State.FENCED):
+            # A leader answers an intent once; the reason says how.
+            self.intent = None
+            self.intent_answer = {
+                "node": self.node.name,
+                "state": self.state.value,
+                "reason": self.reason,
+            }
+            self.answered.set()
+        for act in d.actions:
+            if act is Act.FENCE:
+                await self._execute(act, o)
+            else:
+                await self._bounded(self._execute(act, o))
+        self.protection = self._protection(now, o)
+        if changed:
+            self.heartbeat.send_now()
+
+    async def _execute(self, act: Act, o: Observation) -> None:
+        try:
+            if act is Act.FENCE:
+                if self.qemu is not None and self.qemu.alive():
+                    self.note("fence", "killing my QEMU (fence)", logging.WARNING)
+                    self.qemu.kill()
+            elif act is Act.RENEW:
+                await self._renew()
+            elif act is Act.RESIGN and self.my_epoch is not None:
+                # Hand the lease over only once my QEMU is really gone.
+                if self.qemu is not None and not await self.qemu.wait_exit(KILL_WAIT_S):
+                    self.note("error", "QEMU not dead after SIGKILL; not resigning", logging.ERROR)
+                    return
+                epoch, self.my_epoch, self.renew_sent_at = self.my_epoch, None, None
+                await self.arbiter.resign(self.pair, self.node.name, epoch)
+                self.note("lease", f"resigned leadership (epoch {epoch})")
+            elif act is Act.ACQUIRE:
+                await self._acquire()
+            elif act is Act.SET_SYNC and self.my_epoch is not None:
+                if await self.arbiter.set_sync(self.pair, self.peer.name, self.my_epoch):
+                    self.sync = self.peer.name
+                    self.note("sync", f"{self.peer.name} named the sync node")
+            elif act is Act.CLEAR_SYNC and self.my_epoch is not None:
+                if await self.arbiter.clear_sync(self.pair, self.my_epoch):
+                    self.sync = None
+                    self.note("sync", "sync record cleared")
+                    self.wake.set()
+            elif act is Act.TAKEOVER:
+                self._start_failover(failover.Action.SECONDARY_TAKES_OVER)
+            elif act is Act.GO_ALONE:
+                self._start_failover(failover.Action.PRIMARY_CONTINUES_ALONE)
+        except ColoftError as e:
+            self.note("error", f"{act.value} failed: {e}", logging.ERROR)
+
+    async def _renew(self) -> None:
+        now = time.monotonic()
+        if self.my_epoch is None or now - self.renew_tried_at < self.timing.renew_every_s:
+            return
+        self.renew_tried_at = now
+        try:
+            ok = await self.arbiter.renew(self.pair, self.node.name, self.my_epoch)
+        except ArbiterUnavailable as e:
+            self.note("lease", f"renewal failed: {e}", logging.WARNING)
+            return
+        if ok:
+            self.renew_sent_at = now
+        else:
+            self.note("lease", f"renewal refused: epoch {self.my_epoch} is over", logging.WARNING)
+
+    async def _acquire(self) -> bool:
+        sent = time.monotonic()
+        got = await self.arbiter.acquire(self.pair, self.node.name, self.timing.ttl_s)
+        if got is None:
+            return False
+        self.my_epoch, self.renew_sent_at, self.renew_tried_at = got.epoch, sent, sent
+        self.leader = got
+        self.note("lease", f"leadership acquired (epoch {got.epoch})", logging.WARNING)
+        self.wake.set()
+        return True
+
+    def _start_failover(self, action: failover.Action) -> None:
+        if self.busy is not None and not self.busy.done():
+            return
+        self.busy = asyncio.create_task(self._failover(action))
+
+    async def _failover(self, action: failover.Action) -> None:
+        assert self.qemu is not None and self.qemu.session is not None
+        takeover = action is failover.Action.SECONDARY_TAKES_OVER
+        steps = (
+            failover.secondary_takeover(self.node.name)
+            if takeover
+            else failover.primary_continue_alone(self.node.name)
+        )
+        record: dict[str, Any] = {
+            "action": action.value,
+            "lost": self.peer.name,
+            "survivor": self.node.name,
+            "started_unix": time.time(),
+            "done_unix": None,
+            "steps": [],
+            "error": None,
+        }
+        self.failover = record
+        self.note("failover", f"{action.value}: {len(steps)} QMP steps", logging.WARNING)
+
+        def done(step: Step, took: float) -> None:
+            record["steps"].append({"step": step.describe(), "ms": round(took * 1000, 1)})
+            self.note("step", f"{step.describe()} ({took * 1000:.0f} ms)")
+
+        try:
+            sessions = {self.node.name: self.qemu.session}
+            oob = {self.node.name: self.qemu.oob} if self.qemu.oob else {}
+            await run_steps(sessions, steps, done, oob)
+        except ColoftError as e:
+            record["error"] = str(e)
+            self.note("error", f"failover failed: {e}; fencing", logging.ERROR)
+            self.qemu.kill()
+        else:
+            self.qemu.role = Role.PRIMARY
+            self.note("failover", f"{self.node.name} serves alone", logging.WARNING)
+        finally:
+            record["done_unix"] = time.time()
+            self.wake.set()
+
+    def _protection(self, now: float, o: Observation) -> health.Verdict:
+        if self.state is State.ALONE:
+            return health.Verdict("unprotected", False, f"running alone on {self.node.name}")
+        if self.state in (State.FENCED, State.DOWN):
+            return health.Verdict("failed", False, self.reason)
+        if self.state is not State.PRIMARY:
+            msg, heard, _ = self._peer(now)
+            p = msg.get("protection") if heard else None
+            if self.state is State.SECONDARY and isinstance(p, dict):
+                return health.Verdict(str(p["phase"]), bool(p["protected"]), str(p["reason"]))
+            return health.Verdict("starting", False, self.reason)
+        if self.busy is not None and not self.busy.done():
+            return health.Verdict("failing-over", False, self.reason)
+        if not o.peer_qemu_alive or not o.repl_ok:
+            return health.Verdict("degraded", False, self.reason)
+        assert self.qemu is not None
+        msg, _, _ = self._peer(now)
+        primary = self.side or SideStatus(self.node.name, "primary", self.qemu.pid, True)
+        secondary = SideStatus(
+            self.peer.name, "secondary", None, True, colo_mode=msg.get("colo_mode")
+        )
+        age, stopped = msg.get("checkpoint_age_s"), msg.get("stopped_for_s")
+        cp = health.Checkpoints(
+            count=int(msg.get("checkpoints") or 0),
+            last_at=None if age is None else now - float(age),
+            stopped_at=None if stopped is None else now - float(stopped),
+        )
+        interval = self.spec.tuning.checkpoint_interval_ms
+        return health.verdict(
+            primary, secondary, cp, interval, now, self.qemu.checkpoints.stopped_at
+        )
+
+    # ---------------------------------------------------------------- loops
+
+    async def _poll_qemu(self) -> None:
+        while True:
+            q = self.qemu
+            if q is not None and q.alive() and (self.busy is None or self.busy.done()):
+                self.side = await q.query()
+                hung = await q.hung(time.monotonic())
+                if hung and not self.hung:
+                    self.note(
+                        "detected", "my QEMU is hung (no answer in or out of band)", logging.WARNING
+                    )
+                    self.wake.set()
+                self.hung = hung
+            await asyncio.sleep(POLL_S)
+
+    def _qemu_exited(self) -> None:
+        if self.qemu is not None and not self.qemu.stopping:
+            self.note("detected", f"my QEMU (pid {self.qemu.pid}) exited", logging.WARNING)
+        self.heartbeat.send_now()
+        self.wake.set()
+
+    async def _bring_up(self) -> None:
+        end = time.monotonic() + START_ARBITER_WAIT_S
+        while True:
+            await self._read_arbiter()
+            if self.arbiter_ok:
+                break
+            if time.monotonic() > end:
+                self.note("error", f"arbiter unreachable: {self.arbiter_error}", logging.ERROR)
+                self.state, self.reason = State.DOWN, f"arbiter unreachable: {self.arbiter_error}"
+                return
+            await asyncio.sleep(0.5)
+        if self.leader is not None and self.leader.node == self.peer.name:
+            # Whether the leader still brings the pair up, only its heartbeats say.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PEER_WAIT_S):
+                    while self.heartbeat.peer.message is None:
+                        self.peer_news.clear()
+                        await self.peer_news.wait()
+        msg, heard, _ = self._peer(time.monotonic())
+        peer_state = msg.get("state") if heard else None
+        role, why = first_role(self.node.name, self.spec.primary.name, self.leader, peer_state)
+        self.note("start", why)
+        if role is None:
+            if self.leader is not None and self.leader.node == self.node.name:
+                await self.arbiter.resign(self.pair, self.node.name, self.leader.epoch)
+            self.state, self.reason = State.DOWN, why
+            return
+        if role is Role.PRIMARY:
+            if not await self._acquire():
+                self.state, self.reason = State.DOWN, "another node took the lead first"
+                return
+            assert self.my_epoch is not None
+            await self.arbiter.clear_sync(self.pair, self.my_epoch)
+        if self.state in TERMINAL:
+            return
+        self.qemu = LocalQemu(self.spec, self.node, role, self.choice, self._qemu_exited)
+        try:
+            await self._run_bring_up(role)
+        except ColoftError as e:
+            self.note("error", f"bring-up failed: {e}", logging.ERROR)
+            self.progress = f"bring-up failed: {e}"
+            self.qemu.kill()
+        self.wake.set()
+
+    async def _run_bring_up(self, role: Role) -> None:
+        assert self.qemu is not None
+        self.progress = "starting QEMU"
+        await self.qemu.start()
+        sessions = {self.node.name: self.qemu.session}
+        started = time.monotonic()
+
+        def done(step: Step, took: float) -> None:
+            self.progress = f"{step.describe()} done"
+            log.info("%s: %s (%.0f ms)", self.node.name, step.describe(), took * 1000)
+
+        if role is Role.SECONDARY:
+            steps = choreography.secondary_bringup(self.spec, self.peer, self.node)
+            await run_steps(sessions, steps, done)  # type: ignore[arg-type]
+            self.ready = True
+            self.progress = "ready; waiting for the primary"
+            self.heartbeat.send_now()
+        else:
+            self.progress = f"waiting for secondary {self.peer.name} to be ready"
+            while not (self.heartbeat.peer.message or {}).get("ready"):
+                self.peer_news.clear()
+                await self.peer_news.wait()
+            if self.state in TERMINAL:
+                raise FatalError(f"bring-up abandoned: {self.reason}")
+            steps = choreography.primary_bringup(self.spec, self.node, self.peer)
+            await run_steps(sessions, steps, done)  # type: ignore[arg-type]
+            self.progress = ""
+        self.note(
+            "start",
+            f"bring-up as {role.value} done: {len(steps)} steps, "
+            f"{time.monotonic() - started:.1f} s",
+        )
+
+    def _until_peer_silent(self) -> float:
+        """Seconds until a path that hears the peer now would count as silent: the
+        loop wakes then, so a lost peer is seen at the timeout, not a tick later."""
+        now, timeout = time.monotonic(), self.spec.heartbeat.timeout_s
+        ages = [
+            a
+            for p in self.heartbeat.peer.paths
+            if (a := self.heartbeat.peer.age(p, now)) is not None
+        ]
+        left = [timeout - a for a in ages if a <= timeout]
+        return max(MIN_WAIT_S, min(left) + MIN_WAIT_S) if left else TICK_S
+
+    async def _tick_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._tick()
+            # Sleep to the next tick, but a leader never sleeps past its fencing point.
+            wait = min(TICK_S, self._until_peer_silent())
+            if self.renew_sent_at is not None:
+                left = fence_at(self.renew_sent_at, self.timing) - time.monotonic()
+                wait = max(MIN_WAIT_S, min(wait, left))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), wait)
+            self.wake.clear()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.heartbeat.open()
+        server = await api.serve(api.socket_path(self.spec, self.node.name), self)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                helpers = [
+                    tg.create_task(self.heartbeat.run()),
+                    tg.create_task(self._poll_qemu()),
+                    tg.create_task(self._bring_up()),
+                ]
+                await self._tick_loop(stop)
+                for t in helpers:
+                    t.cancel()
+        finally:
+            server.close()
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop on purpose: the secondary must not take over, so clear sync first."""
+        if self.busy is not None:
+            self.busy.cancel()
+        if self.my_epoch is not None:
+            with contextlib.suppress(ColoftError):
+                await self.arbiter.clear_sync(self.pair, self.my_epoch)
+        if self.qemu is not None:
+            await self.qemu.close()
+            self.qemu.cleanup()
+        if self.my_epoch is not None:
+            with contextlib.suppress(ColoftError):
+                await self.arbiter.resign(self.pair, self.node.name, self.my_epoch)
+        self.heartbeat.close()
+        api.socket_path(self.spec, self.node.name).unlink(missing_ok=True)
+        self.note("stop", "agent stopped")
+
+    # ---------------------------------------------------------------- API
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        msg, heard, repl = self._peer(now)
+        view = self.heartbeat.peer
+        q = self.qemu
+        cp = q.checkpoints if q else health.Checkpoints()
+        age = cp.age(now)
+        leader = self.leader
+        return {
+            "vm": self.pair,
+            "node": self.node.name,
+            "peer": self.peer.name,
+            "agent_pid": os.getpid(),
+            "boot": self.boot,
+            "state": self.state.value,
+            "role": None if q is None else q.role.value,
+            "reason": self.reason,
+            "progress": self.progress,
+            "epoch": self.my_epoch,
+            "leader": None if leader is None else {"node": leader.node, "epoch": leader.epoch},
+            "sync": self.sync,
+            "arbiter": {"ok": self.arbiter_ok, "error": self.arbiter_error},
+            "qemu": {
+                "pid": None if q is None else q.pid,
+                "alive": q is not None and q.alive(),
+                "hung": self.hung,
+                "in_checkpoint_ms": None
+                if cp.stopped_at is None
+                else round((now - cp.stopped_at) * 1000, 1),
+                **(
+                    {}
+                    if self.side is None
+                    else {
+                        "run_state": self.side.run_state,
+                        "colo_mode": self.side.colo_mode,
+                        "migration": self.side.migration,
+                        "qmp_ms": self.side.qmp_ms,
+                    }
+                ),
+            },
+            "peer_health": {
+                "heard": heard,
+                "replication": repl,
+                "state": msg.get("state"),
+                "qemu_alive": bool(msg.get("qemu_alive")) and heard,
+                "paths_ms": {
+                    p: (None if (a := view.age(p, now)) is None else round(a * 1000, 1))
+                    for p in view.paths
+                },
+            },
+            "phase": self.protection.phase,
+            "protected": self.protection.protected,
+            "protection_reason": self.protection.reason,
+            "checkpoints": {
+                "count": cp.count,
+                "per_min": cp.per_minute(now),
+                "last_age_s": None if age is None else round(age, 3),
+                "last_pause_ms": None if cp.last_pause_ms is None else round(cp.last_pause_ms, 1),
+                "pause_ms_p50": _pct(cp.pauses_ms, 0.50),
+                "pause_ms_p99": _pct(cp.pauses_ms, 0.99),
+                "interval_ms": self.spec.tuning.checkpoint_interval_ms,
+            },
+            "failover": self.failover,
+            "events": list(self.events),
+            "updated_unix": time.time(),
+        }
+
+    async def request_failover(self, force: bool) -> dict[str, Any]:
+        """An operator's failover: the leader hands over (or refuses); a forced
+        secondary may then acquire without `sync`."""
+        self.intent = Intent.FORCE_FAILOVER if force else Intent.FAILOVER
+        self.intent_until = time.monotonic() + self.timing.ttl_s + 2.0
+        self.intent_answer = None
+        self.answered.clear()
+        self.note("intent", f"operator asked for {'forced ' if force else ''}failover")
+        self.wake.set()
+        if self.state in (State.PRIMARY, State.ALONE):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(INTENT_ANSWER_S):
+                    await self.answered.wait()
+            if self.intent_answer is not None:
+                return self.intent_answer
+        return {"node": self.node.name, "state": self.state.value, "reason": self.reason}
+
+
+def _pct(values: tuple[float, ...], q: float) -> float | None:
+    """Nearest-rank percentile, rounded for display."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)

@@ -1,0 +1,168 @@
+"""Run a whole pair from one machine: the embedded etcd and one agent per node.
+
+This is what `coloft up`, the demo, the tests and the benchmarks use in the lab,
+where every node is a network namespace of this machine: each agent runs inside
+its node's namespace, exactly as it would run on its own host, and the etcd runs
+in the witness namespace. On real hosts, run `coloft agent SPEC --node NAME` on
+each host instead (systemd), against an existing etcd cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coloft.agent import api
+from coloft.arbiter.base import parse_endpoint
+from coloft.arbiter.embedded import EtcdProcess, start_etcd
+from coloft.effects.process import die_with_parent, netns_argv, pid_alive
+from coloft.errors import ColoftError, FatalError
+from coloft.model.spec import PairSpec
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 15.0
+
+
+class LocalPair:
+    """Handles to the processes of a pair started on this machine."""
+
+    def __init__(self, spec: PairSpec, verbose: bool = True) -> None:
+        self.spec = spec
+        self.verbose = verbose
+        self.etcd: EtcdProcess | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, node: str) -> Path:
+        return api.run_root(self.spec) / f"agent-{node}.log"
+
+    def start(self) -> None:
+        """Start etcd (when embedded) and both agents; on failure stop what started."""
+        try:
+            root = api.run_root(self.spec)
+            root.mkdir(parents=True, exist_ok=True)
+            a = self.spec.arbiter
+            if a.embedded_netns is not None:
+                # The embedded witness starts empty: no stale leader or sync record.
+                shutil.rmtree(a.data_dir, ignore_errors=True)
+                host, port = parse_endpoint(a.endpoints[0])
+                self.etcd = start_etcd(
+                    a.data_dir,
+                    client_url=f"http://{host}:{port}",
+                    peer_url=f"http://{host}:{port + 1}",
+                    netns=a.embedded_netns or None,
+                )
+            for node in self.spec.nodes:
+                self.start_agent(node.name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_agent(self, node: str) -> None:
+        n = self.spec.node(node)
+        argv = [sys.executable, "-m", "coloft.cli"]
+        if self.verbose:
+            argv.append("-v")
+        argv += ["agent", str(self.spec.source), "--node", node]
+        with self.log_path(node).open("ab") as out:
+            self.agents[node] = subprocess.Popen(
+                netns_argv(n.netns, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=die_with_parent(),
+            )
+
+    def signal_agent(self, node: str, sig: signal.Signals) -> None:
+        proc = self.agents[node]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        if sig is signal.SIGKILL:
+            proc.wait()
+
+    def status(self, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = api.call(
+                api.socket_path(self.spec, node), "GET", "/status", timeout=timeout
+            )
+        except ColoftError:
+            return None
+        return data
+
+    def statuses(self) -> dict[str, dict[str, Any] | None]:
+        return {n.name: self.status(n.name) for n in self.spec.nodes}
+
+    def wait_for(self, check: Any, timeout_s: float, what: str) -> dict[str, dict[str, Any] | None]:
+        """Poll both agents until check(statuses) is true; names what never happened."""
+        end = time.monotonic() + timeout_s
+        while True:
+            s = self.statuses()
+            if check(s):
+                return s
+            for node, proc in self.agents.items():
+                if proc.poll() is not None and not any(s.values()):
+                    raise FatalError(
+                        f"agent {node} exited with code {proc.returncode}; "
+                        f"log: {self.log_path(node)}\n{self.log_tail(node)}"
+                    )
+            if time.monotonic() > end:
+                summary = "; ".join(
+                    f"{n}: {v['state']} ({v['reason']}) {v.get('progress') or ''}"
+                    if v
+                    else f"{n}: no answer"
+                    for n, v in s.items()
+                )
+                raise FatalError(f"{what} not reached within {timeout_s:g} s: {summary}")
+            time.sleep(0.2)
+
+    def wait_protected(self, timeout_s: float = 240.0) -> dict[str, dict[str, Any] | None]:
+        return self.wait_for(
+            lambda s: any(v and v["state"] == "primary" and v["protected"] for v in s.values()),
+            timeout_s,
+            "protection",
+        )
+
+    def log_tail(self, node: str, limit: int = 3000) -> str:
+        try:
+            return self.log_path(node).read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM every agent (each stops its QEMU and cleans up), then etcd."""
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + STOP_GRACE_S
+        for node, proc in self.agents.items():
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("agent %s did not stop in %.0f s; killing it", node, STOP_GRACE_S)
+                proc.kill()
+                proc.wait()
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
+            shutil.rmtree(self.spec.arbiter.data_dir, ignore_errors=True)
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.agents.values())
+
+
+def pid_file(spec: PairSpec) -> Path:
+    return api.run_root(spec) / "up.pid"
+
+
+def running_launcher(spec: PairSpec) -> int | None:
+    try:
+        pid = int(pid_file(spec).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None

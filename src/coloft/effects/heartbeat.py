@@ -1,0 +1,151 @@
+"""Agent-to-agent heartbeats: small JSON datagrams over two independent paths.
+
+Each agent sends its state every interval (and at once when something changed)
+from each of its addresses to the peer's matching address: the replication
+network and the client LAN. Which path a datagram came in on is known from the
+socket it arrived at, so losing one path (the replication link cut) is told apart
+from losing the peer (no path at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 4096
+REPLICATION = "replication"
+LAN = "lan"
+
+
+@dataclass
+class PathState:
+    last_at: float | None = None
+    count: int = 0
+
+
+@dataclass
+class PeerView:
+    """What the peer last said, and when each path last carried it (local monotonic time)."""
+
+    message: dict[str, Any] | None = None
+    paths: dict[str, PathState] = field(default_factory=dict)
+
+    def age(self, path: str, now: float) -> float | None:
+        p = self.paths.get(path)
+        return None if p is None or p.last_at is None else now - p.last_at
+
+    def fresh(self, path: str, now: float, timeout_s: float) -> bool:
+        age = self.age(path, now)
+        return age is not None and age <= timeout_s
+
+    def any_fresh(self, now: float, timeout_s: float) -> bool:
+        return any(self.fresh(p, now, timeout_s) for p in self.paths)
+
+
+class _Receiver(asyncio.DatagramProtocol):
+    def __init__(self, on_message: Callable[[dict[str, Any]], None]) -> None:
+        self.on_message = on_message
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            message = json.loads(data[:MAX_DATAGRAM])
+        except ValueError:
+            log.warning("heartbeat: unreadable datagram from %s", addr[0])
+            return
+        if isinstance(message, dict):
+            self.on_message(message)
+
+
+class Heartbeat:
+    """Sends our state to the peer on every path and records what the peer sends."""
+
+    def __init__(
+        self,
+        pair: str,
+        node: str,
+        paths: dict[str, tuple[str, str]],  # path -> (our address, peer's address)
+        port: int,
+        interval_s: float,
+        state: Callable[[], dict[str, Any]],
+        on_peer: Callable[[], None],
+    ) -> None:
+        self.pair = pair
+        self.node = node
+        self.paths = paths
+        self.port = port
+        self.interval_s = interval_s
+        self.state = state
+        self.on_peer = on_peer
+        self.peer = PeerView(paths={p: PathState() for p in paths})
+        self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._seq = 0
+        self._kick = asyncio.Event()
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for path, (here, _there) in self.paths.items():
+
+            def receive(message: dict[str, Any], path: str = path) -> None:
+                self._received(path, message)
+
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda receive=receive: _Receiver(receive),  # type: ignore[misc]
+                local_addr=(here, self.port),
+            )
+            self._transports[path] = transport
+
+    def _received(self, path: str, message: dict[str, Any]) -> None:
+        if message.get("pair") != self.pair or message.get("node") == self.node:
+            return
+        p = self.peer.paths[path]
+        p.last_at = time.monotonic()
+        p.count += 1
+        old = self.peer.message
+        # Datagrams on two paths arrive out of order: keep the newest per sender boot.
+        if (
+            old is None
+            or old.get("boot") != message.get("boot")
+            or int(message.get("seq", 0)) > int(old.get("seq", 0))
+        ):
+            self.peer.message = message
+            if old is None or _changed(old, message):
+                self.on_peer()
+
+    def send_now(self) -> None:
+        self._kick.set()
+
+    def _send(self) -> None:
+        self._seq += 1
+        body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
+        data = json.dumps(body).encode()
+        for path, transport in self._transports.items():
+            _here, there = self.paths[path]
+            try:
+                transport.sendto(data, (there, self.port))
+            except OSError as e:  # e.g. no route while a link is down: that is the signal
+                log.debug("heartbeat on %s: %s", path, e)
+
+    async def run(self) -> None:
+        while True:
+            self._send()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval_s)
+            self._kick.clear()
+
+    def close(self) -> None:
+        for t in self._transports.values():
+            t.close()
+        self._transports.clear()
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = ("state", "qemu_alive", "ready", "in_colo", "epoch", "boot")
+    return any(old.get(k) != new.get(k) for k in keys)

@@ -1,0 +1,224 @@
+"""One QEMU on this host: launch, two QMP monitors, exit and hang detection, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from coloft.core import health
+from coloft.core.argv import RunPaths, qemu_argv, tap_name
+from coloft.effects import tap
+from coloft.effects.process import QemuProcess, launch, wait_started
+from coloft.effects.qemu_binary import QemuChoice
+from coloft.effects.qmp import QmpSession
+from coloft.errors import ColoftError, FatalError
+from coloft.model.spec import NodeSpec, PairSpec
+from coloft.model.status import SideStatus
+from coloft.model.steps import Role
+
+log = logging.getLogger(__name__)
+
+QUERY_DEADLINE_S = 0.5
+# A QEMU whose main monitor stays silent this long is asked out of band whether it runs.
+# Silence alone proves little (a primary waits in a checkpoint on a stalled peer); the
+# out-of-band answer decides.
+HUNG_AFTER_S = 0.5
+# The out-of-band monitor runs in its own thread: only a stopped or wedged QEMU misses this.
+OOB_PROBE_S = 0.3
+
+
+def _qemu_img_create(path: Path, size: int) -> None:
+    done = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise FatalError(f"qemu-img create {path}: {done.stderr.strip()}")
+
+
+class LocalQemu:
+    """The QEMU of one node. `on_exit` runs in the event loop the moment it exits."""
+
+    def __init__(
+        self,
+        spec: PairSpec,
+        node: NodeSpec,
+        role: Role,
+        choice: QemuChoice,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.node = node
+        self.role = role
+        self.choice = choice
+        self.on_exit = on_exit
+        self.paths = RunPaths(spec.run_dir_of(node))
+        self.proc: QemuProcess | None = None
+        self.session: QmpSession | None = None
+        self.oob: QmpSession | None = None
+        self.exited_at: float | None = None
+        self.exited = asyncio.Event()
+        self.stopping = False
+        # STOP -> RESUME pairs of this QEMU: one per checkpoint, on either side.
+        self.checkpoints = health.Checkpoints()
+        self.events: list[tuple[str, dict[str, object], float]] = []
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.exited_at is None and self.proc.alive()
+
+    def _on_event(self, kind: str, data: dict[str, object], now: float) -> None:
+        self.checkpoints = health.on_event(self.checkpoints, kind, now)
+        if kind not in ("STOP", "RESUME"):
+            self.events.append((kind, data, now))
+            del self.events[:-50]
+
+    def _prepare(self) -> None:
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.qmp, self.paths.qmp_oob, self.paths.pidfile):
+            stale.unlink(missing_ok=True)
+        disk = self.spec.disk_of(self.node)
+        if not disk.is_file():
+            raise FatalError(f"{self.node.name}: disk image {disk} does not exist")
+        if self.role is Role.SECONDARY:
+            size = disk.stat().st_size
+            _qemu_img_create(self.paths.active, size)
+            _qemu_img_create(self.paths.hidden, size)
+        tap.ensure_tap(self.node.netns, tap_name(self.spec), self.node.bridge)
+
+    async def start(self) -> None:
+        """Launch QEMU and connect both monitors; a QEMU that fails to start is named."""
+        self._prepare()
+        argv = qemu_argv(self.spec, self.node, self.role, self.choice.binary, self.choice.accel)
+        # The agent already runs inside the node's namespace when it has one.
+        netns = self.node.netns if _outside(self.node.netns) else None
+        self.proc = launch(self.node.name, argv, netns, self.paths.run_dir)
+        self._watch_exit(self.proc)
+        try:
+            await wait_started(self.proc, self.paths.qmp)
+            name = f"{self.spec.vm.name}/{self.node.name}"
+            self.session = QmpSession(name, self.paths.qmp, self._on_event)
+            await self.session.connect()
+            self.oob = QmpSession(f"{name}/oob", self.paths.qmp_oob)
+            await self.oob.connect()
+        except ColoftError as e:
+            if self.proc is not None and not self.proc.alive():
+                raise FatalError(f"{e}\n{self.proc.failure()}") from e
+            raise
+
+    def _watch_exit(self, proc: QemuProcess) -> None:
+        """Learn of QEMU's death the moment it happens (pidfd), not at the next poll."""
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(proc.pid)
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            if self.exited_at is None:
+                self.exited_at = time.monotonic()
+            self.exited.set()
+            level = logging.INFO if self.stopping else logging.WARNING
+            log.log(level, "%s: QEMU pid %d exited", self.node.name, proc.pid)
+            if self.on_exit is not None:
+                self.on_exit()
+
+        loop.add_reader(fd, exited)
+
+    async def query(self) -> SideStatus:
+        """Run state and COLO mode, each call bounded; errors become part of the status."""
+        role = self.role.value
+        if self.proc is None or self.session is None or not self.alive():
+            return SideStatus(self.node.name, role, self.pid, False)
+        try:
+            t0 = time.monotonic()
+            run = await self.session.execute("query-status", deadline_s=QUERY_DEADLINE_S)
+            qmp_ms = (time.monotonic() - t0) * 1000.0
+            colo = await self.session.execute("query-colo-status", deadline_s=QUERY_DEADLINE_S)
+            mig = await self.session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S)
+        except ColoftError as e:
+            return SideStatus(self.node.name, role, self.pid, True, error=str(e))
+        return SideStatus(
+            self.node.name,
+            role,
+            self.pid,
+            True,
+            run_state=run.get("status"),
+            colo_mode=colo.get("mode"),
+            colo_reason=colo.get("reason"),
+            migration=mig.get("status"),
+            qmp_ms=round(qmp_ms, 2),
+        )
+
+    async def hung(self, now: float) -> bool:
+        """Main monitor silent past HUNG_AFTER_S and no out-of-band answer either.
+
+        A primary whose main loop waits on a stalled checkpoint still answers out of
+        band; only a stopped or wedged process does not. Killing the former would
+        fence the side that still works.
+        """
+        if self.session is None or not self.alive():
+            return False
+        since = self.session.silent_since
+        if since is None or now - since < HUNG_AFTER_S:
+            return False
+        if self.oob is None:
+            return True
+        try:
+            await self.oob.execute("query-yank", deadline_s=OOB_PROBE_S, oob=True)
+        except ColoftError:
+            return True
+        return False
+
+    async def wait_exit(self, timeout_s: float) -> bool:
+        """True once the process is gone (immediately if it never started)."""
+        if self.proc is None or self.exited_at is not None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.exited.wait()
+        return self.exited_at is not None
+
+    def kill(self) -> None:
+        """SIGKILL, without waiting: the caller's loop must not block on a dying process
+        (its exit is seen through the pidfd; cleanup() reaps it)."""
+        if self.proc is not None and self.proc.alive():
+            self.proc.popen.send_signal(signal.SIGKILL)
+
+    async def close(self) -> None:
+        self.stopping = True
+        for s in (self.session, self.oob):
+            if s is not None:
+                await s.close()
+        self.session = self.oob = None
+
+    def cleanup(self) -> None:
+        """Kill QEMU by pid, remove its tap and run files; needs no event loop."""
+        self.stopping = True
+        if self.proc is not None:
+            self.proc.kill()
+        tap.remove_tap(self.node.netns, tap_name(self.spec))
+        p = self.paths
+        for f in (p.qmp, p.qmp_oob, p.active, p.hidden, p.pidfile):
+            f.unlink(missing_ok=True)
+
+
+def _outside(netns: str | None) -> bool:
+    """Whether this process runs outside `netns` (so commands must enter it)."""
+    if netns is None:
+        return False
+    try:
+        return os.stat(f"/run/netns/{netns}").st_ino != os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return True

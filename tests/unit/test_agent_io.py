@@ -1,0 +1,166 @@
+"""The agent's two small protocols on real local sockets: heartbeats (UDP) and the
+status API (HTTP over a UNIX socket). The agent behind them is a stand-in; the
+agent itself is exercised against real QEMU in the integration suite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coloft.agent import api
+from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
+from coloft.errors import ColoftError
+from coloft.model.status import one_line, pair_view
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
+    async def scenario() -> None:
+        port = free_udp_port()
+        # Two paths per node: 127.0.0.1 plays the replication net, 127.0.0.2 the LAN.
+        paths_a = {REPLICATION: ("127.0.0.1", "127.0.0.3"), LAN: ("127.0.0.2", "127.0.0.4")}
+        paths_b = {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")}
+        changes: list[str] = []
+        a = Heartbeat("p", "a", paths_a, port, 0.02, lambda: {"state": "primary"}, lambda: None)
+        b = Heartbeat(
+            "p",
+            "b",
+            paths_b,
+            port,
+            0.02,
+            lambda: {"state": "secondary"},
+            lambda: changes.append("x"),
+        )
+        await a.open()
+        await b.open()
+        tasks = [asyncio.create_task(h.run()) for h in (a, b)]
+        await asyncio.sleep(0.2)
+        t = time.monotonic()
+        assert b.peer.fresh(REPLICATION, t, 0.1) and b.peer.fresh(LAN, t, 0.1)
+        assert b.peer.message is not None and b.peer.message["state"] == "primary"
+        assert changes, "the first message from the peer is news"
+        # Cut a's replication path only: b still hears a on the LAN.
+        a._transports.pop(REPLICATION).close()
+        await asyncio.sleep(0.2)
+        t = time.monotonic()
+        assert not b.peer.fresh(REPLICATION, t, 0.1) and b.peer.fresh(LAN, t, 0.1)
+        for task in tasks:
+            task.cancel()
+        a.close()
+        await asyncio.sleep(0.2)
+        assert not b.peer.any_fresh(time.monotonic(), 0.1)
+        b.close()
+
+    asyncio.run(scenario())
+
+
+class StandIn:
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "primary"}
+
+    async def request_failover(self, force: bool) -> dict[str, Any]:
+        self.asked.append(force)
+        return {"node": "a", "state": "fenced", "reason": "planned failover"}
+
+
+def raw(path: Path, data: bytes) -> tuple[int, dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    agent = StandIn()
+
+    async def scenario() -> None:
+        server = await api.serve(path, agent)
+        try:
+            got = await asyncio.to_thread(api.call, path, "GET", "/status")
+            assert got == {"state": "primary"}
+            answer = await asyncio.to_thread(api.call, path, "POST", "/failover", {"force": True})
+            assert answer["state"] == "fenced" and agent.asked == [True]
+            cases = [
+                (b"GET /nope HTTP/1.1\r\n\r\n", 404, "no such endpoint"),
+                (b"POST /status HTTP/1.1\r\n\r\n", 405, "use GET"),
+                (b"garbage\r\n\r\n", 400, "bad request line"),
+                (b"POST /failover HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope", 400, "not JSON"),
+                (
+                    b'POST /failover HTTP/1.1\r\nContent-Length: 16\r\n\r\n{"force": "yes"}',
+                    400,
+                    "expected",
+                ),
+                (b"POST /failover HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", 413, "exceeds"),
+            ]
+            for data, status, words in cases:
+                code, body = await asyncio.to_thread(raw, path, data)
+                assert code == status and words in body["error"], (data, code, body)
+            with pytest.raises(ColoftError, match="404"):
+                await asyncio.to_thread(api.call, path, "GET", "/other")
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ColoftError, match="agent at"):
+        api.call(tmp_path / "missing.sock", "GET", "/status")
+
+
+def agent_status(node: str, state: str, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "node": node,
+        "state": state,
+        "role": "primary" if state in ("primary", "alone") else "secondary",
+        "reason": f"{node} reason",
+        "qemu": {"pid": 10, "alive": True, "colo_mode": "primary"},
+        "agent_pid": 9,
+        "peer_health": {"paths_ms": {"replication": 12.0, "lan": 14.0}},
+        "epoch": 7 if state in ("primary", "alone") else None,
+        "sync": "b",
+        "phase": "protected",
+        "protected": True,
+        "protection_reason": "in COLO, last checkpoint 0.5 s ago",
+        "checkpoints": {"count": 3},
+        "failover": None,
+    }
+    return {**base, **extra}
+
+
+def test_pair_view_trusts_the_leader_and_says_so_in_one_line() -> None:
+    view = pair_view(
+        "web", {"a": agent_status("a", "primary"), "b": agent_status("b", "secondary")}
+    )
+    assert (view["phase"], view["protected"], view["leader"], view["epoch"]) == (
+        "protected",
+        True,
+        "a",
+        7,
+    )
+    line = one_line(view)
+    assert line.startswith("web: PROTECTED | leader a (epoch 7) | a primary [peer heard: lan 14 ms")
+    assert line.endswith("-- in COLO, last checkpoint 0.5 s ago")
+    # No leader answering: never protected, whatever the secondary last heard.
+    lone = pair_view("web", {"a": None, "b": agent_status("b", "secondary")})
+    assert not lone["protected"] and lone["phase"] == "unprotected"
+    assert "no leader" in lone["reason"] and lone["nodes"][0]["state"] == "no-agent"
+    assert pair_view("web", {"a": None, "b": None})["phase"] == "stopped"
