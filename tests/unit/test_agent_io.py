@@ -27,17 +27,18 @@ def free_udp_port() -> int:
 
 def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
     async def scenario() -> None:
-        port = free_udp_port()
+        # Different ports on each side, as with different port_base values.
+        ports = (free_udp_port(), free_udp_port())
         # Two paths per node: 127.0.0.1 plays the replication net, 127.0.0.2 the LAN.
         paths_a = {REPLICATION: ("127.0.0.1", "127.0.0.3"), LAN: ("127.0.0.2", "127.0.0.4")}
         paths_b = {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")}
         changes: list[str] = []
-        a = Heartbeat("p", "a", paths_a, port, 0.02, lambda: {"state": "primary"}, lambda: None)
+        a = Heartbeat("p", "a", paths_a, ports, 0.02, lambda: {"state": "primary"}, lambda: None)
         b = Heartbeat(
             "p",
             "b",
             paths_b,
-            port,
+            (ports[1], ports[0]),
             0.02,
             lambda: {"state": "secondary"},
             lambda: changes.append("x"),

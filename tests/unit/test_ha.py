@@ -157,6 +157,7 @@ def random_observation(rng: random.Random) -> Observation:
         my_epoch=rng.choice([None, 1, 2, 3]),
         renew_sent_at=rng.choice([None, 99.9, 98.0]),
         repl_ok=rng.random() < 0.8,
+        checkpoint_stalled_s=rng.choice([None, 0.1, 2.0]),
         peer_state=rng.choice([None, "primary", "secondary", "alone", "fenced"]),
         intent=rng.choice([None, None, Intent.FAILOVER, Intent.FORCE_FAILOVER]),
     )
@@ -266,3 +267,11 @@ def test_hung_secondary_is_stopped_so_the_primary_hears_of_it() -> None:
         o = dataclasses.replace(SECONDARY_OK, qemu_hung=True, leader=leader)
         d = decide(State.SECONDARY, o, T)
         assert d.state is State.DOWN and d.actions == (Act.FENCE,), d
+
+
+def test_a_stalled_checkpoint_is_a_lost_secondary() -> None:
+    short = dataclasses.replace(PRIMARY_OK, checkpoint_stalled_s=0.3)
+    assert decide(State.PRIMARY, short, T).state is State.PRIMARY
+    stuck = dataclasses.replace(PRIMARY_OK, checkpoint_stalled_s=1.5, sync=None)
+    d = decide(State.PRIMARY, stuck, T)
+    assert d.state is State.ALONE and "checkpoint with b stalled for 1.5 s" in d.reason

@@ -26,6 +26,7 @@ from coloft.agent import api
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import choreography, failover, health
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
+from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
 from coloft.core.ports import HEARTBEAT, port
 from coloft.effects.executor import run_steps
@@ -49,6 +50,7 @@ START_ARBITER_WAIT_S = 30.0
 PEER_WAIT_S = 2.0
 INTENT_ANSWER_S = 2.0
 KILL_WAIT_S = 1.0
+QEMU_EVENTS_SHOWN = ("COLO_EXIT", "FAILOVER_NEGOTIATED", "BLOCK_JOB_ERROR")
 
 
 def lease_timing(spec: PairSpec) -> LeaseTiming:
@@ -98,7 +100,7 @@ class Agent:
             self.pair,
             self.node.name,
             paths,
-            port(self.node, HEARTBEAT),
+            (port(self.node, HEARTBEAT), port(self.peer, HEARTBEAT)),
             spec.heartbeat.interval_ms / 1000.0,
             self._heartbeat_state,
             self._peer_changed,
@@ -193,21 +195,31 @@ class Agent:
             my_epoch=self.my_epoch,
             renew_sent_at=self.renew_sent_at,
             repl_ok=repl,
+            checkpoint_stalled_s=self._stalled_s(now),
             peer_state=msg.get("state") if heard else None,
             intent=self.intent,
         )
+
+    def _stalled_s(self, now: float) -> float | None:
+        q = self.qemu
+        if q is None or not q.alive() or q.checkpoints.stopped_at is None:
+            return None
+        return now - q.checkpoints.stopped_at
 
     def _note_detection(self, o: Observation) -> None:
         """One `detected` event per peer loss, for the timeline (and the demo's oracle)."""
         if self.state not in (State.PRIMARY, State.SECONDARY):
             return
-        lost = not o.peer_qemu_alive or not o.repl_ok
+        stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
+        lost = not o.peer_qemu_alive or not o.repl_ok or stalled
         if self.state is State.SECONDARY:
             lost = lost or (o.arbiter_ok and o.leader is None)
         if lost and not self.peer_lost_noted:
             what = "peer heartbeats stopped" if not o.peer_qemu_alive else "peer trouble"
             if o.peer_qemu_alive and not o.repl_ok:
                 what = "replication-path heartbeats stopped"
+            elif o.peer_qemu_alive and stalled:
+                what = f"checkpoint stalled for {o.checkpoint_stalled_s:.1f} s"
             elif o.arbiter_ok and o.leader is None and self.state is State.SECONDARY:
                 what = "leader key gone"
             self.note("detected", f"{what} ({self.peer.name})", logging.WARNING)
@@ -422,6 +434,12 @@ class Agent:
                 self.hung = hung
             await asyncio.sleep(POLL_S)
 
+    def _qemu_event(self, kind: str, data: dict[str, object]) -> None:
+        # COLO_EXIT and the like: shown on the timeline; state comes from polling.
+        if kind in QEMU_EVENTS_SHOWN:
+            self.note("qemu", f"QEMU event {kind} {data}", logging.WARNING)
+            self.wake.set()
+
     def _qemu_exited(self) -> None:
         if self.qemu is not None and not self.qemu.stopping:
             self.note("detected", f"my QEMU (pid {self.qemu.pid}) exited", logging.WARNING)
@@ -463,7 +481,9 @@ class Agent:
             await self.arbiter.clear_sync(self.pair, self.my_epoch)
         if self.state in TERMINAL:
             return
-        self.qemu = LocalQemu(self.spec, self.node, role, self.choice, self._qemu_exited)
+        self.qemu = LocalQemu(
+            self.spec, self.node, role, self.choice, self._qemu_exited, self._qemu_event
+        )
         try:
             await self._run_bring_up(role)
         except ColoftError as e:

@@ -12,7 +12,8 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   once it holds the key;
 - a primary clears `sync` before it runs alone, and never goes alone while `sync`
   still names the lost peer; losing only the replication path (the peer still
-  heard on the LAN) is a lost secondary too: COLO cannot work without it;
+  heard on the LAN), or a checkpoint that stalls past a bound, is a lost
+  secondary too: COLO cannot work without it, and the guest waits meanwhile;
 - with the arbiter unreachable, nobody gains authority;
 - an operator's failover hands over only to a sync node in lock-step, unless forced
   (then the secondary may acquire without `sync`, accepting possible data loss);
@@ -27,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, may_act
 from coloft.model.leader import Leader
 from coloft.model.steps import Role
@@ -87,6 +89,8 @@ class Observation:
     renew_sent_at: float | None
     # Heartbeats still arrive over the replication network (COLO's own path).
     repl_ok: bool = True
+    # How long my QEMU has been stopped inside a checkpoint (None while it runs).
+    checkpoint_stalled_s: float | None = None
     peer_state: str | None = None
     intent: Intent | None = None
 
@@ -129,12 +133,14 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
         )
     if o.intent is not None:
         return _handing_over(state, o)
-    if state is State.PRIMARY and (not o.peer_qemu_alive or not o.repl_ok):
-        lost = (
-            f"secondary {o.peer} lost"
-            if not o.peer_qemu_alive
-            else f"replication link to {o.peer} lost (LAN heartbeats still arrive)"
-        )
+    stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
+    if state is State.PRIMARY and (not o.peer_qemu_alive or not o.repl_ok or stalled):
+        if not o.peer_qemu_alive:
+            lost = f"secondary {o.peer} lost"
+        elif not o.repl_ok:
+            lost = f"replication link to {o.peer} lost (LAN heartbeats still arrive)"
+        else:
+            lost = f"checkpoint with {o.peer} stalled for {o.checkpoint_stalled_s:.1f} s"
         # Only the arbiter's word that sync is gone counts: unreachable means unknown.
         if not o.arbiter_ok:
             return Decision(

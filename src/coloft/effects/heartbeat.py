@@ -72,7 +72,7 @@ class Heartbeat:
         pair: str,
         node: str,
         paths: dict[str, tuple[str, str]],  # path -> (our address, peer's address)
-        port: int,
+        ports: tuple[int, int],  # (ours, the peer's)
         interval_s: float,
         state: Callable[[], dict[str, Any]],
         on_peer: Callable[[], None],
@@ -80,7 +80,7 @@ class Heartbeat:
         self.pair = pair
         self.node = node
         self.paths = paths
-        self.port = port
+        self.port, self.peer_port = ports
         self.interval_s = interval_s
         self.state = state
         self.on_peer = on_peer
@@ -129,7 +129,7 @@ class Heartbeat:
         for path, transport in self._transports.items():
             _here, there = self.paths[path]
             try:
-                transport.sendto(data, (there, self.port))
+                transport.sendto(data, (there, self.peer_port))
             except OSError as e:  # e.g. no route while a link is down: that is the signal
                 log.debug("heartbeat on %s: %s", path, e)
 

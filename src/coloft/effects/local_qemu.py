@@ -46,7 +46,8 @@ def _qemu_img_create(path: Path, size: int) -> None:
 
 
 class LocalQemu:
-    """The QEMU of one node. `on_exit` runs in the event loop the moment it exits."""
+    """The QEMU of one node. `on_exit` runs in the event loop the moment it exits;
+    `on_event` gets QEMU's events other than the STOP/RESUME of each checkpoint."""
 
     def __init__(
         self,
@@ -55,12 +56,14 @@ class LocalQemu:
         role: Role,
         choice: QemuChoice,
         on_exit: Callable[[], None] | None = None,
+        on_event: Callable[[str, dict[str, object]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.node = node
         self.role = role
         self.choice = choice
         self.on_exit = on_exit
+        self.on_event = on_event
         self.paths = RunPaths(spec.run_dir_of(node))
         self.proc: QemuProcess | None = None
         self.session: QmpSession | None = None
@@ -70,7 +73,6 @@ class LocalQemu:
         self.stopping = False
         # STOP -> RESUME pairs of this QEMU: one per checkpoint, on either side.
         self.checkpoints = health.Checkpoints()
-        self.events: list[tuple[str, dict[str, object], float]] = []
 
     @property
     def pid(self) -> int | None:
@@ -81,9 +83,8 @@ class LocalQemu:
 
     def _on_event(self, kind: str, data: dict[str, object], now: float) -> None:
         self.checkpoints = health.on_event(self.checkpoints, kind, now)
-        if kind not in ("STOP", "RESUME"):
-            self.events.append((kind, data, now))
-            del self.events[:-50]
+        if kind not in ("STOP", "RESUME") and self.on_event is not None:
+            self.on_event(kind, data)
 
     def _prepare(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
