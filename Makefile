@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -54,6 +54,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/steady_state.py
+
+bench-failover: setup
+	$(BIN)/python bench/failover.py --rounds 30 --isolation-rounds 5
 
 clean:
 	-coloft lab down
