@@ -75,6 +75,8 @@ class Agent:
         self.side: SideStatus | None = None
         self.hung = False
         self.ready = False
+        self.planned_role: Role | None = None
+        self.failed_role: Role | None = None
         self.my_epoch: int | None = None
         self.renew_sent_at: float | None = None
         self.renew_tried_at = float("-inf")
@@ -119,7 +121,10 @@ class Agent:
     # ---------------------------------------------------------------- observe
 
     def _own_role(self) -> Role | None:
-        return None if self.qemu is None else self.qemu.role
+        if self.qemu is None:
+            # A bring-up that failed before launching counts as a QEMU that died.
+            return self.failed_role
+        return self.qemu.role
 
     def _heartbeat_state(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -160,8 +165,11 @@ class Agent:
             self.arbiter.leader(self.pair), self.arbiter.sync(self.pair), return_exceptions=True
         )
         for answer in (leader, sync):
-            if isinstance(answer, ColoftError):
-                self.arbiter_ok, self.arbiter_error = False, str(answer)
+            if isinstance(answer, Exception):
+                # Whatever went wrong, the arbiter did not answer: never act on it.
+                if not isinstance(answer, ColoftError):
+                    log.error("arbiter read failed unexpectedly: %r", answer)
+                self.arbiter_ok, self.arbiter_error = False, str(answer) or repr(answer)
                 return
             if isinstance(answer, BaseException):
                 raise answer
@@ -447,6 +455,19 @@ class Agent:
         self.wake.set()
 
     async def _bring_up(self) -> None:
+        try:
+            await self._start()
+        except ColoftError as e:
+            # E.g. etcd stopped answering between two calls: this agent sits the
+            # pair out; a leader's lease runs out and the tick loop fences it.
+            self.note("error", f"bring-up failed: {e}", logging.ERROR)
+            self.progress = f"bring-up failed: {e}"
+            if self.qemu is not None:
+                self.qemu.kill()
+            self.failed_role = self.planned_role
+        self.wake.set()
+
+    async def _start(self) -> None:
         end = time.monotonic() + START_ARBITER_WAIT_S
         while True:
             await self._read_arbiter()
@@ -467,6 +488,7 @@ class Agent:
         msg, heard, _ = self._peer(time.monotonic())
         peer_state = msg.get("state") if heard else None
         role, why = first_role(self.node.name, self.spec.primary.name, self.leader, peer_state)
+        self.planned_role = role
         self.note("start", why)
         if role is None:
             if self.leader is not None and self.leader.node == self.node.name:
@@ -484,13 +506,7 @@ class Agent:
         self.qemu = LocalQemu(
             self.spec, self.node, role, self.choice, self._qemu_exited, self._qemu_event
         )
-        try:
-            await self._run_bring_up(role)
-        except ColoftError as e:
-            self.note("error", f"bring-up failed: {e}", logging.ERROR)
-            self.progress = f"bring-up failed: {e}"
-            self.qemu.kill()
-        self.wake.set()
+        await self._run_bring_up(role)
 
     async def _run_bring_up(self, role: Role) -> None:
         assert self.qemu is not None
