@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from coloft.agent import api
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
-from coloft.core import choreography, failover, health
+from coloft.core import channels, choreography, failover, health
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
@@ -32,6 +33,7 @@ from coloft.core.ports import HEARTBEAT, port
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
+from coloft.effects.probe import IcmpProbe
 from coloft.effects.qemu_binary import QemuChoice
 from coloft.errors import ColoftError, FatalError
 from coloft.model.leader import Leader
@@ -45,11 +47,14 @@ TICK_S = 0.1
 MIN_WAIT_S = 0.005
 TERMINAL = (State.FENCED, State.DOWN)
 POLL_S = 0.2
+CHANNEL_POLL_S = 0.1
 START_ARBITER_WAIT_S = 30.0
 # How long a starting agent listens for a leading peer before judging the pair.
 PEER_WAIT_S = 2.0
 INTENT_ANSWER_S = 2.0
 KILL_WAIT_S = 1.0
+# On-time probe replies in a row before a broken comparison path counts as working.
+PROBE_RECOVER_STREAK = 5
 QEMU_EVENTS_SHOWN = ("COLO_EXIT", "FAILOVER_NEGOTIATED", "BLOCK_JOB_ERROR")
 
 
@@ -95,6 +100,11 @@ class Agent:
         self.peer_news = asyncio.Event()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.protection = health.Verdict("starting", False, "starting")
+        # The comparison path: the active probe (leader only) and each channel's sockets.
+        self.probe: IcmpProbe | None = None
+        self.probe_task: asyncio.Task[None] | None = None
+        self.channels: dict[str, str] = {}
+        self.path_broken = False
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -143,6 +153,7 @@ class Agent:
             "stopped_for_s": None if cp.stopped_at is None else now - cp.stopped_at,
             "epoch": self.my_epoch,
             "protection": asdict(self.protection),
+            "channels": self.channels,
         }
 
     def _in_colo(self) -> bool:
@@ -422,8 +433,33 @@ class Agent:
             stopped_at=None if stopped is None else now - float(stopped),
         )
         interval = self.spec.tuning.checkpoint_interval_ms
-        return health.verdict(
-            primary, secondary, cp, interval, now, self.qemu.checkpoints.stopped_at
+        v = health.verdict(primary, secondary, cp, interval, now, self.qemu.checkpoints.stopped_at)
+        return self._path_verdict(now, msg, v) if v.protected else v
+
+    def _path_verdict(self, now: float, msg: dict[str, Any], v: health.Verdict) -> health.Verdict:
+        """Protected only while the comparison path itself is shown to work."""
+        reasons = channels.broken(self.channels, msg.get("channels") or {})
+        late = 0.0 if self.probe is None else self.probe.late_s(now)
+        overdue = self.probe is not None and self.probe.overdue(now)
+        if overdue or any("disconnected" in r for r in reasons):
+            self.path_broken = True
+            what = "; ".join(reasons) or "no channel identified"
+            probe = f"probe unanswered for {late * 1000:.0f} ms; " if overdue else ""
+            return health.Verdict("degraded", False, f"comparison path broken: {probe}{what}")
+        if self.path_broken:
+            streak = 0 if self.probe is None else self.probe.on_time_streak
+            if self.probe is not None and streak < PROBE_RECOVER_STREAK:
+                return health.Verdict(
+                    "degraded",
+                    False,
+                    f"comparison path recovering: {streak}/{PROBE_RECOVER_STREAK} "
+                    "probe replies on time",
+                )
+            self.path_broken = False
+        if self.probe is None or not self.probe.rtts_ms:
+            return v
+        return health.Verdict(
+            "protected", True, f"{v.reason}, probe {self.probe.rtts_ms[-1]:.0f} ms"
         )
 
     # ---------------------------------------------------------------- loops
@@ -441,6 +477,29 @@ class Agent:
                     self.wake.set()
                 self.hung = hung
             await asyncio.sleep(POLL_S)
+
+    async def _watch_path(self) -> None:
+        """Channel sockets on both sides; the probe on the leader while in COLO."""
+        while True:
+            q = self.qemu
+            if q is not None and q.alive() and self._in_colo():
+                wanted = channels.endpoints(q.role, self.node, self.peer)
+                try:
+                    text = await asyncio.to_thread(Path("/proc/net/tcp").read_text)
+                    self.channels = channels.assess(channels.parse_proc_net_tcp(text), wanted)
+                except OSError as e:
+                    log.warning("cannot read /proc/net/tcp: %s", e)
+            else:
+                self.channels = {}
+            probing = self.state is State.PRIMARY and self.spec.vm.service is not None
+            if probing and self.probe_task is None:
+                assert self.spec.vm.service is not None
+                self.probe = IcmpProbe(self.spec.vm.service[0], self.node.lan_address)
+                self.probe_task = asyncio.create_task(self.probe.run())
+            elif not probing and self.probe_task is not None:
+                self.probe_task.cancel()
+                self.probe_task, self.probe = None, None
+            await asyncio.sleep(CHANNEL_POLL_S)
 
     def _qemu_event(self, kind: str, data: dict[str, object]) -> None:
         # COLO_EXIT and the like: shown on the timeline; state comes from polling.
@@ -574,6 +633,7 @@ class Agent:
                     tg.create_task(self.heartbeat.run()),
                     tg.create_task(self._poll_qemu()),
                     tg.create_task(self._bring_up()),
+                    tg.create_task(self._watch_path()),
                 ]
                 await self._tick_loop(stop)
                 for t in helpers:
@@ -586,6 +646,8 @@ class Agent:
         """Stop on purpose: the secondary must not take over, so clear sync first."""
         if self.busy is not None:
             self.busy.cancel()
+        if self.probe_task is not None:
+            self.probe_task.cancel()
         if self.my_epoch is not None:
             with contextlib.suppress(ColoftError):
                 await self.arbiter.clear_sync(self.pair, self.my_epoch)

@@ -1,0 +1,131 @@
+"""Which COLO channel is broken, from the kernel's view of its TCP sockets. Pure.
+
+Every channel is a TCP connection between the two hosts' replication addresses;
+/proc/net/tcp tells, per socket, how many bytes the peer has not acknowledged and
+how many retransmissions or probes are running. A channel whose packets are
+silently dropped keeps unacknowledged bytes under retransmission; one that was
+reset has no connection at all. These signals only *name* the broken link: the
+verdict that the comparison path is broken comes from the active probe, so that
+a retransmission on a busy but healthy network never claims a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coloft.core import ports
+from coloft.model.spec import NodeSpec
+from coloft.model.steps import Role
+
+ESTABLISHED = 0x01
+
+DESCRIPTION = {
+    "mirror": "mirror channel (primary -> secondary input)",
+    "compare-in": "compare-in channel (secondary output -> colo-compare)",
+    "migration": "migration/checkpoint stream",
+    "nbd": "NBD disk replication",
+}
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: int
+    unacked: int
+    retransmits: int
+    probes: int
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, port = text.split(":")
+    # The kernel prints the IPv4 address as a little-endian 32-bit hex number.
+    raw = int(host, 16)
+    ip = ".".join(str((raw >> shift) & 0xFF) for shift in (0, 8, 16, 24))
+    return ip, int(port, 16)
+
+
+def parse_proc_net_tcp(text: str) -> list[TcpSocket]:
+    """The IPv4 sockets of a /proc/net/tcp listing; malformed lines are skipped."""
+    found = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 13:
+            continue
+        try:
+            tx_queue = int(f[4].split(":")[0], 16)
+            found.append(
+                TcpSocket(
+                    local=_addr(f[1]),
+                    remote=_addr(f[2]),
+                    state=int(f[3], 16),
+                    unacked=tx_queue,
+                    retransmits=int(f[6], 16),
+                    probes=int(f[8]),
+                )
+            )
+        except ValueError:
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A channel's socket on this host: identified by our port or by the peer's."""
+
+    local_port: int | None = None
+    remote: tuple[str, int] | None = None
+
+
+def endpoints(role: Role, node: NodeSpec, peer: NodeSpec) -> dict[str, Endpoint]:
+    """The channels whose sockets live on `node` in `role`."""
+    if role is Role.PRIMARY:
+        return {
+            "mirror": Endpoint(local_port=ports.port(node, ports.MIRROR)),
+            "compare-in": Endpoint(local_port=ports.port(node, ports.COMPARE_SECONDARY_IN)),
+            "migration": Endpoint(
+                remote=(peer.replication_address, ports.port(peer, ports.MIGRATION))
+            ),
+            "nbd": Endpoint(remote=(peer.replication_address, ports.port(peer, ports.NBD))),
+        }
+    return {
+        "mirror": Endpoint(remote=(peer.replication_address, ports.port(peer, ports.MIRROR))),
+        "compare-in": Endpoint(
+            remote=(peer.replication_address, ports.port(peer, ports.COMPARE_SECONDARY_IN))
+        ),
+    }
+
+
+def _matches(s: TcpSocket, e: Endpoint) -> bool:
+    if e.local_port is not None:
+        return s.local[1] == e.local_port
+    return s.remote == e.remote
+
+
+def assess(sockets: list[TcpSocket], wanted: dict[str, Endpoint]) -> dict[str, str]:
+    """Per channel: "ok", "disconnected", or "unacknowledged: ..." (data under retransmission)."""
+    result = {}
+    for name, e in wanted.items():
+        mine = [s for s in sockets if s.state == ESTABLISHED and _matches(s, e)]
+        if not mine:
+            result[name] = "disconnected"
+            continue
+        stuck = [s for s in mine if s.unacked > 0 and (s.retransmits > 0 or s.probes > 0)]
+        if stuck:
+            s = stuck[0]
+            result[name] = (
+                f"unacknowledged: {s.unacked} bytes, {max(s.retransmits, s.probes)} retransmissions"
+            )
+        else:
+            result[name] = "ok"
+    return result
+
+
+def broken(primary: dict[str, str], secondary: dict[str, str]) -> list[str]:
+    """Reasons naming each broken channel, seen from either side."""
+    found = []
+    for name, text in DESCRIPTION.items():
+        states = [v for v in (primary.get(name), secondary.get(name)) if v not in (None, "ok")]
+        if states:
+            found.append(f"{text} {states[0]}")
+    return found
