@@ -165,3 +165,14 @@ def test_demo_fault_json_contract(lab: None) -> None:
     assert failover["lost_acked_writes"] == 0 and failover["connection_resets"] == 0, failover
     assert failover["active_overlap_ms"] == 0.0, failover
     assert summary["phase"] == "unprotected" and not summary["protected"], summary
+
+
+def test_demo_channel_fault_json_contract(lab: None) -> None:
+    summary, done = demo_summary("--fault", "drop-mirror")
+    protection = summary["protection"]
+    assert_keys(protection, "degraded_after_ms reason policy_applied_ms protected_again_ms")
+    assert done.returncode == 0, (summary, done.stderr[-2000:])
+    assert protection["degraded_after_ms"] is not None, protection
+    assert protection["degraded_after_ms"] < 1100, protection
+    assert "mirror" in protection["reason"], protection
+    assert summary["lost_acked_writes"] == 0 and summary["requests_failed"] == 0, summary

@@ -314,7 +314,8 @@ def lab_status(as_json: bool) -> None:
     "--fault",
     type=click.Choice(sorted(FAULT_NAMES)),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
-    "gains a `failover` object.",
+    "gains a `failover` object, or for a channel fault (drop-/reset-mirror|compare, "
+    "lifted after 5 s) a `protection` object.",
 )
 def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
@@ -330,9 +331,13 @@ def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) ->
         from coloft.cli.view import summary_text
 
         click.echo(summary_text(summary))
-    ok = not summary["lost_acked_writes"] and (
-        summary["protected"] if fault is None else not summary["failover"]["error"]
-    )
+    if fault is None:
+        held = summary["protected"]
+    elif "protection" in summary:
+        held = summary["protection"]["degraded_after_ms"] is not None
+    else:
+        held = not summary["failover"]["error"]
+    ok = not summary["lost_acked_writes"] and held
     sys.exit(0 if ok else 1)
 
 

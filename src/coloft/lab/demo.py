@@ -81,6 +81,44 @@ def failover_summary(
     }
 
 
+# How long a channel fault stays before the demo lifts it.
+PATH_FAULT_HOLD_S = 5.0
+
+
+class PathWatch:
+    """A channel fault's timeline: when the pair said DEGRADED (and why), and when it
+    was PROTECTED again after the fault was lifted."""
+
+    def __init__(self) -> None:
+        self.degraded_after_ms: float | None = None
+        self.reason: str | None = None
+        self.healed_at: float | None = None
+        self.protected_again_ms: float | None = None
+
+    def update(self, view: dict[str, Any], fault_at: float, now: float) -> bool:
+        """Record what the view shows; True when it is time to lift the fault."""
+        if self.degraded_after_ms is None and not view["protected"]:
+            self.degraded_after_ms = (now - fault_at) * 1000.0
+            self.reason = view["reason"]
+        if self.healed_at is None:
+            if now - fault_at >= PATH_FAULT_HOLD_S:
+                self.healed_at = now
+                return True
+        elif self.protected_again_ms is None and view["protected"]:
+            self.protected_again_ms = (now - self.healed_at) * 1000.0
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "degraded_after_ms": _round(self.degraded_after_ms),
+            "reason": self.reason,
+            # The policy today is to alert only; re-establishing or running alone come next.
+            "policy": "alert",
+            "policy_applied_ms": None,
+            "protected_again_ms": _round(self.protected_again_ms),
+        }
+
+
 async def run_demo(
     duration: float, interval_ms: int, live: bool, fault: str | None = None
 ) -> dict[str, Any]:
@@ -106,11 +144,15 @@ async def run_demo(
 
             view_ui = LiveView(spec.vm.name, duration)
             view_ui.start()
+        path = PathWatch()
         while True:
             view = await asyncio.to_thread(watcher.poll)
             elapsed = time.monotonic() - started
             if fault and fault_at is None and view["protected"] and elapsed >= duration * 0.4:
                 fault_at = await asyncio.to_thread(faults.inject, pair, fault)
+            on_path = fault in faults.PATH_FAULTS and fault_at is not None
+            if on_path and path.update(view, fault_at or 0.0, time.time()):
+                await asyncio.to_thread(faults.heal, pair)
             if view_ui is not None:
                 view_ui.update(view, workload.read_live(out), elapsed, watcher.events())
             if client.poll() is not None:
@@ -123,7 +165,9 @@ async def run_demo(
         watch.stop()
         view = await asyncio.to_thread(watcher.poll)
         summary = summarize(view, result, checked, time.monotonic() - started)
-        if fault is not None:
+        if fault in faults.PATH_FAULTS:
+            summary["protection"] = path.summary()
+        elif fault is not None:
             summary["failover"] = failover_summary(
                 view, watcher.events(), fault_at, result, summary["lost_acked_writes"], watch
             )

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coloft.agent import api
+from coloft.core import ports
 from coloft.errors import ConfigError, FatalError
 
 if TYPE_CHECKING:
@@ -26,8 +27,16 @@ FAULTS: dict[str, tuple[str, str]] = {
     "kill-primary-in-checkpoint": ("primary", "SIGKILL its QEMU while a checkpoint runs"),
     "planned-failover": ("primary", "ask its agent to hand over (coloft failover)"),
 }
+# Faults of one channel of the comparison path: the pair keeps running, and must be
+# reported DEGRADED with the channel named. name -> (channel, port offset, mode)
+PATH_FAULTS: dict[str, tuple[str, int, str]] = {
+    "drop-mirror": ("mirror", ports.MIRROR, "drop"),
+    "reset-mirror": ("mirror", ports.MIRROR, "reset"),
+    "drop-compare": ("compare", ports.COMPARE_SECONDARY_IN, "drop"),
+    "reset-compare": ("compare", ports.COMPARE_SECONDARY_IN, "reset"),
+}
 CHECKPOINT_WAIT_S = 30.0
-FAULT_NAMES = tuple(FAULTS)
+FAULT_NAMES = (*FAULTS, *PATH_FAULTS)
 
 
 def victim(statuses: dict[str, dict[str, Any] | None], state: str) -> dict[str, Any]:
@@ -41,8 +50,10 @@ def inject(pair: LocalPair, fault: str) -> float:
     """Inject the fault now; returns when (wall clock, as agents stamp their events)."""
     from coloft.lab import net
 
+    if fault in PATH_FAULTS:
+        return _break_path(pair, fault)
     if fault not in FAULTS:
-        raise ConfigError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
+        raise ConfigError(f"unknown fault {fault!r} (known: {', '.join(FAULT_NAMES)})")
     state, _ = FAULTS[fault]
     v = victim(pair.statuses(), state)
     node = pair.spec.node(v["node"])
@@ -62,6 +73,18 @@ def inject(pair: LocalPair, fault: str) -> float:
     elif fault == "cut-replication":
         assert node.netns is not None
         net.blackhole(node.netns, "repl")
+    return at
+
+
+def _break_path(pair: LocalPair, fault: str) -> float:
+    """Break one channel on the primary's replication link (every channel ends there)."""
+    from coloft.lab import net
+
+    _, offset, mode = PATH_FAULTS[fault]
+    node = pair.spec.node(victim(pair.statuses(), "primary")["node"])
+    assert node.netns is not None
+    at = time.time()
+    net.break_channel(node.netns, "repl", [ports.port(node, offset)], mode)
     return at
 
 
@@ -85,3 +108,4 @@ def heal(pair: LocalPair) -> None:
     for node in pair.spec.nodes:
         if node.netns is not None:
             net.heal(node.netns)
+            net.mend_channels(node.netns)

@@ -70,6 +70,7 @@ __all__ = [
     "Veth",
     "blackhole",
     "blackholed",
+    "break_channel",
     "heal",
     "isolate",
     "lab_down",
@@ -78,6 +79,7 @@ __all__ = [
     "lab_up",
     "link_down",
     "link_up",
+    "mend_channels",
     "netns_argv",
     "unblackhole",
 ]
@@ -684,3 +686,43 @@ def isolate(ns: str) -> None:
 def heal(ns: str) -> None:
     """Lift every blackhole in ``ns``."""
     _set_blackholed(ns, [])
+
+
+_CHANNEL_TABLE = "coloft_chan"
+
+
+def channel_fault_ruleset(iface: str, ports: Sequence[int], mode: str) -> str:
+    """nft rules that drop, or reset with TCP RST, every TCP segment to or from `ports`
+    on `iface` (one channel's connection, the rest of the link untouched)."""
+    if mode not in ("drop", "reset"):
+        raise ValueError(f"mode must be drop or reset, not {mode!r}")
+    _check_ifname(iface)
+    verdict = "drop" if mode == "drop" else "reject with tcp reset"
+    elems = ", ".join(str(p) for p in sorted(set(ports)))
+    out = [f"add table inet {_CHANNEL_TABLE}", f"delete table inet {_CHANNEL_TABLE}"]
+    if ports:
+        match_in = f'iifname "{iface}" tcp dport {{ {elems} }} {verdict}; '
+        match_in += f'iifname "{iface}" tcp sport {{ {elems} }} {verdict};'
+        match_out = f'oifname "{iface}" tcp dport {{ {elems} }} {verdict}; '
+        match_out += f'oifname "{iface}" tcp sport {{ {elems} }} {verdict};'
+        hook = "type filter hook {} priority -300; policy accept;"
+        out.append(f"table inet {_CHANNEL_TABLE} {{")
+        out.append(f"  chain input {{ {hook.format('input')} {match_in} }}")
+        out.append(f"  chain output {{ {hook.format('output')} {match_out} }}")
+        out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def break_channel(ns: str, iface: str, ports: Sequence[int], mode: str) -> None:
+    """Silently drop (``drop``) or reset (``reset``) the TCP connections on ``ports``."""
+    _run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+        stdin=channel_fault_ruleset(iface, ports, mode),
+    )
+
+
+def mend_channels(ns: str) -> None:
+    """Undo :func:`break_channel` in ``ns``; idempotent."""
+    _run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=channel_fault_ruleset("lo", [], "drop")
+    )

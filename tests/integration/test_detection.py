@@ -1,0 +1,79 @@
+"""Never claim protection we do not have: one broken channel of the comparison path.
+
+With the mirror or the compare-in channel silently dropped or reset, every QMP
+status keeps saying "colo" and checkpoints keep coming; only the active probe
+through colo-compare (and the channel's sockets, which name it) tell. The pair
+must say DEGRADED, naming the channel, within a second; after a dropped channel
+comes back, PROTECTED again once fresh probe replies came on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coloft.agent.launch import LocalPair
+from coloft.lab import faults, net, workload
+from coloft.lab.rounds import up_and_serving
+from coloft.lab.setup import lab_spec
+from coloft.model.spec import PairSpec
+from coloft.model.status import pair_view
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+# The issue's bound, plus the test's own polling of both agents.
+DETECT_WITHIN_S = 1.0 + 0.1
+
+
+@pytest.mark.parametrize("fault", ["drop-mirror", "reset-mirror", "drop-compare", "reset-compare"])
+def test_broken_channel_is_degraded_within_a_second_and_named(
+    make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path, fault: str
+) -> None:
+    pair = make_pair(lab_spec(interval_ms=2000))
+    asyncio.run(up_and_serving(pair))
+    client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, 25, rate=20)
+    try:
+        end = time.monotonic() + 20
+        view = pair_view("demo", pair.statuses())
+        while not view["protected"] and time.monotonic() < end:
+            time.sleep(0.2)
+            view = pair_view("demo", pair.statuses())
+        assert view["protected"], f"not protected before the fault: {view['reason']}"
+        channel = faults.PATH_FAULTS[fault][0]
+        fault_at = faults.inject(pair, fault)
+        degraded_after = named_after = None
+        # The probe says DEGRADED first; the channel's sockets name it once its
+        # first retransmission shows (the reason fills in, the state stays).
+        while time.time() - fault_at < 5.0 and named_after is None:
+            view = pair_view("demo", pair.statuses())
+            if not view["protected"]:
+                degraded_after = degraded_after or time.time() - fault_at
+                if channel in view["reason"]:
+                    named_after = time.time() - fault_at
+            time.sleep(0.02)
+        # What makes the failure silent: QEMU still reports COLO on both sides.
+        modes = {n["node"]: n["colo_mode"] for n in view["nodes"]}
+        assert modes == {"a": "primary", "b": "secondary"}, modes
+        assert degraded_after is not None, f"never degraded: {view['reason']}"
+        assert view["phase"] == "degraded", view
+        assert named_after is not None, view["reason"]
+        assert degraded_after < DETECT_WITHIN_S, f"degraded after {degraded_after:.2f} s"
+        assert named_after < DETECT_WITHIN_S, f"{channel} named after {named_after:.2f} s"
+        # It stays degraded while the fault lasts (no flapping back to PROTECTED).
+        for _ in range(10):
+            time.sleep(0.2)
+            assert not pair_view("demo", pair.statuses())["protected"]
+        faults.heal(pair)
+        if fault.startswith("drop-"):
+            # The TCP connection survived; retransmissions deliver, probes answer again.
+            views = pair.wait_for(
+                lambda s: pair_view("demo", s)["protected"], 30, "protection after the fault"
+            )
+            assert "probe" in pair_view("demo", views)["reason"]
+    finally:
+        client.kill()
+        client.wait()
