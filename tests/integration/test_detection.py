@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from coloft.agent import api
 from coloft.agent.launch import LocalPair
+from coloft.errors import ColoftError
 from coloft.lab import faults, net, workload
 from coloft.lab.rounds import up_and_serving
 from coloft.lab.setup import lab_spec
@@ -43,6 +45,8 @@ def test_broken_channel_is_degraded_within_a_second_and_named(
             time.sleep(0.2)
             view = pair_view("demo", pair.statuses())
         assert view["protected"], f"not protected before the fault: {view['reason']}"
+        protected = api.socket_path(pair.spec, "a")
+        assert api.call(protected, "GET", "/protected")["protected"] is True
         channel = faults.PATH_FAULTS[fault][0]
         fault_at = faults.inject(pair, fault)
         degraded_after = named_after = None
@@ -63,6 +67,8 @@ def test_broken_channel_is_degraded_within_a_second_and_named(
         assert named_after is not None, view["reason"]
         assert degraded_after < DETECT_WITHIN_S, f"degraded after {degraded_after:.2f} s"
         assert named_after < DETECT_WITHIN_S, f"{channel} named after {named_after:.2f} s"
+        with pytest.raises(ColoftError, match="503"):
+            api.call(protected, "GET", "/protected")
         # It stays degraded while the fault lasts (no flapping back to PROTECTED).
         for _ in range(10):
             time.sleep(0.2)

@@ -69,9 +69,15 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
 class StandIn:
     def __init__(self) -> None:
         self.asked: list[bool] = []
+        self.protected = True
 
     def status(self) -> dict[str, Any]:
-        return {"state": "primary"}
+        return {
+            "state": "primary",
+            "protected": self.protected,
+            "phase": "protected" if self.protected else "degraded",
+            "protection_reason": "in COLO" if self.protected else "mirror channel disconnected",
+        }
 
     async def request_failover(self, force: bool) -> dict[str, Any]:
         self.asked.append(force)
@@ -98,7 +104,12 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
         server = await api.serve(path, agent)
         try:
             got = await asyncio.to_thread(api.call, path, "GET", "/status")
-            assert got == {"state": "primary"}
+            assert got["state"] == "primary"
+            code, body = await asyncio.to_thread(raw, path, b"GET /protected HTTP/1.1\r\n\r\n")
+            assert (code, body["protected"]) == (200, True)
+            agent.protected = False
+            code, body = await asyncio.to_thread(raw, path, b"GET /protected HTTP/1.1\r\n\r\n")
+            assert (code, body["protected"]) == (503, False) and "mirror" in body["reason"]
             answer = await asyncio.to_thread(api.call, path, "POST", "/failover", {"force": True})
             assert answer["state"] == "fenced" and agent.asked == [True]
             cases = [

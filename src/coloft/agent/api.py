@@ -1,6 +1,8 @@
 """The agent's local API: HTTP/1.1 over a root-only UNIX socket.
 
     GET  /status            the agent's status (JSON)
+    GET  /protected         200 only while this agent leads a pair it judges PROTECTED,
+                            503 otherwise; the body says why
     POST /failover          body {"force": bool}: ask for a failover; answers with
                             the leader's decision
 
@@ -71,11 +73,19 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
     return method, target, body
 
 
-async def _route(agent: Served, method: str, target: str, body: bytes) -> Any:
+async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[int, Any]:
     if target == "/status":
         if method != "GET":
             raise BadRequest(405, "use GET /status")
-        return agent.status()
+        return 200, agent.status()
+    if target == "/protected":
+        if method != "GET":
+            raise BadRequest(405, "use GET /protected")
+        s = agent.status()
+        # Only the leader judges protection; a secondary's word is second-hand.
+        yes = bool(s.get("protected")) and s.get("state") == "primary"
+        answer = {"protected": yes, "phase": s.get("phase"), "reason": s.get("protection_reason")}
+        return (200 if yes else 503), answer
     if target == "/failover":
         if method != "POST":
             raise BadRequest(405, "use POST /failover")
@@ -85,8 +95,8 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> Any:
             raise BadRequest(400, f"body is not JSON: {e}") from e
         if not isinstance(request, dict) or not isinstance(request.get("force", False), bool):
             raise BadRequest(400, 'expected {"force": true|false}')
-        return await agent.request_failover(bool(request.get("force", False)))
-    raise BadRequest(404, f"no such endpoint {target[:80]!r} (try /status, /failover)")
+        return 200, await agent.request_failover(bool(request.get("force", False)))
+    raise BadRequest(404, f"no such endpoint {target[:80]!r} (try /status, /protected, /failover)")
 
 
 def _response(status: int, payload: Any) -> bytes:
@@ -104,7 +114,7 @@ async def serve(path: Path, agent: Served) -> asyncio.Server:
         try:
             async with asyncio.timeout(READ_DEADLINE_S):
                 method, target, body = await _read_request(reader)
-            payload, status = await _route(agent, method, target, body), 200
+            status, payload = await _route(agent, method, target, body)
         except BadRequest as e:
             payload, status = {"error": str(e)}, e.status
         except TimeoutError:
