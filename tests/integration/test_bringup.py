@@ -89,7 +89,7 @@ def test_bringup_failure_names_the_step_and_leaves_nothing(
         pair = make_pair(spec)
         pair.start()
         views = pair.wait_for(
-            lambda s: bool(s["b"]) and "bring-up failed" in s["b"]["progress"], 60, "failure"
+            lambda s: "bring-up failed" in (s["b"] or {}).get("progress", ""), 60, "failure"
         )
         b = views["b"]
         assert b is not None

@@ -135,9 +135,7 @@ def test_unsynced_secondary_refuses_until_forced(make_pair: MakePair) -> None:
     assert unforced.returncode != 0 and "--force" in unforced.stderr, unforced.stderr
     forced = coloft("failover", spec, "--force", "--accept-data-loss")
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    views = pair.wait_for(
-        lambda s: bool(s["b"]) and s["b"]["state"] == "alone", 10, "forced takeover"
-    )
+    views = pair.wait_for(lambda s: (s["b"] or {}).get("state") == "alone", 10, "forced takeover")
     taken = views["b"]
     assert taken is not None
     assert taken["failover"]["error"] is None, taken["failover"]

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from coloft.model.spec import PairSpec
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0
+# Each agent's status by node; None where the agent did not answer.
+Statuses = dict[str, dict[str, Any] | None]
 
 
 class LocalPair:
@@ -95,10 +98,10 @@ class LocalPair:
             return None
         return data
 
-    def statuses(self) -> dict[str, dict[str, Any] | None]:
+    def statuses(self) -> Statuses:
         return {n.name: self.status(n.name) for n in self.spec.nodes}
 
-    def wait_for(self, check: Any, timeout_s: float, what: str) -> dict[str, dict[str, Any] | None]:
+    def wait_for(self, check: Callable[[Statuses], bool], timeout_s: float, what: str) -> Statuses:
         """Poll both agents until check(statuses) is true; names what never happened."""
         end = time.monotonic() + timeout_s
         while True:
@@ -121,7 +124,7 @@ class LocalPair:
                 raise FatalError(f"{what} not reached within {timeout_s:g} s: {summary}")
             time.sleep(0.2)
 
-    def wait_protected(self, timeout_s: float = 240.0) -> dict[str, dict[str, Any] | None]:
+    def wait_protected(self, timeout_s: float = 240.0) -> Statuses:
         return self.wait_for(
             lambda s: any(v and v["state"] == "primary" and v["protected"] for v in s.values()),
             timeout_s,
