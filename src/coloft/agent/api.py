@@ -34,12 +34,38 @@ class Served(Protocol):
     async def request_failover(self, force: bool) -> dict[str, Any]: ...
 
 
+def run_base() -> Path:
+    """Where every pair's run directory lives on this host."""
+    return Path(os.environ.get("COLOFT_RUN", "/run/coloft"))
+
+
 def run_root(spec: PairSpec) -> Path:
-    return Path(os.environ.get("COLOFT_RUN", "/run/coloft")) / spec.vm.name
+    return run_base() / spec.vm.name
 
 
 def socket_path(spec: PairSpec, node: str) -> Path:
-    return run_root(spec) / f"agent-{node}.sock"
+    return run_base() / spec.vm.name / f"agent-{node}.sock"
+
+
+def agent_sockets(vm: str) -> dict[str, Path]:
+    """The agents of pair `vm` that serve on this host, by node."""
+    return {
+        p.stem.removeprefix("agent-"): p for p in sorted((run_base() / vm).glob("agent-*.sock"))
+    }
+
+
+def pairs_here() -> list[str]:
+    """Names of the pairs with an agent socket on this host."""
+    return sorted({p.parent.name for p in run_base().glob("*/agent-*.sock")})
+
+
+def status_or_none(path: Path, timeout: float = 2.0) -> dict[str, Any] | None:
+    """An agent's status; None when it does not answer (stopped, killed, hung)."""
+    try:
+        data: dict[str, Any] = call(path, "GET", "/status", timeout=timeout)
+    except ColoftError:
+        return None
+    return data
 
 
 class BadRequest(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import time
@@ -721,8 +720,8 @@ class Agent:
                 "per_min": cp.per_minute(now),
                 "last_age_s": None if age is None else round(age, 3),
                 "last_pause_ms": None if cp.last_pause_ms is None else round(cp.last_pause_ms, 1),
-                "pause_ms_p50": _pct(cp.pauses_ms, 0.50),
-                "pause_ms_p99": _pct(cp.pauses_ms, 0.99),
+                "pause_ms_p50": _one_decimal(health.percentile(cp.pauses_ms, 50)),
+                "pause_ms_p99": _one_decimal(health.percentile(cp.pauses_ms, 99)),
                 "interval_ms": self.spec.tuning.checkpoint_interval_ms,
             },
             "failover": self.failover,
@@ -748,9 +747,5 @@ class Agent:
         return {"node": self.node.name, "state": self.state.value, "reason": self.reason}
 
 
-def _pct(values: tuple[float, ...], q: float) -> float | None:
-    """Nearest-rank percentile, rounded for display."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)
+def _one_decimal(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

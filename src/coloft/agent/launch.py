@@ -23,7 +23,7 @@ from coloft.agent import api
 from coloft.arbiter.base import parse_endpoint
 from coloft.arbiter.embedded import EtcdProcess, start_etcd
 from coloft.effects.process import die_with_parent, netns_argv, pid_alive
-from coloft.errors import ColoftError, FatalError
+from coloft.errors import FatalError
 from coloft.model.spec import PairSpec
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,7 @@ class LocalPair:
             proc.wait()
 
     def status(self, node: str, timeout: float = 2.0) -> dict[str, Any] | None:
-        try:
-            data: dict[str, Any] = api.call(
-                api.socket_path(self.spec, node), "GET", "/status", timeout=timeout
-            )
-        except ColoftError:
-            return None
-        return data
+        return api.status_or_none(api.socket_path(self.spec, node), timeout)
 
     def statuses(self) -> Statuses:
         return {n.name: self.status(n.name) for n in self.spec.nodes}

@@ -35,7 +35,7 @@ async def run_agent(spec: PairSpec, node: str, echo: Callable[[str], None]) -> N
         await arbiter.close()
 
 
-def one_line(status: dict[str, object] | None, node: str) -> str:
+def _node_line(status: dict[str, object] | None, node: str) -> str:
     if status is None:
         return f"{node}: no answer"
     return f"{node}: {status['state']} ({status['reason']})"
@@ -59,7 +59,7 @@ def run_up(spec: PairSpec, echo: Callable[[str], None], verbose: bool) -> None:
     try:
         while not stopping and pair.alive():
             for node, s in pair.statuses().items():
-                line = one_line(s, node)
+                line = _node_line(s, node)
                 if last.get(node) != line:
                     echo(line)
                     last[node] = line

@@ -158,25 +158,10 @@ def up(ctx: click.Context, spec: Path) -> None:
         _fail(str(e))
 
 
-def _run_root() -> Path:
-    return Path(os.environ.get("COLOFT_RUN", "/run/coloft"))
-
-
-def _pair_names() -> list[str]:
-    return sorted({p.parent.name for p in _run_root().glob("*/agent-*.sock")})
-
-
 def _agents_of(name: str) -> dict[str, dict[str, Any] | None]:
     from coloft.agent import api
 
-    found: dict[str, dict[str, Any] | None] = {}
-    for sock in sorted((_run_root() / name).glob("agent-*.sock")):
-        node = sock.stem.removeprefix("agent-")
-        try:
-            found[node] = api.call(sock, "GET", "/status", timeout=2.0)
-        except ColoftError:
-            found[node] = None
-    return found
+    return {node: api.status_or_none(sock) for node, sock in api.agent_sockets(name).items()}
 
 
 @cli.command()
@@ -186,9 +171,10 @@ def _agents_of(name: str) -> dict[str, dict[str, Any] | None]:
 def status(spec: Path | None, as_json: bool, table: bool) -> None:
     """Each pair in one line: protection, leader and epoch, each node's state, how
     recently each heartbeat path heard the peer, and the reason. Asks the agents."""
+    from coloft.agent import api
     from coloft.model.status import one_line, pair_view
 
-    names = [_load(spec).vm.name] if spec else _pair_names()
+    names = [_load(spec).vm.name] if spec else api.pairs_here()
     pairs = []
     for name in names:
         agents = _agents_of(name)
@@ -234,7 +220,7 @@ def failover(spec: Path, force: bool, accept_data_loss: bool) -> None:
     try:
         # The others first: a forced secondary must be ready to acquire once the leader resigns.
         for node in [*others, *([leader] if leader else [])]:
-            sock = _run_root() / s.vm.name / f"agent-{node}.sock"
+            sock = api.socket_path(s, node)
             answer = api.call(sock, "POST", "/failover", {"force": force}, timeout=5.0)
     except ColoftError as e:
         _fail(str(e))

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from coloft.model.status import SideStatus
 
 WINDOW_S = 60.0
 MAX_PAUSES = 4096
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least ``pct`` % of values <= it.
+
+    ``None`` for no values; ``pct`` 0 gives the minimum, 100 the maximum.
+    """
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"percentile out of range: {pct}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)

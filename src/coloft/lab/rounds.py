@@ -49,10 +49,11 @@ class Watcher:
     last: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def poll(self) -> dict[str, Any]:
-        for node, s in self.pair.statuses().items():
+        now = self.pair.statuses()
+        for node, s in now.items():
             if s is not None or node not in self.last:
                 self.last[node] = s
-        return pair_view(self.pair.spec.vm.name, self.pair.statuses())
+        return pair_view(self.pair.spec.vm.name, now)
 
     def events(self) -> list[dict[str, Any]]:
         return all_events(self.last)

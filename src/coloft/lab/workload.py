@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -56,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from coloft.core.health import percentile
 from coloft.effects.process import die_with_parent, netns_argv
 
 __all__ = [
@@ -107,20 +107,6 @@ class ProtocolError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Small pure helpers
-
-
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least ``pct`` % of values <= it.
-
-    ``None`` for no values; ``pct`` 0 gives the minimum, 100 the maximum.
-    """
-    if not 0.0 <= pct <= 100.0:
-        raise ValueError(f"percentile out of range: {pct}")
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def value_for(key: str) -> str:
