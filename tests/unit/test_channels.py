@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from coloft.config.load import load_spec
-from coloft.core.channels import assess, broken, endpoints, parse_proc_net_tcp
+from coloft.core.channels import (
+    assess,
+    broken,
+    endpoints,
+    parse_proc_net_tcp,
+    replication_stuck,
+    retransmissions,
+)
 from coloft.model.steps import Role
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
@@ -60,10 +67,40 @@ def test_primary_names_a_silently_dropped_mirror_and_a_missing_compare_in() -> N
     )
     assert set(healthy.values()) == {"ok"}, healthy
     reasons = broken(found, {"compare-in": "ok"})
-    assert reasons[0].startswith("mirror channel (primary -> secondary input) unacknowledged")
-    assert "compare-in channel (secondary output -> colo-compare) disconnected" in reasons
+    assert [r.code for r in reasons] == ["mirror-unacknowledged", "compare-in-disconnected"]
+    assert reasons[0].text.startswith("mirror channel (primary -> secondary input) unacknowledged")
+    assert reasons[1].text == "compare-in channel (secondary output -> colo-compare) disconnected"
+
+
+def test_a_server_end_with_two_connections_holds_a_dead_one() -> None:
+    # The secondary reconnected while QEMU still serves the old, half-open connection.
+    spec = load_spec(EXAMPLE)
+    wanted = endpoints(Role.PRIMARY, spec.primary, spec.secondary)
+    second = line("016433C6:2329", "026433C6:DC40", "01")
+    found = assess(parse_proc_net_tcp(HEADER + COMPARE_OK + second + MIRROR_OK), wanted)
+    assert found["compare-in"].startswith("stale: 2 connections")
+    assert found["mirror"] == "ok"
+    assert [r.code for r in broken(found, {})] == [
+        "compare-in-stale",
+        "migration-disconnected",
+        "nbd-disconnected",
+    ]
 
 
 def test_secondary_watches_its_own_ends() -> None:
     spec = load_spec(EXAMPLE)
     assert set(endpoints(Role.SECONDARY, spec.secondary, spec.primary)) == {"mirror", "compare-in"}
+
+
+def test_a_stuck_checkpoint_stream_or_nbd_link_is_broken_after_two_retransmissions() -> None:
+    assert retransmissions("unacknowledged: 120 bytes, 3 retransmissions") == 3
+    assert retransmissions("ok") == 0
+    one = {"migration": "unacknowledged: 120 bytes, 1 retransmissions", "nbd": "ok"}
+    assert replication_stuck(one) is None
+    two = {"migration": "ok", "nbd": "unacknowledged: 4096 bytes, 2 retransmissions"}
+    found = replication_stuck(two)
+    assert found is not None and found.code == "nbd-unacknowledged"
+    gone = replication_stuck({"migration": "disconnected"})
+    assert gone is not None and gone.code == "migration-disconnected"
+    # The secondary watches no replication channel: nothing to judge.
+    assert replication_stuck({"mirror": "disconnected"}) is None

@@ -9,7 +9,7 @@ import pytest
 
 from coloft.config.load import load_spec
 from coloft.errors import ConfigError
-from coloft.model.spec import Accel
+from coloft.model.spec import Accel, Policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
 
@@ -181,8 +181,30 @@ def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
         ("[arbiter]\nttl = 2\n", "unknown key 'ttl'"),
         ("[heartbeat]\nmisses = 1\n", "[heartbeat].misses: 1 is out of range 2..100"),
         ("[heartbeat]\ninterval_ms = 'fast'\n", "[heartbeat].interval_ms: expected an integer"),
+        (
+            "[policy]\nmirror = 'reconnect'\n",
+            "[policy].mirror: 'reconnect' is not one of alert, re-establish, run-alone",
+        ),
+        ("[policy]\nnbd = 'alert'\n", "[policy]: unknown key 'nbd'"),
     ],
 )
 def test_arbiter_and_heartbeat_errors(tmp_path: Path, table: str, words: str) -> None:
     message = error_of(tmp_path, GOOD + table)
     assert words in message, message
+
+
+def test_policies_default_and_can_be_chosen(tmp_path: Path) -> None:
+    d = load_spec(write(tmp_path, GOOD)).policy
+    assert (d.mirror, d.compare_in, d.probe) == (
+        Policy.REESTABLISH,
+        Policy.REESTABLISH,
+        Policy.ALERT,
+    )
+    chosen = load_spec(
+        write(tmp_path, GOOD + "[policy]\nmirror = 'run-alone'\ncompare-in = 'alert'\n")
+    ).policy
+    assert (chosen.mirror, chosen.compare_in, chosen.probe) == (
+        Policy.RUN_ALONE,
+        Policy.ALERT,
+        Policy.ALERT,
+    )

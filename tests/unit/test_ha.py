@@ -160,6 +160,7 @@ def random_observation(rng: random.Random) -> Observation:
         checkpoint_stalled_s=rng.choice([None, 0.1, 2.0]),
         peer_state=rng.choice([None, "primary", "secondary", "alone", "fenced"]),
         intent=rng.choice([None, None, Intent.FAILOVER, Intent.FORCE_FAILOVER]),
+        give_up=rng.choice([None, None, "mirror-unacknowledged"]),
     )
 
 
@@ -275,3 +276,16 @@ def test_a_stalled_checkpoint_is_a_lost_secondary() -> None:
     stuck = dataclasses.replace(PRIMARY_OK, checkpoint_stalled_s=1.5, sync=None)
     d = decide(State.PRIMARY, stuck, T)
     assert d.state is State.ALONE and "checkpoint with b stalled for 1.5 s" in d.reason
+
+
+def test_a_run_alone_policy_drops_the_secondary_after_clearing_sync() -> None:
+    o = dataclasses.replace(PRIMARY_OK, give_up="mirror-unacknowledged")
+    d = decide(State.PRIMARY, o, T)
+    assert d.state is State.PRIMARY and d.actions == (Act.CLEAR_SYNC, Act.RENEW), d
+    d = decide(State.PRIMARY, dataclasses.replace(o, sync=None), T)
+    assert d.state is State.ALONE and Act.GO_ALONE in d.actions
+    assert "mirror-unacknowledged (policy run-alone)" in d.reason
+    # A secondary never acts on it: only the leader drops its peer.
+    assert decide(State.SECONDARY, dataclasses.replace(SECONDARY_OK, give_up="x"), T).state is (
+        State.SECONDARY
+    )

@@ -110,7 +110,12 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[
         s = agent.status()
         # Only the leader judges protection; a secondary's word is second-hand.
         yes = bool(s.get("protected")) and s.get("state") == "primary"
-        answer = {"protected": yes, "phase": s.get("phase"), "reason": s.get("protection_reason")}
+        answer = {
+            "protected": yes,
+            "phase": s.get("phase"),
+            "reason": s.get("protection_reason"),
+            "code": s.get("protection_code"),
+        }
         return (200 if yes else 503), answer
     if target == "/failover":
         if method != "POST":

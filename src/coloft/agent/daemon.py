@@ -24,7 +24,7 @@ from typing import Any
 
 from coloft.agent import api
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
-from coloft.core import channels, choreography, failover, health
+from coloft.core import channels, choreography, failover, health, policy
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
@@ -36,7 +36,7 @@ from coloft.effects.probe import IcmpProbe
 from coloft.effects.qemu_binary import QemuChoice
 from coloft.errors import ColoftError, FatalError
 from coloft.model.leader import Leader
-from coloft.model.spec import PairSpec
+from coloft.model.spec import PairSpec, Policy
 from coloft.model.status import SideStatus
 from coloft.model.steps import Role, Step
 
@@ -104,6 +104,10 @@ class Agent:
         self.probe_task: asyncio.Task[None] | None = None
         self.channels: dict[str, str] = {}
         self.path_broken = False
+        # The policies (core.policy): yanks of half-open ends, and a leader's give-up.
+        self.reconnector = policy.Reconnector()
+        self.yanking: asyncio.Task[None] | None = None
+        self.give_up: str | None = None
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -123,8 +127,8 @@ class Agent:
         self.peer_news.set()
         self.wake.set()
 
-    def note(self, kind: str, text: str, level: int = logging.INFO) -> None:
-        self.events.append({"unix": time.time(), "kind": kind, "text": text})
+    def note(self, kind: str, text: str, level: int = logging.INFO, **extra: Any) -> None:
+        self.events.append({"unix": time.time(), "kind": kind, "text": text, **extra})
         log.log(level, "%s/%s: %s", self.pair, self.node.name, text)
 
     # ---------------------------------------------------------------- observe
@@ -144,6 +148,7 @@ class Agent:
             "state": self.state.value,
             "role": None if self.qemu is None else self.qemu.role.value,
             "qemu_alive": self.qemu is not None and self.qemu.alive(),
+            "qemu_hung": self.hung,
             "ready": self.ready,
             "in_colo": self._in_colo(),
             "colo_mode": None if self.side is None else self.side.colo_mode,
@@ -216,6 +221,7 @@ class Agent:
             checkpoint_stalled_s=self._stalled_s(now),
             peer_state=msg.get("state") if heard else None,
             intent=self.intent,
+            give_up=self.give_up if self.state is State.PRIMARY else None,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -296,7 +302,7 @@ class Agent:
                 await self._execute(act, o)
             else:
                 await self._bounded(self._execute(act, o))
-        self.protection = self._protection(now, o)
+        self._judged(self._protection(now, o))
         if changed:
             self.heartbeat.send_now()
 
@@ -363,9 +369,11 @@ class Agent:
     def _start_failover(self, action: failover.Action) -> None:
         if self.busy is not None and not self.busy.done():
             return
-        self.busy = asyncio.create_task(self._failover(action))
+        # Why, as the verdict said before "failing-over" replaces it.
+        why = self.give_up or self.protection.code
+        self.busy = asyncio.create_task(self._failover(action, why))
 
-    async def _failover(self, action: failover.Action) -> None:
+    async def _failover(self, action: failover.Action, why: str) -> None:
         assert self.qemu is not None and self.qemu.session is not None
         takeover = action is failover.Action.SECONDARY_TAKES_OVER
         steps = (
@@ -400,27 +408,49 @@ class Agent:
         else:
             self.qemu.role = Role.PRIMARY
             self.note("failover", f"{self.node.name} serves alone", logging.WARNING)
+            if not takeover:
+                self.note(
+                    "policy",
+                    f"{why}: ran alone: secondary dropped",
+                    logging.WARNING,
+                    code=why,
+                    policy=Policy.RUN_ALONE.value,
+                    applied=True,
+                )
         finally:
             record["done_unix"] = time.time()
             self.wake.set()
 
     def _protection(self, now: float, o: Observation) -> health.Verdict:
         if self.state is State.ALONE:
-            return health.Verdict("unprotected", False, f"running alone on {self.node.name}")
+            return health.Verdict(
+                "unprotected", False, f"running alone on {self.node.name}", "running-alone"
+            )
         if self.state in (State.FENCED, State.DOWN):
-            return health.Verdict("failed", False, self.reason)
+            return health.Verdict("failed", False, self.reason, self.state.value)
         if self.state is not State.PRIMARY:
             msg, heard, _ = self._peer(now)
             p = msg.get("protection") if heard else None
             if self.state is State.SECONDARY and isinstance(p, dict):
-                return health.Verdict(str(p["phase"]), bool(p["protected"]), str(p["reason"]))
-            return health.Verdict("starting", False, self.reason)
+                return health.Verdict(
+                    str(p["phase"]), bool(p["protected"]), str(p["reason"]), str(p.get("code", ""))
+                )
+            return health.Verdict("starting", False, self.reason, "starting")
         if self.busy is not None and not self.busy.done():
-            return health.Verdict("failing-over", False, self.reason)
-        if not o.peer_qemu_alive or not o.repl_ok:
-            return health.Verdict("degraded", False, self.reason)
-        assert self.qemu is not None
+            return health.Verdict("failing-over", False, self.reason, "failing-over")
         msg, _, _ = self._peer(now)
+        if not o.peer_qemu_alive:
+            return health.Verdict("degraded", False, self.reason, "secondary-lost")
+        if not o.repl_ok:
+            return health.Verdict("degraded", False, self.reason, "replication-path-lost")
+        if msg.get("qemu_hung"):
+            return health.Verdict(
+                "degraded",
+                False,
+                f"secondary {self.peer.name}: QEMU stalled (no answer in or out of band)",
+                "secondary-stalled",
+            )
+        assert self.qemu is not None
         primary = self.side or SideStatus(self.node.name, "primary", self.qemu.pid, True)
         secondary = SideStatus(
             self.peer.name, "secondary", None, True, colo_mode=msg.get("colo_mode")
@@ -433,18 +463,34 @@ class Agent:
         )
         interval = self.spec.tuning.checkpoint_interval_ms
         v = health.verdict(primary, secondary, cp, interval, now, self.qemu.checkpoints.stopped_at)
+        if v.code == "checkpoint-stalled":
+            # Name the replication channel that holds the checkpoint up, if one shows it.
+            held = [
+                b for b in channels.broken(self.channels, {}) if b.channel in ("migration", "nbd")
+            ]
+            if held:
+                return health.Verdict(v.phase, False, f"{v.reason}: {held[0].text}", held[0].code)
+        # A checkpoint request or a disk write the secondary never acknowledges: the
+        # COLO thread waits for the reply with the guest still running, so neither a
+        # stall nor the probe shows it, only the socket (policy: run alone).
+        stuck = channels.replication_stuck(self.channels) if v.phase != "failed" else None
+        if stuck is not None:
+            return health.Verdict("degraded", False, f"{stuck.text}; {v.reason}", stuck.code)
         return self._path_verdict(now, msg, v) if v.protected else v
 
     def _path_verdict(self, now: float, msg: dict[str, Any], v: health.Verdict) -> health.Verdict:
         """Protected only while the comparison path itself is shown to work."""
-        reasons = channels.broken(self.channels, msg.get("channels") or {})
+        breaks = channels.broken(self.channels, msg.get("channels") or {})
+        if self.probe is not None and self.qemu is not None:
+            self.probe.settle(now, self.qemu.checkpoints.starts)
         late = 0.0 if self.probe is None else self.probe.late_s(now)
         overdue = self.probe is not None and self.probe.overdue(now)
-        if overdue or any("disconnected" in r for r in reasons):
+        if overdue or any(b.condition in ("disconnected", "stale") for b in breaks):
             self.path_broken = True
-            what = "; ".join(reasons) or "no channel identified"
-            probe = f"probe unanswered for {late * 1000:.0f} ms; " if overdue else ""
-            return health.Verdict("degraded", False, f"comparison path broken: {probe}{what}")
+            what = "; ".join(b.text for b in breaks) or "no channel identified"
+            probe = f"no probe reply matched for {late * 1000:.0f} ms; " if overdue else ""
+            code = breaks[0].code if breaks else policy.PROBE_TIMEOUT
+            return health.Verdict("degraded", False, f"comparison path broken: {probe}{what}", code)
         if self.path_broken:
             streak = 0 if self.probe is None else self.probe.on_time_streak
             if self.probe is not None and streak < PROBE_RECOVER_STREAK:
@@ -453,6 +499,7 @@ class Agent:
                     False,
                     f"comparison path recovering: {streak}/{PROBE_RECOVER_STREAK} "
                     "probe replies on time",
+                    "path-recovering",
                 )
             self.path_broken = False
         if self.probe is None or not self.probe.rtts_ms:
@@ -460,6 +507,66 @@ class Agent:
         return health.Verdict(
             "protected", True, f"{v.reason}, probe {self.probe.rtts_ms[-1]:.0f} ms"
         )
+
+    def _judged(self, v: health.Verdict) -> None:
+        """Take the new verdict; a leader announces each new reason and applies its policy."""
+        before, self.protection = self.protection, v
+        if v.code == before.code or self.state not in (State.PRIMARY, State.ALONE):
+            return
+        if v.protected:
+            self.give_up = None
+            self.note("protection", f"protected again: {v.reason}", phase=v.phase, code="")
+            return
+        level = logging.WARNING
+        self.note("protection", f"{v.phase}: {v.reason}", level, phase=v.phase, code=v.code)
+        chosen = policy.policy_for(v.code, self.spec.policy)
+        if chosen is None:
+            return
+        what = policy.meaning(chosen, v.code)
+        self.note(
+            "policy",
+            f"{v.code}: {what}",
+            level,
+            code=v.code,
+            policy=chosen.value,
+            applied=policy.applied_at_once(chosen, v.code),
+        )
+        if chosen is Policy.RUN_ALONE and self.give_up is None:
+            self.give_up = v.code
+            self.wake.set()
+
+    def _reestablish(self, now: float) -> None:
+        """Yank this host's half-open channel ends (policy re-establish)."""
+        q = self.qemu
+        msg, heard, _ = self._peer(now)
+        if q is None or not heard or (self.busy is not None and not self.busy.done()):
+            return
+        if self.yanking is not None and not self.yanking.done():
+            return
+        dead = policy.dead_ends(self.channels, msg.get("channels") or {}, self.spec.policy)
+        due = self.reconnector.due(now, dead)
+        if due:
+            self.yanking = asyncio.create_task(self._yank(q, due))
+
+    async def _yank(self, q: LocalQemu, names: list[str]) -> None:
+        steps = policy.reestablish(self.node.name, q.role, names)
+        oob = {self.node.name: q.oob} if q.oob else {}
+        try:
+            await run_steps({self.node.name: q.session}, steps, None, oob)  # type: ignore[dict-item]
+        except ColoftError as e:
+            self.note("error", f"re-establishing {', '.join(names)} failed: {e}", logging.ERROR)
+            return
+        for n in names:
+            code = f"{n}-disconnected"
+            self.note(
+                "policy",
+                f"{code}: re-established: yanked my end {policy.CHARDEVS[q.role][n]}; "
+                "the secondary reconnects",
+                logging.WARNING,
+                code=code,
+                policy=Policy.REESTABLISH.value,
+                applied=True,
+            )
 
     # ---------------------------------------------------------------- loops
 
@@ -488,6 +595,8 @@ class Agent:
                     self.channels = channels.assess(channels.parse_proc_net_tcp(text), wanted)
                 except OSError as e:
                     log.warning("cannot read /proc/net/tcp: %s", e)
+                else:
+                    self._reestablish(time.monotonic())
             else:
                 self.channels = {}
             probing = self.state is State.PRIMARY and self.spec.vm.service is not None
@@ -645,8 +754,9 @@ class Agent:
         """Stop on purpose: the secondary must not take over, so clear sync first."""
         if self.busy is not None:
             self.busy.cancel()
-        if self.probe_task is not None:
-            self.probe_task.cancel()
+        for task in (self.probe_task, self.yanking):
+            if task is not None:
+                task.cancel()
         if self.my_epoch is not None:
             with contextlib.suppress(ColoftError):
                 await self.arbiter.clear_sync(self.pair, self.my_epoch)
@@ -715,6 +825,7 @@ class Agent:
             "phase": self.protection.phase,
             "protected": self.protection.protected,
             "protection_reason": self.protection.reason,
+            "protection_code": self.protection.code,
             "checkpoints": {
                 "count": cp.count,
                 "per_min": cp.per_minute(now),

@@ -22,6 +22,8 @@ from coloft.model.spec import (
     HeartbeatSpec,
     NodeSpec,
     PairSpec,
+    Policy,
+    PolicySpec,
     Tuning,
     VmSpec,
 )
@@ -295,6 +297,24 @@ def _heartbeat(source: Path, table: Mapping[str, Any]) -> HeartbeatSpec:
     return h
 
 
+def _policy(source: Path, table: Mapping[str, Any]) -> PolicySpec:
+    r = _Reader(source, "[policy]", table)
+    choices = {p.value: p for p in Policy}
+    names = ", ".join(choices)
+
+    def one(key: str, default: Policy) -> Policy:
+        return choices[r.checked(key, lambda v: v in choices, f"one of {names}", default.value)]
+
+    d = PolicySpec()
+    p = PolicySpec(
+        mirror=one("mirror", d.mirror),
+        compare_in=one("compare-in", d.compare_in),
+        probe=one("probe", d.probe),
+    )
+    r.finish()
+    return p
+
+
 def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     """Validate an already-parsed TOML document."""
     top = _Reader(source, "spec", data)
@@ -324,6 +344,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     tuning = _tuning(source, table("tuning", False))
     arbiter = _arbiter(source, table("arbiter", False))
     heartbeat = _heartbeat(source, table("heartbeat", False))
+    policy = _policy(source, table("policy", False))
     qemu = _Reader(source, "[qemu]", table("qemu", False))
     binary = qemu.path("binary")
     qemu.finish()
@@ -337,6 +358,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
         qemu_binary=binary,
         arbiter=arbiter,
         heartbeat=heartbeat,
+        policy=policy,
     )
 
 

@@ -39,6 +39,11 @@ class RunPaths:
         return self.run_dir / "qmp-oob.sock"
 
     @property
+    def qmp_watch(self) -> Path:
+        # A third monitor for observers that check the agents (the lab's oracles).
+        return self.run_dir / "qmp-watch.sock"
+
+    @property
     def console(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -93,6 +98,10 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
         f"socket,id=qmp1,path={paths.qmp_oob},server=on,wait=off",
         "-mon",
         "chardev=qmp1,mode=control",
+        "-chardev",
+        f"socket,id=qmp2,path={paths.qmp_watch},server=on,wait=off",
+        "-mon",
+        "chardev=qmp2,mode=control",
         "-pidfile",
         str(paths.pidfile),
     ]

@@ -103,7 +103,9 @@ def _matches(s: TcpSocket, e: Endpoint) -> bool:
 
 
 def assess(sockets: list[TcpSocket], wanted: dict[str, Endpoint]) -> dict[str, str]:
-    """Per channel: "ok", "disconnected", or "unacknowledged: ..." (data under retransmission)."""
+    """Per channel: "ok", "disconnected", "stale: ..." (a server end holding more than one
+    connection: QEMU serves one client, so one of them is dead), or "unacknowledged: ..."
+    (data under retransmission)."""
     result = {}
     for name, e in wanted.items():
         mine = [s for s in sockets if s.state == ESTABLISHED and _matches(s, e)]
@@ -111,7 +113,9 @@ def assess(sockets: list[TcpSocket], wanted: dict[str, Endpoint]) -> dict[str, s
             result[name] = "disconnected"
             continue
         stuck = [s for s in mine if s.unacked > 0 and (s.retransmits > 0 or s.probes > 0)]
-        if stuck:
+        if e.local_port is not None and len(mine) > 1:
+            result[name] = f"stale: {len(mine)} connections where QEMU serves one"
+        elif stuck:
             s = stuck[0]
             result[name] = (
                 f"unacknowledged: {s.unacked} bytes, {max(s.retransmits, s.probes)} retransmissions"
@@ -121,11 +125,53 @@ def assess(sockets: list[TcpSocket], wanted: dict[str, Endpoint]) -> dict[str, s
     return result
 
 
-def broken(primary: dict[str, str], secondary: dict[str, str]) -> list[str]:
-    """Reasons naming each broken channel, seen from either side."""
+# Retransmissions of one segment before a checkpoint-stream or NBD channel counts as
+# broken on its own: the minimum RTO is 200 ms and doubles, so two mean the peer
+# acknowledged nothing for 600 ms, which a working link here never does.
+STUCK_RETRANSMISSIONS = 2
+
+
+def retransmissions(state: str) -> int:
+    """The retransmission count in an "unacknowledged: ..." channel state (else 0)."""
+    if not state.startswith("unacknowledged"):
+        return 0
+    words = state.replace(",", " ").split()
+    return next((int(words[i - 1]) for i, w in enumerate(words) if w == "retransmissions"), 0)
+
+
+def replication_stuck(primary: dict[str, str]) -> Break | None:
+    """A checkpoint-stream or NBD channel of the primary that is gone or stuck."""
+    for name in ("migration", "nbd"):
+        state = primary.get(name)
+        if state is None or state == "ok":
+            continue
+        if state == "disconnected" or retransmissions(state) >= STUCK_RETRANSMISSIONS:
+            return Break(name, state.split(":")[0], state)
+    return None
+
+
+@dataclass(frozen=True)
+class Break:
+    """One broken channel: which, how ("disconnected", "stale", "unacknowledged"), detail."""
+
+    channel: str
+    condition: str
+    detail: str
+
+    @property
+    def code(self) -> str:
+        return f"{self.channel}-{self.condition}"
+
+    @property
+    def text(self) -> str:
+        return f"{DESCRIPTION[self.channel]} {self.detail}"
+
+
+def broken(primary: dict[str, str], secondary: dict[str, str]) -> list[Break]:
+    """Each broken channel, seen from either side (the primary's view first)."""
     found = []
-    for name, text in DESCRIPTION.items():
+    for name in DESCRIPTION:
         states = [v for v in (primary.get(name), secondary.get(name)) if v not in (None, "ok")]
         if states:
-            found.append(f"{text} {states[0]}")
+            found.append(Break(name, states[0].split(":")[0], states[0]))
     return found

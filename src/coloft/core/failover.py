@@ -28,7 +28,7 @@ class Action(Enum):
     PRIMARY_CONTINUES_ALONE = "primary-continues-alone"
 
 
-def _yank(node: str, instance: dict[str, str]) -> Step:
+def yank(node: str, instance: dict[str, str]) -> Step:
     label = instance.get("id") or instance.get("node-name") or instance["type"]
     return Step(
         node,
@@ -57,9 +57,9 @@ def _resume_checks(node: str) -> list[Step]:
 
 def secondary_takeover(node: str) -> list[Step]:
     return [
-        _yank(node, {"type": "migration"}),
-        _yank(node, {"type": "chardev", "id": "red0"}),
-        _yank(node, {"type": "chardev", "id": "red1"}),
+        yank(node, {"type": "migration"}),
+        yank(node, {"type": "chardev", "id": "red0"}),
+        yank(node, {"type": "chardev", "id": "red1"}),
         Step(node, "stop NBD server", "nbd-server-stop", accept=NOT_FOUND),
         Step(node, "declare the primary lost", "x-colo-lost-heartbeat", deadline_s=5.0),
         _del(node, "object-del", "f2"),
@@ -72,10 +72,10 @@ def secondary_takeover(node: str) -> list[Step]:
 
 def primary_continue_alone(node: str) -> list[Step]:
     return [
-        _yank(node, {"type": "migration"}),
-        _yank(node, {"type": "chardev", "id": "mirror0"}),
-        _yank(node, {"type": "chardev", "id": "compare1"}),
-        _yank(node, {"type": "block-node", "node-name": NBD_NODE}),
+        yank(node, {"type": "migration"}),
+        yank(node, {"type": "chardev", "id": "mirror0"}),
+        yank(node, {"type": "chardev", "id": "compare1"}),
+        yank(node, {"type": "block-node", "node-name": NBD_NODE}),
         Step(
             node,
             "detach replication child",

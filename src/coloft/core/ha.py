@@ -14,6 +14,7 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   still names the lost peer; losing only the replication path (the peer still
   heard on the LAN), or a checkpoint that stalls past a bound, is a lost
   secondary too: COLO cannot work without it, and the guest waits meanwhile;
+  so is a broken comparison path whose policy says run alone;
 - with the arbiter unreachable, nobody gains authority;
 - an operator's failover hands over only to a sync node in lock-step, unless forced
   (then the secondary may acquire without `sync`, accepting possible data loss);
@@ -93,6 +94,8 @@ class Observation:
     checkpoint_stalled_s: float | None = None
     peer_state: str | None = None
     intent: Intent | None = None
+    # A policy (core.policy) says drop the secondary; the text says why.
+    give_up: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,16 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
     if o.intent is not None:
         return _handing_over(state, o)
     stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
-    if state is State.PRIMARY and (not o.peer_qemu_alive or not o.repl_ok or stalled):
+    lost_peer = not o.peer_qemu_alive or not o.repl_ok or stalled or o.give_up is not None
+    if state is State.PRIMARY and lost_peer:
         if not o.peer_qemu_alive:
             lost = f"secondary {o.peer} lost"
         elif not o.repl_ok:
             lost = f"replication link to {o.peer} lost (LAN heartbeats still arrive)"
-        else:
+        elif stalled:
             lost = f"checkpoint with {o.peer} stalled for {o.checkpoint_stalled_s:.1f} s"
+        else:
+            lost = f"{o.give_up} (policy run-alone)"
         # Only the arbiter's word that sync is gone counts: unreachable means unknown.
         if not o.arbiter_ok:
             return Decision(

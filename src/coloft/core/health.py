@@ -10,6 +10,7 @@ from coloft.model.status import SideStatus
 
 WINDOW_S = 60.0
 MAX_PAUSES = 4096
+MAX_STARTS = 64
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:
@@ -36,6 +37,9 @@ class Checkpoints:
     last_pause_ms: float | None = None
     recent: tuple[float, ...] = ()
     pauses_ms: tuple[float, ...] = ()
+    # When the last few checkpoints began (STOP): a probe reply that crossed one may
+    # have been released by its flush rather than matched (effects.probe).
+    starts: tuple[float, ...] = ()
 
     def per_minute(self, now: float) -> float:
         return float(sum(1 for t in self.recent if now - t <= WINDOW_S))
@@ -46,7 +50,7 @@ class Checkpoints:
 
 def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
     if kind == "STOP":
-        return replace(cp, stopped_at=now)
+        return replace(cp, stopped_at=now, starts=(*cp.starts, now)[-MAX_STARTS:])
     if kind == "RESUME" and cp.stopped_at is not None:
         pause = (now - cp.stopped_at) * 1000.0
         recent = (*tuple(t for t in cp.recent if now - t <= WINDOW_S), now)
@@ -57,6 +61,7 @@ def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
             last_pause_ms=pause,
             recent=recent,
             pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:],
+            starts=cp.starts,
         )
     return cp
 
@@ -66,6 +71,8 @@ class Verdict:
     phase: str
     protected: bool
     reason: str
+    # Machine-readable reason: "" while protected, else e.g. "mirror-disconnected".
+    code: str = ""
 
 
 # A checkpoint pauses the guests for tens of ms (p99 ~100 ms under load here); one
@@ -91,21 +98,30 @@ def verdict(
     """
     for side in (primary, secondary):
         if not side.alive:
-            return Verdict("failed", False, f"{side.role} {side.node}: QEMU is not running")
+            return Verdict(
+                "failed",
+                False,
+                f"{side.role} {side.node}: QEMU is not running",
+                f"{side.role}-down",
+            )
         if side.error is not None:
-            return Verdict("degraded", False, f"{side.role} {side.node}: {side.error}")
+            return Verdict(
+                "degraded", False, f"{side.role} {side.node}: {side.error}", f"{side.role}-qmp"
+            )
     if primary.colo_mode != "primary" or primary.migration != "colo":
         return Verdict(
             "degraded",
             False,
             f"primary {primary.node} not in COLO (mode {primary.colo_mode}, "
             f"migration {primary.migration})",
+            "primary-not-in-colo",
         )
     if secondary.colo_mode != "secondary":
         return Verdict(
             "degraded",
             False,
             f"secondary {secondary.node} not in COLO (mode {secondary.colo_mode})",
+            "secondary-not-in-colo",
         )
     if primary_stopped_at is not None and now - primary_stopped_at > STALL_LIMIT_S:
         return Verdict(
@@ -113,6 +129,7 @@ def verdict(
             False,
             f"checkpoint stalled: primary guest frozen in a checkpoint for "
             f"{now - primary_stopped_at:.1f} s (replication link?)",
+            "checkpoint-stalled",
         )
     if cp.stopped_at is not None and now - cp.stopped_at > STALL_LIMIT_S:
         return Verdict(
@@ -120,14 +137,20 @@ def verdict(
             False,
             f"checkpoint stalled: secondary stopped for {now - cp.stopped_at:.1f} s "
             "without resuming",
+            "secondary-stalled",
         )
     age = cp.age(now)
     limit = 2 * interval_ms / 1000.0
     if age is None:
-        return Verdict("starting", False, "in COLO, waiting for the first checkpoint")
+        return Verdict(
+            "starting", False, "in COLO, waiting for the first checkpoint", "first-checkpoint"
+        )
     if age > limit:
         return Verdict(
-            "degraded", False, f"no checkpoint for {age:.1f} s (limit {limit:.1f} s = 2 intervals)"
+            "degraded",
+            False,
+            f"no checkpoint for {age:.1f} s (limit {limit:.1f} s = 2 intervals)",
+            "no-checkpoint",
         )
     return Verdict(
         "protected", True, f"in COLO, last checkpoint {age:.1f} s ago, {cp.count} so far"

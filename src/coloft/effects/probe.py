@@ -6,7 +6,9 @@ identical reply arrives, so an answer on time proves the whole comparison path
 works: mirror channel in, both guests, compare-in channel back. Measured in the
 lab (README): healthy replies take a few ms, 20 ms at most outside checkpoints;
 with the mirror channel dropped they come only when a checkpoint flushes
-colo-compare, i.e. after up to a checkpoint interval.
+colo-compare. So a reply proves the path only if no checkpoint began between the
+request and the reply: with a dead path and miscompares forcing checkpoints every
+100 ms, flushed replies would otherwise look on time.
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ def echo_request(ident: int, seq: int) -> bytes:
     return struct.pack("!BBHHH", ECHO_REQUEST, 0, _checksum(head + payload), ident, seq) + payload
 
 
+# A reply is judged this long after it came, so the STOP event of a checkpoint that
+# flushed it (sent by QEMU's monitor, a little behind the packet) is in by then.
+SETTLE_S = 0.05
+
+
 class IcmpProbe:
-    """Sends an echo every `every_s`; tracks which came back within `budget_s`."""
+    """Sends an echo every `every_s`. A probe is *proven* when its reply came within
+    `budget_s` with no checkpoint begun in between; `late_s` is how long the oldest
+    probe sent after the last proven one has gone without proof."""
 
     def __init__(
         self, target: str, source: str | None, every_s: float = 0.1, budget_s: float = 0.35
@@ -53,7 +62,12 @@ class IcmpProbe:
         self.ident = os.getpid() & 0xFFFF
         self.seq = 0
         self.outstanding: dict[int, float] = {}
+        # Replies not judged yet: (sent, replied), in arrival order.
+        self.answers: deque[tuple[float, float]] = deque(maxlen=1000)
+        # Send times of the probes after the last proven one, oldest first.
+        self.unproven: deque[float] = deque(maxlen=1000)
         self.on_time_streak = 0
+        self.flushed = 0  # replies a checkpoint may have released: no proof
         self.rtts_ms: deque[float] = deque(maxlen=600)
         self.sent = 0
         self._sock: socket.socket | None = None
@@ -82,15 +96,28 @@ class IcmpProbe:
             if kind != ECHO_REPLY or ident != self.ident:
                 continue
             sent_at = self.outstanding.pop(seq, None)
-            if sent_at is None:
+            if sent_at is not None:
+                self.answers.append((sent_at, time.monotonic()))
+
+    def settle(self, now: float, checkpoint_starts: tuple[float, ...]) -> None:
+        """Judge the replies old enough to know whether a checkpoint crossed them."""
+        while self.answers and self.answers[0][1] + SETTLE_S <= now:
+            sent, replied = self.answers.popleft()
+            rtt = replied - sent
+            crossed = any(sent <= t <= replied + SETTLE_S for t in checkpoint_starts)
+            if crossed:
+                self.flushed += 1
+            if crossed or rtt > self.budget_s:
+                self.on_time_streak = 0
                 continue
-            rtt = time.monotonic() - sent_at
+            self.on_time_streak += 1
             self.rtts_ms.append(rtt * 1000.0)
-            self.on_time_streak = self.on_time_streak + 1 if rtt <= self.budget_s else 0
+            while self.unproven and self.unproven[0] <= sent:
+                self.unproven.popleft()
 
     def late_s(self, now: float) -> float:
-        """How long the oldest unanswered probe has waited (0 when none waits)."""
-        return max((now - t for t in self.outstanding.values()), default=0.0)
+        """How long the oldest probe since the last proven one has waited for proof."""
+        return now - self.unproven[0] if self.unproven else 0.0
 
     def overdue(self, now: float) -> bool:
         return self.late_s(now) > self.budget_s
@@ -111,6 +138,7 @@ class IcmpProbe:
                 try:
                     self._sock.sendto(echo_request(self.ident, self.seq), (self.target, 0))
                     self.outstanding[self.seq] = now
+                    self.unproven.append(now)
                     self.sent += 1
                 except OSError as e:
                     log.debug("probe send: %s", e)

@@ -75,6 +75,29 @@ class HeartbeatSpec:
         return self.interval_ms * self.misses / 1000.0
 
 
+class Policy(Enum):
+    """What the agents do when one link of the comparison path breaks (core.policy)."""
+
+    ALERT = "alert"
+    REESTABLISH = "re-establish"
+    RUN_ALONE = "run-alone"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """The policy per reason that leaves a choice; the others always run alone."""
+
+    mirror: Policy = Policy.REESTABLISH
+    compare_in: Policy = Policy.REESTABLISH
+    probe: Policy = Policy.ALERT
+
+    def of(self, reason: str) -> Policy:
+        """The policy for a reason's kind ("mirror", "compare-in", "probe")."""
+        return {"mirror": self.mirror, "compare-in": self.compare_in, "probe": self.probe}.get(
+            reason, Policy.RUN_ALONE
+        )
+
+
 @dataclass(frozen=True)
 class PairSpec:
     source: Path
@@ -84,6 +107,7 @@ class PairSpec:
     qemu_binary: Path | None = None
     arbiter: ArbiterSpec = ArbiterSpec()
     heartbeat: HeartbeatSpec = HeartbeatSpec()
+    policy: PolicySpec = PolicySpec()
 
     @property
     def primary(self) -> NodeSpec:

@@ -53,18 +53,20 @@ def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, An
             }
         )
     if judge is None:
-        phase, protected, reason = "stopped", False, "no agent answers"
+        phase, protected, reason, code = "stopped", False, "no agent answers", "no-agent"
     elif leader is None:
-        phase, protected = "unprotected", False
+        phase, protected, code = "unprotected", False, "no-leader"
         reason = f"no leader; {judge['node']}: {judge['state']} ({judge['reason']})"
     else:
         phase, protected, reason = leader["phase"], leader["protected"], leader["protection_reason"]
+        code = leader.get("protection_code", "")
     failovers = [s["failover"] for s in answering.values() if s.get("failover")]
     return {
         "vm": vm,
         "phase": phase,
         "protected": protected,
         "reason": reason,
+        "code": code,
         "leader": None if leader is None else leader["node"],
         "epoch": None if leader is None else leader["epoch"],
         "sync": None if judge is None else judge["sync"],
