@@ -14,6 +14,7 @@ from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.effects.process import pid_alive
 from coloft.lab import faults, net, setup
+from coloft.lab.protection import ProtectionOracle
 from coloft.model.spec import PairSpec
 
 EXAMPLE = setup.EXAMPLE_SPEC
@@ -50,17 +51,27 @@ def pids_of(pair: LocalPair) -> list[int]:
 
 @pytest.fixture
 def make_pair(lab: None) -> Iterator[Callable[[PairSpec], LocalPair]]:
-    """Pairs a test starts are stopped after it, pass or fail, and checked gone by pid."""
-    pairs: list[tuple[LocalPair, list[int]]] = []
+    """Pairs a test starts are stopped after it, pass or fail, and checked gone by pid.
+
+    Through every such test the protection oracle samples /protected and both
+    QEMUs every 100 ms; a 200 that QEMU's state does not back fails the test.
+    """
+    pairs: list[tuple[LocalPair, ProtectionOracle]] = []
 
     def make(spec: PairSpec) -> LocalPair:
         setup.reset_disks()
         pair = LocalPair(spec)
-        pairs.append((pair, []))
+        oracle = ProtectionOracle(spec)
+        oracle.start()
+        pairs.append((pair, oracle))
         return pair
 
     yield make
-    for pair, _ in pairs:
+    violations = []
+    for pair, oracle in pairs:
+        oracle.stop()
+        violations += oracle.violations
+        print(f"protection oracle: {oracle.samples} samples, {oracle.yes} said protected")
         pids = pids_of(pair)
         faults.heal(pair)
         pair.stop()
@@ -70,6 +81,7 @@ def make_pair(lab: None) -> Iterator[Callable[[PairSpec], LocalPair]]:
         shutil.rmtree(api.run_root(pair.spec), ignore_errors=True)
         alive = [pid for pid in pids if pid_alive(pid)]
         assert not alive, f"pids still alive after teardown: {alive}"
+    assert not violations, f"/protected said 200 when it must not: {violations[:5]}"
 
 
 def spec_variant(tmp_path: Path, replace: dict[str, str]) -> Path:

@@ -167,12 +167,27 @@ def test_demo_fault_json_contract(lab: None) -> None:
     assert summary["phase"] == "unprotected" and not summary["protected"], summary
 
 
-def test_demo_channel_fault_json_contract(lab: None) -> None:
-    summary, done = demo_summary("--fault", "drop-mirror")
+@pytest.mark.parametrize(
+    ("fault", "named", "policy"),
+    [("reset-compare", "compare", "re-establish"), ("drop-replication", "", "run-alone")],
+)
+def test_demo_channel_fault_json_contract(lab: None, fault: str, named: str, policy: str) -> None:
+    summary, done = demo_summary("--fault", fault)
     protection = summary["protection"]
     assert_keys(protection, "degraded_after_ms reason policy_applied_ms protected_again_ms")
     assert done.returncode == 0, (summary, done.stderr[-2000:])
     assert protection["degraded_after_ms"] is not None, protection
-    assert protection["degraded_after_ms"] < 1100, protection
-    assert "mirror" in protection["reason"], protection
-    assert summary["lost_acked_writes"] == 0 and summary["requests_failed"] == 0, summary
+    assert protection["policy"] == policy, protection
+    assert protection["policy_applied_ms"] is not None, protection
+    assert summary["lost_acked_writes"] == 0, summary
+    if policy == "re-establish":
+        assert protection["degraded_after_ms"] < 1100, protection
+        assert named in protection["reason"], protection
+        assert protection["policy_applied_ms"] < 2000, protection
+        # Re-established and proven by the probe again after the fault was lifted.
+        assert protection["protected_again_ms"] is not None, protection
+        assert summary["protected"] is True and summary["requests_failed"] == 0, summary
+    else:
+        # Running alone now; PROTECTED again needs re-protection (not there yet).
+        assert protection["reason"] in ("migration-unacknowledged", "nbd-unacknowledged")
+        assert summary["phase"] == "unprotected", summary

@@ -1,10 +1,11 @@
-"""Never claim protection we do not have: one broken channel of the comparison path.
+"""Never claim protection we do not have: one broken link of the comparison path.
 
 With the mirror or the compare-in channel silently dropped or reset, every QMP
 status keeps saying "colo" and checkpoints keep coming; only the active probe
 through colo-compare (and the channel's sockets, which name it) tell. The pair
-must say DEGRADED, naming the channel, within a second; after a dropped channel
-comes back, PROTECTED again once fresh probe replies came on time.
+must say DEGRADED, naming the channel, within a second, apply its policy, and be
+PROTECTED again after the fault is lifted. A dropped checkpoint stream or a
+frozen secondary leaves COLO unable to go on: the primary runs alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.errors import ColoftError
 from coloft.lab import faults, net, workload
-from coloft.lab.rounds import up_and_serving
+from coloft.lab.rounds import PathWatch, all_events, up_and_serving
 from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
 from coloft.model.status import pair_view
@@ -74,12 +75,74 @@ def test_broken_channel_is_degraded_within_a_second_and_named(
             time.sleep(0.2)
             assert not pair_view("demo", pair.statuses())["protected"]
         faults.heal(pair)
-        if fault.startswith("drop-"):
-            # The TCP connection survived; retransmissions deliver, probes answer again.
-            views = pair.wait_for(
-                lambda s: pair_view("demo", s)["protected"], 30, "protection after the fault"
-            )
-            assert "probe" in pair_view("demo", views)["reason"]
+        healed = time.time()
+        views = pair.wait_for(
+            lambda s: pair_view("demo", s)["protected"], 30, "protection after the fault"
+        )
+        assert "probe" in pair_view("demo", views)["reason"]
+        watch = PathWatch(fault_at)
+        watch.healed_at = healed
+        found = watch.summary(all_events(pair.statuses()))
+        assert channel in str(found["reason"]), found
+        assert found["policy"] == "re-establish", found
+        assert found["policy_applied_ms"] is not None and found["policy_applied_ms"] < 2000, found
+        assert found["protected_again_ms"] is not None, found
+        if fault.startswith("reset-"):
+            # The half-open end was yanked and the secondary reconnected.
+            assert str(found["reason"]).endswith("-disconnected"), found
+            yanks = [
+                e
+                for e in all_events(pair.statuses())
+                if e["kind"] == "policy" and "yanked" in e["text"] and e["unix"] >= fault_at
+            ]
+            assert yanks, "no end was yanked"
+        assert api.call(protected, "GET", "/protected")["protected"] is True
     finally:
         client.kill()
         client.wait()
+
+
+@pytest.mark.parametrize(
+    ("fault", "reasons"),
+    [
+        ("drop-replication", ("migration-unacknowledged", "nbd-unacknowledged")),
+        ("freeze-secondary", ("secondary-stalled",)),
+    ],
+)
+def test_a_link_colo_cannot_do_without_makes_the_primary_run_alone(
+    make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path, fault: str, reasons: tuple[str]
+) -> None:
+    pair = make_pair(lab_spec(interval_ms=2000))
+    asyncio.run(up_and_serving(pair))
+    target = "192.0.2.10:7000"
+    client = workload.start_workload(net.CLIENT_NS, target, tmp_path, 20, rate=20)
+    try:
+        pair.wait_for(lambda s: pair_view("demo", s)["protected"], 20, "protection")
+        time.sleep(3)
+        fault_at = faults.inject(pair, fault)
+        views = pair.wait_for(
+            lambda s: (s.get("a") or {}).get("state") == "alone", 15, "the primary alone"
+        )
+        view = pair_view("demo", views)
+        assert view["phase"] == "unprotected" and view["code"] == "running-alone", view
+        watch = PathWatch(fault_at)
+        found = watch.summary(all_events(views))
+        assert found["reason"] in reasons, found
+        assert found["policy"] == "run-alone", found
+        # Bound: the next checkpoint request (interval 2 s) or disk write, then two
+        # retransmissions; a frozen secondary: the probe, then its agent's verdict.
+        assert found["degraded_after_ms"] is not None and found["degraded_after_ms"] < 3000, found
+        assert found["policy_applied_ms"] is not None and found["policy_applied_ms"] < 5000, found
+        # The secondary's copy is stale now: its agent stopped it.
+        assert views["b"] is not None and views["b"]["state"] == "down", views["b"]
+        with pytest.raises(ColoftError, match="503"):
+            api.call(api.socket_path(pair.spec, "a"), "GET", "/protected")
+        faults.heal(pair)
+        client.wait(60)
+        checked = workload.verify(net.CLIENT_NS, target, tmp_path / "acked.jsonl")
+        assert checked["lost_acked_writes"] == 0 and checked["wrong_values"] == 0, checked
+    finally:
+        faults.heal(pair)
+        if client.poll() is None:
+            client.kill()
+            client.wait()

@@ -1,8 +1,10 @@
-"""Soak: a protected pair under client load for 3 minutes, run by its agents.
+"""Soak: a protected pair under client load for 10 minutes, run by its agents.
 
 Besides no failed request and no lost write, this is where a too-eager detector
 shows: 150 ms heartbeats between agents on a busy 2-core host must not fire once,
-and protection must hold the whole time.
+the probe through colo-compare (350 ms budget) must never miss, and protection
+must hold the whole time, checkpoints every 2 s. The leader's own protection
+events catch a flap shorter than this test's polling.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from coloft.lab.rounds import Watcher, up_and_serving
 from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-SOAK_S = 180.0
+SOAK_S = 600.0
 INTERVAL_MS = 2000
 
 
-def test_soak_three_minutes_under_load(
+def test_soak_ten_minutes_under_load_stays_protected(
     make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path
 ) -> None:
     pair = make_pair(lab_spec(interval_ms=INTERVAL_MS))
@@ -36,6 +38,7 @@ def test_soak_three_minutes_under_load(
     problems: list[str] = []
     first = watcher.poll()
     start_count = first["checkpoints"]["count"]
+    soak_start = time.time()
     client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, SOAK_S)
     end = time.monotonic() + SOAK_S
     view = first
@@ -52,11 +55,18 @@ def test_soak_three_minutes_under_load(
     client.wait(60)
     checked = workload.verify(net.CLIENT_NS, "192.0.2.10:7000", tmp_path / "acked.jsonl")
     result = workload.read_result(tmp_path)
-    detections = [e["text"] for e in watcher.events() if e["kind"] == "detected"]
+    events = watcher.events()
+    detections = [e["text"] for e in events if e["kind"] == "detected"]
     assert not detections, detections
+    flaps = [
+        e["text"]
+        for e in events
+        if e["kind"] == "protection" and e.get("code") and e["unix"] > soak_start
+    ]
+    assert not flaps, flaps[:10]
     assert not problems, problems[:10]
     checkpoints = view["checkpoints"]["count"] - start_count
-    assert checkpoints >= 60, f"only {checkpoints} checkpoints in {SOAK_S:.0f} s"
+    assert checkpoints >= SOAK_S / 3, f"only {checkpoints} checkpoints in {SOAK_S:.0f} s"
     assert max(qmp_ms) < 1000.0, f"primary QMP answered in {max(qmp_ms):.0f} ms at worst"
     assert result["requests_failed"] == 0, result.get("errors")
     assert result["acked_writes"] > 100, result

@@ -87,3 +87,19 @@ def test_each_role_yanks_its_own_chardev() -> None:
     )
     primary = reestablish("a", Role.PRIMARY, ["compare-in"])
     assert primary[0].arguments["instances"] == [{"type": "chardev", "id": "compare1"}]
+
+
+def test_colo_compare_log_signs() -> None:
+    from coloft.core.compare_log import CompareSigns, overflowing, read_lines
+
+    lines = [
+        "colo_old_packet_check_found old_time=12",
+        "colo_compare_drop_packet : primary: queue size too big, drop packet",
+        "qemu-system-x86_64: colo-compare secondary_in error",
+        "something else",
+    ]
+    signs = read_lines(CompareSigns(), lines, 100.0)
+    assert (signs.timeouts, signs.overflows, signs.unreadable) == (1, 1, "compare-in-unreadable")
+    assert overflowing(signs, 101.0) and not overflowing(signs, 103.0)
+    assert policy_for("compare-in-unreadable", DEFAULT) is Policy.RUN_ALONE
+    assert policy_for("compare-queue-overflow", DEFAULT) is Policy.ALERT

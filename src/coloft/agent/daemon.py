@@ -24,7 +24,7 @@ from typing import Any
 
 from coloft.agent import api
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
-from coloft.core import channels, choreography, failover, health, policy
+from coloft.core import channels, choreography, compare_log, failover, health, policy
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
@@ -108,6 +108,7 @@ class Agent:
         self.reconnector = policy.Reconnector()
         self.yanking: asyncio.Task[None] | None = None
         self.give_up: str | None = None
+        self.compare = compare_log.CompareSigns()
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -476,6 +477,23 @@ class Agent:
         stuck = channels.replication_stuck(self.channels) if v.phase != "failed" else None
         if stuck is not None:
             return health.Verdict("degraded", False, f"{stuck.text}; {v.reason}", stuck.code)
+        c = self.compare
+        if c.unreadable is not None and v.phase != "failed":
+            return health.Verdict(
+                "degraded",
+                False,
+                "colo-compare stopped reading an input for good (malformed frame); "
+                "nothing is compared any more",
+                c.unreadable,
+            )
+        if v.protected and compare_log.overflowing(c, now):
+            return health.Verdict(
+                "degraded",
+                False,
+                f"colo-compare queue full: {c.overflows} packets dropped so far "
+                f"(max_queue_size {self.spec.tuning.max_queue_size})",
+                "compare-queue-overflow",
+            )
         return self._path_verdict(now, msg, v) if v.protected else v
 
     def _path_verdict(self, now: float, msg: dict[str, Any], v: health.Verdict) -> health.Verdict:
@@ -597,6 +615,9 @@ class Agent:
                     log.warning("cannot read /proc/net/tcp: %s", e)
                 else:
                     self._reestablish(time.monotonic())
+                if q.role is Role.PRIMARY:
+                    lines = q.new_log_lines()
+                    self.compare = compare_log.read_lines(self.compare, lines, time.monotonic())
             else:
                 self.channels = {}
             probing = self.state is State.PRIMARY and self.spec.vm.service is not None
@@ -834,6 +855,12 @@ class Agent:
                 "pause_ms_p50": _one_decimal(health.percentile(cp.pauses_ms, 50)),
                 "pause_ms_p99": _one_decimal(health.percentile(cp.pauses_ms, 99)),
                 "interval_ms": self.spec.tuning.checkpoint_interval_ms,
+            },
+            "compare": {
+                # Primary packets released by a forced checkpoint after compare_timeout.
+                "timed_out_packets": self.compare.timeouts,
+                "dropped_packets": self.compare.overflows,
+                "unreadable": self.compare.unreadable,
             },
             "failover": self.failover,
             "events": list(self.events),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from coloft.core.compare_log import TRACE_EVENTS
 from coloft.model.spec import Accel, NodeSpec, PairSpec
 from coloft.model.steps import Role
 
@@ -105,6 +106,9 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
         "-pidfile",
         str(paths.pidfile),
     ]
+    # colo-compare tells some of its troubles only in trace events (core.compare_log).
+    for event in TRACE_EVENTS:
+        argv += ["-trace", f"enable={event}"]
     for d in FIRMWARE_DIRS:
         argv += ["-L", d]
     if vm.kernel is not None:

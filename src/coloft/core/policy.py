@@ -42,14 +42,20 @@ ALWAYS_ALONE = (
     "secondary-lost",
     "replication-path-lost",
     "checkpoint-stalled",
+    # colo-compare stopped reading an input for good: nothing is compared any more.
+    "compare-in-unreadable",
+    "compare-primary-unreadable",
 )
+# Reasons that are reported and nothing else: packets dropped by a full
+# colo-compare queue reach the client again by TCP retransmission.
+ALWAYS_ALERT = ("compare-queue-overflow",)
 
 
 def kind(code: str) -> str | None:
     """The policy table's key for a reason code; None for reasons no policy handles."""
     if code == PROBE_TIMEOUT:
         return "probe"
-    if code in ALWAYS_ALONE:
+    if code in ALWAYS_ALONE or code in ALWAYS_ALERT:
         return code
     return next((k for k in CHANNEL_KINDS if code.startswith(f"{k}-")), None)
 
@@ -60,6 +66,8 @@ def policy_for(code: str, spec: PolicySpec) -> Policy | None:
         return None
     if k in ("migration", "nbd") or k in ALWAYS_ALONE:
         return Policy.RUN_ALONE
+    if k in ALWAYS_ALERT:
+        return Policy.ALERT
     return spec.of(k)
 
 

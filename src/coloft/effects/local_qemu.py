@@ -73,6 +73,7 @@ class LocalQemu:
         self.stopping = False
         # STOP -> RESUME pairs of this QEMU: one per checkpoint, on either side.
         self.checkpoints = health.Checkpoints()
+        self._log_offset = 0
 
     @property
     def pid(self) -> int | None:
@@ -88,7 +89,7 @@ class LocalQemu:
 
     def _prepare(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.qmp_oob, self.paths.pidfile):
+        for stale in (self.paths.qmp, self.paths.qmp_oob, self.paths.qmp_watch, self.paths.pidfile):
             stale.unlink(missing_ok=True)
         disk = self.spec.disk_of(self.node)
         if not disk.is_file():
@@ -118,6 +119,20 @@ class LocalQemu:
             if self.proc is not None and not self.proc.alive():
                 raise FatalError(f"{e}\n{self.proc.failure()}") from e
             raise
+
+    def new_log_lines(self, limit: int = 1 << 20) -> list[str]:
+        """Whole lines QEMU wrote to its stderr file since the last call."""
+        if self.proc is None:
+            return []
+        try:
+            with open(self.proc.stderr_path, "rb") as f:
+                f.seek(self._log_offset)
+                data = f.read(limit)
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._log_offset += end
+        return data[:end].decode(errors="replace").splitlines()
 
     def _watch_exit(self, proc: QemuProcess) -> None:
         """Learn of QEMU's death the moment it happens (pidfd), not at the next poll."""
@@ -211,7 +226,7 @@ class LocalQemu:
             self.proc.kill()
         tap.remove_tap(self.node.netns, tap_name(self.spec))
         p = self.paths
-        for f in (p.qmp, p.qmp_oob, p.active, p.hidden, p.pidfile):
+        for f in (p.qmp, p.qmp_oob, p.qmp_watch, p.active, p.hidden, p.pidfile):
             f.unlink(missing_ok=True)
 
 

@@ -20,7 +20,7 @@ from coloft.agent.launch import LocalPair
 from coloft.core.argv import tap_name
 from coloft.lab import faults, net, setup, workload
 from coloft.lab.oracle import FrameWatch
-from coloft.lab.rounds import Watcher, detected_ms, up_and_serving
+from coloft.lab.rounds import PathWatch, Watcher, detected_ms, up_and_serving
 
 TICK_S = 0.3
 
@@ -81,44 +81,6 @@ def failover_summary(
     }
 
 
-# How long a channel fault stays before the demo lifts it.
-PATH_FAULT_HOLD_S = 5.0
-
-
-class PathWatch:
-    """A channel fault's timeline: when the pair said DEGRADED (and why), and when it
-    was PROTECTED again after the fault was lifted."""
-
-    def __init__(self) -> None:
-        self.degraded_after_ms: float | None = None
-        self.reason: str | None = None
-        self.healed_at: float | None = None
-        self.protected_again_ms: float | None = None
-
-    def update(self, view: dict[str, Any], fault_at: float, now: float) -> bool:
-        """Record what the view shows; True when it is time to lift the fault."""
-        if self.degraded_after_ms is None and not view["protected"]:
-            self.degraded_after_ms = (now - fault_at) * 1000.0
-            self.reason = view["reason"]
-        if self.healed_at is None:
-            if now - fault_at >= PATH_FAULT_HOLD_S:
-                self.healed_at = now
-                return True
-        elif self.protected_again_ms is None and view["protected"]:
-            self.protected_again_ms = (now - self.healed_at) * 1000.0
-        return False
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "degraded_after_ms": _round(self.degraded_after_ms),
-            "reason": self.reason,
-            # The policy today is to alert only; re-establishing or running alone come next.
-            "policy": "alert",
-            "policy_applied_ms": None,
-            "protected_again_ms": _round(self.protected_again_ms),
-        }
-
-
 async def run_demo(
     duration: float, interval_ms: int, live: bool, fault: str | None = None
 ) -> dict[str, Any]:
@@ -144,14 +106,15 @@ async def run_demo(
 
             view_ui = LiveView(spec.vm.name, duration)
             view_ui.start()
-        path = PathWatch()
+        path: PathWatch | None = None
         while True:
             view = await asyncio.to_thread(watcher.poll)
             elapsed = time.monotonic() - started
             if fault and fault_at is None and view["protected"] and elapsed >= duration * 0.4:
                 fault_at = await asyncio.to_thread(faults.inject, pair, fault)
-            on_path = fault in faults.PATH_FAULTS and fault_at is not None
-            if on_path and path.update(view, fault_at or 0.0, time.time()):
+                if fault in faults.PATH_FAULTS:
+                    path = PathWatch(fault_at)
+            if path is not None and path.due(time.time()):
                 await asyncio.to_thread(faults.heal, pair)
             if view_ui is not None:
                 view_ui.update(view, workload.read_live(out), elapsed, watcher.events())
@@ -166,7 +129,17 @@ async def run_demo(
         view = await asyncio.to_thread(watcher.poll)
         summary = summarize(view, result, checked, time.monotonic() - started)
         if fault in faults.PATH_FAULTS:
-            summary["protection"] = path.summary()
+            summary["protection"] = (
+                path.summary(watcher.events())
+                if path is not None
+                else {
+                    "degraded_after_ms": None,
+                    "reason": "fault never injected: the pair was not protected",
+                    "policy": None,
+                    "policy_applied_ms": None,
+                    "protected_again_ms": None,
+                }
+            )
         elif fault is not None:
             summary["failover"] = failover_summary(
                 view, watcher.events(), fault_at, result, summary["lost_acked_writes"], watch

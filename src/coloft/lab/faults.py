@@ -27,13 +27,16 @@ FAULTS: dict[str, tuple[str, str]] = {
     "kill-primary-in-checkpoint": ("primary", "SIGKILL its QEMU while a checkpoint runs"),
     "planned-failover": ("primary", "ask its agent to hand over (coloft failover)"),
 }
-# Faults of one channel of the comparison path: the pair keeps running, and must be
-# reported DEGRADED with the channel named. name -> (channel, port offset, mode)
-PATH_FAULTS: dict[str, tuple[str, int, str]] = {
-    "drop-mirror": ("mirror", ports.MIRROR, "drop"),
-    "reset-mirror": ("mirror", ports.MIRROR, "reset"),
-    "drop-compare": ("compare", ports.COMPARE_SECONDARY_IN, "drop"),
-    "reset-compare": ("compare", ports.COMPARE_SECONDARY_IN, "reset"),
+# Faults of the comparison path: the pair keeps running, and must be reported
+# DEGRADED with the broken link named. name -> (link, mode)
+PATH_FAULTS: dict[str, tuple[str, str]] = {
+    "drop-mirror": ("mirror", "drop"),
+    "reset-mirror": ("mirror", "reset"),
+    "drop-compare": ("compare", "drop"),
+    "reset-compare": ("compare", "reset"),
+    # The checkpoint stream and the NBD disk replication, heartbeats untouched.
+    "drop-replication": ("replication", "drop"),
+    "freeze-secondary": ("secondary", "SIGSTOP its QEMU"),
 }
 CHECKPOINT_WAIT_S = 30.0
 FAULT_NAMES = (*FAULTS, *PATH_FAULTS)
@@ -77,14 +80,27 @@ def inject(pair: LocalPair, fault: str) -> float:
 
 
 def _break_path(pair: LocalPair, fault: str) -> float:
-    """Break one channel on the primary's replication link (every channel ends there)."""
+    """Break one link on the primary's replication link (every channel ends there)."""
     from coloft.lab import net
 
-    _, offset, mode = PATH_FAULTS[fault]
-    node = pair.spec.node(victim(pair.statuses(), "primary")["node"])
+    link, mode = PATH_FAULTS[fault]
+    statuses = pair.statuses()
+    if link == "secondary":
+        pid = int(victim(statuses, "secondary")["qemu"]["pid"])
+        at = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        return at
+    node = pair.spec.node(victim(statuses, "primary")["node"])
+    peer = pair.spec.peer_of(node.name)
     assert node.netns is not None
+    if link == "replication":
+        # The secondary listens for the migration stream and serves NBD.
+        chosen = [ports.port(peer, ports.MIGRATION), ports.port(peer, ports.NBD)]
+    else:
+        offset = ports.MIRROR if link == "mirror" else ports.COMPARE_SECONDARY_IN
+        chosen = [ports.port(node, offset)]
     at = time.time()
-    net.break_channel(node.netns, "repl", [ports.port(node, offset)], mode)
+    net.break_channel(node.netns, "repl", chosen, mode)
     return at
 
 

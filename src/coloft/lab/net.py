@@ -697,7 +697,8 @@ def channel_fault_ruleset(iface: str, ports: Sequence[int], mode: str) -> str:
     if mode not in ("drop", "reset"):
         raise ValueError(f"mode must be drop or reset, not {mode!r}")
     _check_ifname(iface)
-    verdict = "drop" if mode == "drop" else "reject with tcp reset"
+    # A reset sent in answer to a segment must itself get through the output rule.
+    verdict = "drop" if mode == "drop" else "tcp flags & rst == 0 reject with tcp reset"
     elems = ", ".join(str(p) for p in sorted(set(ports)))
     out = [f"add table inet {_CHANNEL_TABLE}", f"delete table inet {_CHANNEL_TABLE}"]
     if ports:

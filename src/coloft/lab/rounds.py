@@ -6,6 +6,7 @@ Shared by the demo, the failover tests and bench/failover.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from coloft.lab.probe import wait_ready
 from coloft.model.status import pair_view
 
 BOOT_DEADLINE_S = 240.0
+PROTECTED_AGAIN_S = 40.0
 SERVICE_DEADLINE_S = 90.0
 
 
@@ -31,6 +33,99 @@ async def up_and_serving(pair: LocalPair) -> None:
     if not await asyncio.to_thread(wait_ready, net.CLIENT_NS, host, port, SERVICE_DEADLINE_S):
         console = pair.spec.run_dir_of(pair.spec.primary) / "console.log"
         raise FatalError(f"guest service never answered; console: {console}")
+
+
+# How long a comparison-path fault stays before it is lifted.
+PATH_FAULT_HOLD_S = 5.0
+
+
+# Codes that follow from a fault rather than name it (core.health, agent daemon),
+# and those that name the broken link itself.
+CONSEQUENCES = ("probe-timeout", "path-recovering", "failing-over", "running-alone", "")
+LINKS = ("mirror-", "compare-in-", "migration-", "nbd-", "secondary-stalled")
+
+
+def _rank(code: str) -> int:
+    if code.startswith(LINKS):
+        return 0
+    return 2 if code in CONSEQUENCES else 1
+
+
+class PathWatch:
+    """A comparison-path fault's timeline, from the agents' own time-stamped events:
+    when the pair said DEGRADED and why, when the policy was applied, and when it
+    was PROTECTED again after the fault was lifted."""
+
+    def __init__(self, fault_at: float, hold_s: float = PATH_FAULT_HOLD_S) -> None:
+        self.fault_at = fault_at
+        self.hold_s = hold_s
+        self.healed_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        """True once, when it is time to lift the fault."""
+        if self.healed_at is None and now - self.fault_at >= self.hold_s:
+            self.healed_at = now
+            return True
+        return False
+
+    def summary(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        after = [e for e in events if e["unix"] >= self.fault_at]
+        verdicts = [e for e in after if e["kind"] == "protection"]
+        bad = [e for e in verdicts if e.get("code")]
+        # The reason: the first code that names the broken link most closely.
+        best = min((_rank(e["code"]) for e in bad), default=None)
+        reason = next((e["code"] for e in bad if _rank(e["code"]) == best), None)
+        applied = [e for e in after if e["kind"] == "policy" and e.get("applied")]
+        # That reason's policy; else the strongest one applied.
+        applied = (
+            [e for e in applied if e.get("code") == reason]
+            or [e for e in applied if e.get("policy") != "alert"]
+            or applied
+        )
+        again = [
+            e
+            for e in verdicts
+            if self.healed_at is not None and e["unix"] >= self.healed_at and not e.get("code")
+        ]
+
+        def ms(e: dict[str, Any] | None, since: float | None) -> float | None:
+            return None if e is None or since is None else _ms1((e["unix"] - since) * 1000.0)
+
+        first_applied = applied[0] if applied else None
+        return {
+            "degraded_after_ms": ms(bad[0] if bad else None, self.fault_at),
+            "reason": reason,
+            "policy": None if first_applied is None else first_applied["policy"],
+            "policy_applied_ms": ms(first_applied, self.fault_at),
+            "protected_again_ms": ms(again[0] if again else None, self.healed_at),
+        }
+
+
+def _ms1(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+async def path_round(
+    pair: LocalPair, fault: str, hold_s: float = PATH_FAULT_HOLD_S
+) -> dict[str, Any]:
+    """On a running, protected pair: break the path, lift it after `hold_s`, and wait
+    (up to PROTECTED_AGAIN_S) for PROTECTED again. The PathWatch summary."""
+    watcher = Watcher(pair)
+    fault_at = await asyncio.to_thread(faults.inject, pair, fault)
+    path = PathWatch(fault_at, hold_s)
+    try:
+        await asyncio.sleep(max(0.0, fault_at + hold_s - time.time()))
+        path.due(time.time())
+    finally:
+        await asyncio.to_thread(faults.heal, pair)
+    end = time.monotonic() + PROTECTED_AGAIN_S
+    while time.monotonic() < end:
+        view = await asyncio.to_thread(watcher.poll)
+        if view["protected"]:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(watcher.poll)
+    return path.summary(watcher.events())
 
 
 def all_events(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
