@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -57,6 +57,9 @@ bench: setup
 
 bench-failover: setup
 	$(BIN)/python bench/failover.py --rounds 30 --isolation-rounds 5
+
+bench-detection: setup
+	$(BIN)/python bench/detection.py --rounds 10 --soak-s 3600
 
 clean:
 	-coloft lab down

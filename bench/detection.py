@@ -80,10 +80,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(min(5.0, args.soak_s))
             await asyncio.to_thread(watcher.poll)
             fp = false_positives(watcher.events(), start)
+        leader = next(
+            (s for s in watcher.last.values() if s is not None and s["state"] == "primary"), None
+        )
         soak = {
             "seconds": round(time.time() - start),
             "false_degraded": len(fp),
             "reasons": sorted({e["code"] for e in fp}),
+            "probe": None if leader is None else leader.get("probe"),
+            "checkpoints_per_min": None if leader is None else leader["checkpoints"]["per_min"],
         }
     finally:
         if client is not None and client.poll() is None:
@@ -161,7 +166,8 @@ def main() -> int:
     s = found["soak"]
     print(
         f"soak: {s['seconds']} s without faults, "
-        f"{s['false_degraded']} false DEGRADED {s['reasons']}"
+        f"{s['false_degraded']} false DEGRADED {s['reasons']}; "
+        f"checkpoints/min {s['checkpoints_per_min']}; probe {s['probe']}"
     )
     return 0
 

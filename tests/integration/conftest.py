@@ -71,6 +71,8 @@ def make_pair(lab: None) -> Iterator[Callable[[PairSpec], LocalPair]]:
     for pair, oracle in pairs:
         oracle.stop()
         violations += oracle.violations
+        if oracle.samples == 0:
+            violations.append("the protection oracle never sampled")
         print(f"protection oracle: {oracle.samples} samples, {oracle.yes} said protected")
         pids = pids_of(pair)
         faults.heal(pair)

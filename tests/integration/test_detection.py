@@ -19,6 +19,7 @@ import pytest
 
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
+from coloft.core import ports
 from coloft.errors import ColoftError
 from coloft.lab import faults, net, workload
 from coloft.lab.rounds import PathWatch, all_events, up_and_serving
@@ -146,3 +147,40 @@ def test_a_link_colo_cannot_do_without_makes_the_primary_run_alone(
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+@pytest.mark.parametrize(
+    ("offset", "direction", "channel"),
+    [(ports.MIRROR, "out", "mirror"), (ports.COMPARE_SECONDARY_IN, "in", "compare-in")],
+)
+def test_a_channel_dropped_one_way_is_degraded_and_named(
+    make_pair: Callable[[PairSpec], LocalPair],
+    tmp_path: Path,
+    offset: int,
+    direction: str,
+    channel: str,
+) -> None:
+    # Only the data direction is dropped: acknowledgements still flow back.
+    pair = make_pair(lab_spec(interval_ms=2000))
+    asyncio.run(up_and_serving(pair))
+    client = workload.start_workload(net.CLIENT_NS, "192.0.2.10:7000", tmp_path, 20, rate=20)
+    try:
+        pair.wait_for(lambda s: pair_view("demo", s)["protected"], 20, "protection")
+        primary = pair.spec.primary
+        assert primary.netns is not None
+        fault_at = time.time()
+        net.break_channel(primary.netns, "repl", [ports.port(primary, offset)], "drop", direction)
+        views = pair.wait_for(
+            lambda s: pair_view("demo", s)["code"] == f"{channel}-unacknowledged",
+            5,
+            f"{channel} named",
+        )
+        named_after = time.time() - fault_at
+        assert named_after < DETECT_WITHIN_S, f"named after {named_after:.2f} s"
+        assert pair_view("demo", views)["phase"] == "degraded"
+        faults.heal(pair)
+        pair.wait_for(lambda s: pair_view("demo", s)["protected"], 30, "protection after")
+    finally:
+        faults.heal(pair)
+        client.kill()
+        client.wait()

@@ -79,6 +79,9 @@ class StandIn:
             "protection_reason": "in COLO" if self.protected else "mirror channel disconnected",
         }
 
+    def protection_summary(self) -> dict[str, Any]:
+        return self.status()
+
     async def request_failover(self, force: bool) -> dict[str, Any]:
         self.asked.append(force)
         return {"node": "a", "state": "fenced", "reason": "planned failover"}
@@ -176,3 +179,15 @@ def test_pair_view_trusts_the_leader_and_says_so_in_one_line() -> None:
     assert not lone["protected"] and lone["phase"] == "unprotected"
     assert "no leader" in lone["reason"] and lone["nodes"][0]["state"] == "no-agent"
     assert pair_view("web", {"a": None, "b": None})["phase"] == "stopped"
+    # A degraded pair says why, machine-readably, right after its state.
+    broken = agent_status(
+        "a",
+        "primary",
+        phase="degraded",
+        protected=False,
+        protection_reason="comparison path broken: mirror channel disconnected",
+        protection_code="mirror-disconnected",
+    )
+    view = pair_view("web", {"a": broken, "b": agent_status("b", "secondary")})
+    assert view["code"] == "mirror-disconnected"
+    assert one_line(view).startswith("web: DEGRADED(mirror-disconnected) | leader a")

@@ -31,6 +31,9 @@ READ_DEADLINE_S = 5.0
 class Served(Protocol):
     def status(self) -> dict[str, Any]: ...
 
+    # The few status fields /protected needs: it is polled often, status is large.
+    def protection_summary(self) -> dict[str, Any]: ...
+
     async def request_failover(self, force: bool) -> dict[str, Any]: ...
 
 
@@ -107,7 +110,7 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[
     if target == "/protected":
         if method != "GET":
             raise BadRequest(405, "use GET /protected")
-        s = agent.status()
+        s = agent.protection_summary()
         # Only the leader judges protection; a secondary's word is second-hand.
         yes = bool(s.get("protected")) and s.get("state") == "primary"
         answer = {

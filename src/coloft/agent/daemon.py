@@ -54,7 +54,13 @@ INTENT_ANSWER_S = 2.0
 KILL_WAIT_S = 1.0
 # On-time probe replies in a row before a broken comparison path counts as working.
 PROBE_RECOVER_STREAK = 5
-QEMU_EVENTS_SHOWN = ("COLO_EXIT", "FAILOVER_NEGOTIATED", "BLOCK_JOB_ERROR")
+QEMU_EVENTS_SHOWN = (
+    "COLO_EXIT",
+    "FAILOVER_NEGOTIATED",
+    "BLOCK_JOB_ERROR",
+    "QUORUM_FAILURE",
+    "QUORUM_REPORT_BAD",
+)
 
 
 def lease_timing(spec: PairSpec) -> LeaseTiming:
@@ -109,6 +115,7 @@ class Agent:
         self.yanking: asyncio.Task[None] | None = None
         self.give_up: str | None = None
         self.compare = compare_log.CompareSigns()
+        self.worst_unproven_s = 0.0
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -236,7 +243,7 @@ class Agent:
         if self.state not in (State.PRIMARY, State.SECONDARY):
             return
         stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
-        lost = not o.peer_qemu_alive or not o.repl_ok or stalled
+        lost = not o.peer_qemu_alive or not o.repl_ok or stalled or o.give_up is not None
         if self.state is State.SECONDARY:
             lost = lost or (o.arbiter_ok and o.leader is None)
         if lost and not self.peer_lost_noted:
@@ -245,6 +252,8 @@ class Agent:
                 what = "replication-path heartbeats stopped"
             elif o.peer_qemu_alive and stalled:
                 what = f"checkpoint stalled for {o.checkpoint_stalled_s:.1f} s"
+            elif o.give_up is not None:
+                what = f"{o.give_up} (policy: run alone)"
             elif o.arbiter_ok and o.leader is None and self.state is State.SECONDARY:
                 what = "leader key gone"
             self.note("detected", f"{what} ({self.peer.name})", logging.WARNING)
@@ -501,22 +510,39 @@ class Agent:
         breaks = channels.broken(self.channels, msg.get("channels") or {})
         if self.probe is not None and self.qemu is not None:
             self.probe.settle(now, self.qemu.checkpoints.starts)
-        late = 0.0 if self.probe is None else self.probe.late_s(now)
-        overdue = self.probe is not None and self.probe.overdue(now)
-        if overdue or any(b.condition in ("disconnected", "stale") for b in breaks):
+        probe = self.probe
+        if probe is not None and probe.rtts_ms and not self.path_broken:
+            # The margin a healthy pair keeps to the proof window (status, benchmark).
+            self.worst_unproven_s = max(self.worst_unproven_s, probe.unproven_s(now))
+        late = 0.0 if probe is None else probe.late_s(now)
+        overdue = probe is not None and probe.overdue(now)
+        unproved = probe is not None and probe.unproved(now)
+        if overdue or unproved or any(b.condition in ("disconnected", "stale") for b in breaks):
             self.path_broken = True
             what = "; ".join(b.text for b in breaks) or "no channel identified"
-            probe = f"no probe reply matched for {late * 1000:.0f} ms; " if overdue else ""
-            code = breaks[0].code if breaks else policy.PROBE_TIMEOUT
-            return health.Verdict("degraded", False, f"comparison path broken: {probe}{what}", code)
+            if overdue:
+                why = f"no probe reply for {late * 1000:.0f} ms; "
+            elif unproved and probe is not None:
+                why = (
+                    f"probe replies for {probe.unproven_s(now):.1f} s came only with "
+                    "checkpoint flushes, none matched; "
+                )
+            else:
+                why = ""
+            if breaks:
+                code = breaks[0].code
+            else:
+                code = policy.PROBE_TIMEOUT if overdue or not unproved else policy.PROBE_UNMATCHED
+            return health.Verdict("degraded", False, f"comparison path broken: {why}{what}", code)
         if self.path_broken:
-            streak = 0 if self.probe is None else self.probe.on_time_streak
-            if self.probe is not None and streak < PROBE_RECOVER_STREAK:
+            streak = 0 if probe is None else probe.on_time_streak
+            if probe is not None and (streak < PROBE_RECOVER_STREAK or probe.unproven_s(now) > 1.0):
                 return health.Verdict(
                     "degraded",
                     False,
                     f"comparison path recovering: {streak}/{PROBE_RECOVER_STREAK} "
-                    "probe replies on time",
+                    "probe replies on time, the last matched "
+                    f"{probe.unproven_s(now):.1f} s ago",
                     "path-recovering",
                 )
             self.path_broken = False
@@ -793,6 +819,15 @@ class Agent:
 
     # ---------------------------------------------------------------- API
 
+    def protection_summary(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "phase": self.protection.phase,
+            "protected": self.protection.protected,
+            "protection_reason": self.protection.reason,
+            "protection_code": self.protection.code,
+        }
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         msg, heard, repl = self._peer(now)
@@ -855,6 +890,15 @@ class Agent:
                 "pause_ms_p50": _one_decimal(health.percentile(cp.pauses_ms, 50)),
                 "pause_ms_p99": _one_decimal(health.percentile(cp.pauses_ms, 99)),
                 "interval_ms": self.spec.tuning.checkpoint_interval_ms,
+            },
+            "probe": None
+            if self.probe is None
+            else {
+                "sent": self.probe.sent,
+                "matched_rtt_ms_p50": _one_decimal(health.percentile(list(self.probe.rtts_ms), 50)),
+                "matched_rtt_ms_p99": _one_decimal(health.percentile(list(self.probe.rtts_ms), 99)),
+                "flushed_by_checkpoint": self.probe.flushed,
+                "worst_unmatched_s": round(self.worst_unproven_s, 3),
             },
             "compare": {
                 # Primary packets released by a forced checkpoint after compare_timeout.

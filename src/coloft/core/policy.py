@@ -29,6 +29,7 @@ CHARDEVS = {
 }
 CHANNEL_KINDS = ("mirror", "compare-in", "migration", "nbd")
 PROBE_TIMEOUT = "probe-timeout"
+PROBE_UNMATCHED = "probe-unmatched"
 # The peer's view of a channel comes with its heartbeat: up to a socket poll and a
 # heartbeat late. An end is yanked only once it looked dead for longer than that.
 HOLD_S = 0.3
@@ -53,7 +54,7 @@ ALWAYS_ALERT = ("compare-queue-overflow",)
 
 def kind(code: str) -> str | None:
     """The policy table's key for a reason code; None for reasons no policy handles."""
-    if code == PROBE_TIMEOUT:
+    if code in (PROBE_TIMEOUT, PROBE_UNMATCHED):
         return "probe"
     if code in ALWAYS_ALONE or code in ALWAYS_ALERT:
         return code
@@ -77,7 +78,7 @@ def meaning(policy: Policy, code: str) -> str:
         return "alert only: reported, nothing else changes"
     if policy is Policy.RUN_ALONE:
         return "run alone: the primary drops its secondary"
-    if code.endswith("-unacknowledged") or code == PROBE_TIMEOUT:
+    if code.endswith("-unacknowledged") or kind(code) == "probe":
         return "re-establish: connection kept, TCP delivers once the link carries again"
     return "re-establish: yank the half-open end so the secondary reconnects"
 
@@ -87,7 +88,7 @@ def applied_at_once(policy: Policy, code: str) -> bool:
     if policy is Policy.ALERT:
         return True
     return policy is Policy.REESTABLISH and (
-        code.endswith("-unacknowledged") or code == PROBE_TIMEOUT
+        code.endswith("-unacknowledged") or kind(code) == "probe"
     )
 
 

@@ -6,9 +6,12 @@ identical reply arrives, so an answer on time proves the whole comparison path
 works: mirror channel in, both guests, compare-in channel back. Measured in the
 lab (README): healthy replies take a few ms, 20 ms at most outside checkpoints;
 with the mirror channel dropped they come only when a checkpoint flushes
-colo-compare. So a reply proves the path only if no checkpoint began between the
-request and the reply: with a dead path and miscompares forcing checkpoints every
-100 ms, flushed replies would otherwise look on time.
+colo-compare. Two clocks therefore run: DEGRADED when no reply at all came for
+the budget (a dead path, fast), and when no reply came without a checkpoint
+beginning in between for PROOF_WINDOW_S: replies a checkpoint flushed prove
+nothing, and a dead path makes miscompares force a checkpoint every ~150 ms, whose
+flushes would otherwise look like answers on time. A healthy pair under load has
+checkpoints that close together only for moments (measured: the 10-minute soak).
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ def echo_request(ident: int, seq: int) -> bytes:
 
 # A reply is judged this long after it came, so the STOP event of a checkpoint that
 # flushed it (sent by QEMU's monitor, a little behind the packet) is in by then.
-SETTLE_S = 0.05
+SETTLE_S = 0.02
+# Without a reply that no checkpoint crossed for this long, the path is unproven.
+PROOF_WINDOW_S = 2.0
 
 
 class IcmpProbe:
-    """Sends an echo every `every_s`. A probe is *proven* when its reply came within
-    `budget_s` with no checkpoint begun in between; `late_s` is how long the oldest
-    probe sent after the last proven one has gone without proof."""
+    """Sends an echo every `every_s`. A probe is *answered* when its reply came within
+    `budget_s`, *proven* when, besides, no checkpoint began in between. `late_s` is
+    how long the oldest probe sent after the last answered one has waited;
+    `unproven_s` the same for proof."""
 
     def __init__(
         self, target: str, source: str | None, every_s: float = 0.1, budget_s: float = 0.35
@@ -62,9 +68,10 @@ class IcmpProbe:
         self.ident = os.getpid() & 0xFFFF
         self.seq = 0
         self.outstanding: dict[int, float] = {}
-        # Replies not judged yet: (sent, replied), in arrival order.
+        # Replies not judged for proof yet: (sent, replied), in arrival order.
         self.answers: deque[tuple[float, float]] = deque(maxlen=1000)
-        # Send times of the probes after the last proven one, oldest first.
+        # Send times of the probes after the last answered / proven one, oldest first.
+        self.unanswered: deque[float] = deque(maxlen=1000)
         self.unproven: deque[float] = deque(maxlen=1000)
         self.on_time_streak = 0
         self.flushed = 0  # replies a checkpoint may have released: no proof
@@ -97,30 +104,44 @@ class IcmpProbe:
                 continue
             sent_at = self.outstanding.pop(seq, None)
             if sent_at is not None:
-                self.answers.append((sent_at, time.monotonic()))
+                self.answered(sent_at, time.monotonic())
+
+    def answered(self, sent: float, replied: float) -> None:
+        """A reply came: it counts at once as an answer, later (settle) as proof."""
+        self.answers.append((sent, replied))
+        if replied - sent > self.budget_s:
+            self.on_time_streak = 0
+            return
+        self.on_time_streak += 1
+        while self.unanswered and self.unanswered[0] <= sent:
+            self.unanswered.popleft()
 
     def settle(self, now: float, checkpoint_starts: tuple[float, ...]) -> None:
         """Judge the replies old enough to know whether a checkpoint crossed them."""
         while self.answers and self.answers[0][1] + SETTLE_S <= now:
             sent, replied = self.answers.popleft()
-            rtt = replied - sent
-            crossed = any(sent <= t <= replied + SETTLE_S for t in checkpoint_starts)
-            if crossed:
-                self.flushed += 1
-            if crossed or rtt > self.budget_s:
-                self.on_time_streak = 0
+            if replied - sent > self.budget_s:
                 continue
-            self.on_time_streak += 1
-            self.rtts_ms.append(rtt * 1000.0)
+            if any(sent <= t <= replied + SETTLE_S for t in checkpoint_starts):
+                self.flushed += 1
+                continue
+            self.rtts_ms.append((replied - sent) * 1000.0)
             while self.unproven and self.unproven[0] <= sent:
                 self.unproven.popleft()
 
     def late_s(self, now: float) -> float:
+        """How long the oldest probe since the last answered one has waited."""
+        return now - self.unanswered[0] if self.unanswered else 0.0
+
+    def unproven_s(self, now: float) -> float:
         """How long the oldest probe since the last proven one has waited for proof."""
         return now - self.unproven[0] if self.unproven else 0.0
 
     def overdue(self, now: float) -> bool:
         return self.late_s(now) > self.budget_s
+
+    def unproved(self, now: float) -> bool:
+        return self.unproven_s(now) > PROOF_WINDOW_S
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,6 +159,7 @@ class IcmpProbe:
                 try:
                     self._sock.sendto(echo_request(self.ident, self.seq), (self.target, 0))
                     self.outstanding[self.seq] = now
+                    self.unanswered.append(now)
                     self.unproven.append(now)
                     self.sent += 1
                 except OSError as e:

@@ -691,11 +691,19 @@ def heal(ns: str) -> None:
 _CHANNEL_TABLE = "coloft_chan"
 
 
-def channel_fault_ruleset(iface: str, ports: Sequence[int], mode: str) -> str:
-    """nft rules that drop, or reset with TCP RST, every TCP segment to or from `ports`
-    on `iface` (one channel's connection, the rest of the link untouched)."""
+DIRECTIONS = ("both", "out", "in")
+
+
+def channel_fault_ruleset(
+    iface: str, ports: Sequence[int], mode: str, direction: str = "both"
+) -> str:
+    """nft rules that drop, or reset with TCP RST, the TCP segments to or from `ports`
+    on `iface` (one channel's connection, the rest of the link untouched): those
+    leaving this host (`out`), arriving (`in`), or both."""
     if mode not in ("drop", "reset"):
         raise ValueError(f"mode must be drop or reset, not {mode!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     _check_ifname(iface)
     # A reset sent in answer to a segment must itself get through the output rule.
     verdict = "drop" if mode == "drop" else "tcp flags & rst == 0 reject with tcp reset"
@@ -708,17 +716,21 @@ def channel_fault_ruleset(iface: str, ports: Sequence[int], mode: str) -> str:
         match_out += f'oifname "{iface}" tcp sport {{ {elems} }} {verdict};'
         hook = "type filter hook {} priority -300; policy accept;"
         out.append(f"table inet {_CHANNEL_TABLE} {{")
-        out.append(f"  chain input {{ {hook.format('input')} {match_in} }}")
-        out.append(f"  chain output {{ {hook.format('output')} {match_out} }}")
+        if direction != "out":
+            out.append(f"  chain input {{ {hook.format('input')} {match_in} }}")
+        if direction != "in":
+            out.append(f"  chain output {{ {hook.format('output')} {match_out} }}")
         out.append("}")
     return "\n".join(out) + "\n"
 
 
-def break_channel(ns: str, iface: str, ports: Sequence[int], mode: str) -> None:
+def break_channel(
+    ns: str, iface: str, ports: Sequence[int], mode: str, direction: str = "both"
+) -> None:
     """Silently drop (``drop``) or reset (``reset``) the TCP connections on ``ports``."""
     _run(
         ["ip", "netns", "exec", ns, "nft", "-f", "-"],
-        stdin=channel_fault_ruleset(iface, ports, mode),
+        stdin=channel_fault_ruleset(iface, ports, mode, direction),
     )
 
 

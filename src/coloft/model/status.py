@@ -78,7 +78,8 @@ def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, An
 
 def one_line(view: dict[str, Any]) -> str:
     """`coloft status` in one line: state, leadership, roles, peer paths, reason."""
-    parts = [f"{view['vm']}: {view['phase'].upper()}"]
+    code = view.get("code")
+    parts = [f"{view['vm']}: {view['phase'].upper()}" + (f"({code})" if code else "")]
     if view["leader"]:
         parts.append(f"leader {view['leader']} (epoch {view['epoch']})")
     for n in view["nodes"]:
