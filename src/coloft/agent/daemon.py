@@ -517,7 +517,18 @@ class Agent:
         late = 0.0 if probe is None else probe.late_s(now)
         overdue = probe is not None and probe.overdue(now)
         unproved = probe is not None and probe.unproved(now)
-        if overdue or unproved or any(b.condition in ("disconnected", "stale") for b in breaks):
+        # A channel gone, or with a segment unacknowledged through two retransmissions
+        # (600 ms; a working link never does that), is broken by itself, even when
+        # checkpoint flushes keep the probe answered.
+        conclusive = [
+            b
+            for b in breaks
+            if b.condition in ("disconnected", "stale")
+            or channels.retransmissions(b.detail) >= channels.STUCK_RETRANSMISSIONS
+        ]
+        if overdue or unproved or conclusive:
+            if not self.path_broken:
+                self.worst_unproven_s = 0.0  # the margin is a healthy pair's
             self.path_broken = True
             what = "; ".join(b.text for b in breaks) or "no channel identified"
             if overdue:
