@@ -300,8 +300,8 @@ def lab_status(as_json: bool) -> None:
     "--fault",
     type=click.Choice(sorted(FAULT_NAMES)),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
-    "gains a `failover` object, or for a channel fault (drop-/reset-mirror|compare, "
-    "lifted after 5 s) a `protection` object.",
+    "gains a `failover` object, or for a comparison-path fault (drop-/reset-mirror|compare, "
+    "drop-replication, freeze-secondary; lifted after 5 s) a `protection` object.",
 )
 def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
