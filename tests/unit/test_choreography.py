@@ -123,3 +123,26 @@ def test_migration_that_completes_instead_of_colo_fails_fast() -> None:
     problem = failure_in_poll(Until.MIGRATION_IN_COLO, {"status": "completed"})
     assert problem is not None and "instead of entering COLO" in problem
     assert failure_in_poll(Until.MIGRATION_IN_COLO, {"status": "active"}) is None
+
+
+def test_reprotect_copies_the_disk_while_the_guest_runs() -> None:
+    spec = load_spec(EXAMPLE)
+    # b took over and runs alone; a comes back as its new secondary.
+    steps = choreography.primary_reprotect(spec, spec.secondary, spec.primary, True)
+    names = [s.name for s in steps]
+    assert names[0] == "copy disk to secondary" and names[1] == "pause guest"
+    assert all(s.node == "b" for s in steps)
+    mirror = steps[0].arguments
+    assert mirror["target"] == f"nbd://{spec.primary.replication_address}:{9000 + 4}/parent0"
+    # The tail is the first bring-up's, towards the other node.
+    first = choreography.primary_bringup(spec, spec.primary, spec.secondary)
+    assert names[2:] == [s.name for s in first[2:]]
+    # A former secondary keeps its rewriter: the primary's filters go in front of it.
+    filters = [
+        s for s in steps if s.name in ("add filter-mirror m0", "add filter-redirector redire0")
+    ]
+    assert len(filters) == 2
+    assert all(f.arguments["position"] == "id=rew0" for f in filters)
+    assert all(f.arguments["insert"] == "before" for f in filters)
+    fresh = choreography.primary_reprotect(spec, spec.primary, spec.secondary, False)
+    assert not any("position" in s.arguments for s in fresh)

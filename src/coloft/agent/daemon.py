@@ -495,7 +495,11 @@ class Agent:
                 "nothing is compared any more",
                 c.unreadable,
             )
-        if v.protected and compare_log.overflowing(c, now):
+        if not v.protected:
+            return v
+        path = self._path_verdict(now, msg, v)
+        # A broken channel fills the queues too: its reason comes first.
+        if path.protected and compare_log.overflowing(c, now):
             return health.Verdict(
                 "degraded",
                 False,
@@ -503,7 +507,7 @@ class Agent:
                 f"(max_queue_size {self.spec.tuning.max_queue_size})",
                 "compare-queue-overflow",
             )
-        return self._path_verdict(now, msg, v) if v.protected else v
+        return path
 
     def _path_verdict(self, now: float, msg: dict[str, Any], v: health.Verdict) -> health.Verdict:
         """Protected only while the comparison path itself is shown to work."""

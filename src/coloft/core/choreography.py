@@ -123,19 +123,8 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
     ]
 
 
-def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
-    p = primary.name
-    here = primary.replication_address
-    there = secondary.replication_address
-    nbd_port = ports.port(secondary, ports.NBD)
-    t = spec.tuning
-    replication = (
-        f"drive_add -n buddy driver=replication,mode=primary,"
-        f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
-        f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}"
-    )
+def _disk_copy(p: str, there: str, nbd_port: int) -> list[Step]:
     return [
-        Step(p, "pause guest", "stop"),
         Step(
             p,
             "copy disk to secondary",
@@ -151,7 +140,33 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
             deadline_s=DISK_SYNC_DEADLINE_S,
             expect_event="BLOCK_JOB_READY",
             event_data={"device": RESYNC_JOB},
-        ),
+        )
+    ]
+
+
+def _filter(p: str, qom_type: str, oid: str, before: str | None, **props: Any) -> Step:
+    # A former secondary keeps its rewriter (the clients' TCP offsets): the primary's
+    # filters go in front of it, as QEMU's COLO docs say.
+    where = {} if before is None else {"position": f"id={before}", "insert": "before"}
+    return _object(p, qom_type, oid, netdev=NETDEV_ID, **where, **props)
+
+
+def _into_colo(
+    spec: PairSpec, primary: NodeSpec, secondary: NodeSpec, before: str | None
+) -> list[Step]:
+    """From a stopped primary whose disk copy is ready to COLO: the shared tail of a
+    first bring-up and of a re-protection."""
+    p = primary.name
+    here = primary.replication_address
+    there = secondary.replication_address
+    nbd_port = ports.port(secondary, ports.NBD)
+    t = spec.tuning
+    replication = (
+        f"drive_add -n buddy driver=replication,mode=primary,"
+        f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
+        f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}"
+    )
+    return [
         Step(p, "end disk copy", "block-job-cancel", {"device": RESYNC_JOB}),
         Step(
             p,
@@ -185,11 +200,9 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
         *_local_chardev_pair(
             p, "compare_out", "compare_out0", ports.port(primary, ports.COMPARE_OUT)
         ),
-        _object(p, "filter-mirror", "m0", netdev=NETDEV_ID, queue="tx", outdev="mirror0"),
-        _object(
-            p, "filter-redirector", "redire0", netdev=NETDEV_ID, queue="rx", indev="compare_out"
-        ),
-        _object(p, "filter-redirector", "redire1", netdev=NETDEV_ID, queue="rx", outdev="compare0"),
+        _filter(p, "filter-mirror", "m0", before, queue="tx", outdev="mirror0"),
+        _filter(p, "filter-redirector", "redire0", before, queue="rx", indev="compare_out"),
+        _filter(p, "filter-redirector", "redire1", before, queue="rx", outdev="compare0"),
         _object(p, "iothread", "iothread1"),
         _object(
             p,
@@ -238,6 +251,33 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
             "announce-self",
             {"initial": 50, "max": 550, "rounds": 5, "step": 100},
         ),
+    ]
+
+
+def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
+    """A first bring-up: the guest has not run yet, so it stays paused throughout."""
+    p = primary.name
+    there = secondary.replication_address
+    return [
+        Step(p, "pause guest", "stop"),
+        *_disk_copy(p, there, ports.port(secondary, ports.NBD)),
+        *_into_colo(spec, primary, secondary, before=None),
+    ]
+
+
+def primary_reprotect(
+    spec: PairSpec, primary: NodeSpec, secondary: NodeSpec, former_secondary: bool
+) -> list[Step]:
+    """Protect a running primary again with a fresh secondary: the disk is copied
+    while the guest serves (the mirror job tracks what it writes meanwhile), and the
+    guest pauses only for the end of the copy and the first RAM copy. The new
+    secondary's own disk is overwritten: a failed node's copy has diverged."""
+    p = primary.name
+    there = secondary.replication_address
+    return [
+        *_disk_copy(p, there, ports.port(secondary, ports.NBD)),
+        Step(p, "pause guest", "stop"),
+        *_into_colo(spec, primary, secondary, before="rew0" if former_secondary else None),
     ]
 
 

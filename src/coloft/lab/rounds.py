@@ -1,6 +1,6 @@
 """A protected pair under client load, a fault, and what the oracles found.
 
-Shared by the demo, the failover tests and bench/failover.py.
+Shared by the demo, the failover and detection tests, and the benchmarks.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ PATH_FAULT_HOLD_S = 5.0
 
 # Codes that follow from a fault rather than name it (core.health, agent daemon),
 # and those that name the broken link itself.
-CONSEQUENCES = ("probe-timeout", "path-recovering", "failing-over", "running-alone", "")
+CONSEQUENCES = (
+    "probe-timeout",
+    "probe-unmatched",
+    "path-recovering",
+    "failing-over",
+    "running-alone",
+    "",
+)
 LINKS = ("mirror-", "compare-in-", "migration-", "nbd-", "secondary-stalled")
 
 
