@@ -520,7 +520,6 @@ class Agent:
             self.worst_unproven_s = max(self.worst_unproven_s, probe.unproven_s(now))
         late = 0.0 if probe is None else probe.late_s(now)
         overdue = probe is not None and probe.overdue(now)
-        unproved = probe is not None and probe.unproved(now)
         # A channel gone, or with a segment unacknowledged through two retransmissions
         # (600 ms; a working link never does that), is broken by itself, even when
         # checkpoint flushes keep the probe answered.
@@ -530,24 +529,13 @@ class Agent:
             if b.condition in ("disconnected", "stale")
             or channels.retransmissions(b.detail) >= channels.STUCK_RETRANSMISSIONS
         ]
-        if overdue or unproved or conclusive:
+        if overdue or conclusive:
             if not self.path_broken:
                 self.worst_unproven_s = 0.0  # the margin is a healthy pair's
             self.path_broken = True
             what = "; ".join(b.text for b in breaks) or "no channel identified"
-            if overdue:
-                why = f"no probe reply for {late * 1000:.0f} ms; "
-            elif unproved and probe is not None:
-                why = (
-                    f"probe replies for {probe.unproven_s(now):.1f} s came only with "
-                    "checkpoint flushes, none matched; "
-                )
-            else:
-                why = ""
-            if breaks:
-                code = breaks[0].code
-            else:
-                code = policy.PROBE_TIMEOUT if overdue or not unproved else policy.PROBE_UNMATCHED
+            why = f"no probe reply for {late * 1000:.0f} ms; " if overdue else ""
+            code = breaks[0].code if breaks else policy.PROBE_TIMEOUT
             return health.Verdict("degraded", False, f"comparison path broken: {why}{what}", code)
         if self.path_broken:
             streak = 0 if probe is None else probe.on_time_streak

@@ -29,7 +29,6 @@ CHARDEVS = {
 }
 CHANNEL_KINDS = ("mirror", "compare-in", "migration", "nbd")
 PROBE_TIMEOUT = "probe-timeout"
-PROBE_UNMATCHED = "probe-unmatched"
 # The peer's view of a channel comes with its heartbeat: up to a socket poll and a
 # heartbeat late. An end is yanked only once it looked dead for longer than that.
 HOLD_S = 0.3
@@ -54,7 +53,7 @@ ALWAYS_ALERT = ("compare-queue-overflow",)
 
 def kind(code: str) -> str | None:
     """The policy table's key for a reason code; None for reasons no policy handles."""
-    if code in (PROBE_TIMEOUT, PROBE_UNMATCHED):
+    if code == PROBE_TIMEOUT:
         return "probe"
     if code in ALWAYS_ALONE or code in ALWAYS_ALERT:
         return code

@@ -43,7 +43,6 @@ PATH_FAULT_HOLD_S = 5.0
 # and those that name the broken link itself.
 CONSEQUENCES = (
     "probe-timeout",
-    "probe-unmatched",
     "path-recovering",
     "failing-over",
     "running-alone",
