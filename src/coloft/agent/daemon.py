@@ -520,16 +520,9 @@ class Agent:
             self.worst_unproven_s = max(self.worst_unproven_s, probe.unproven_s(now))
         late = 0.0 if probe is None else probe.late_s(now)
         overdue = probe is not None and probe.overdue(now)
-        # A channel gone, or with a segment unacknowledged through two retransmissions
-        # (600 ms; a working link never does that), is broken by itself, even when
-        # checkpoint flushes keep the probe answered.
-        conclusive = [
-            b
-            for b in breaks
-            if b.condition in ("disconnected", "stale")
-            or channels.retransmissions(b.detail) >= channels.STUCK_RETRANSMISSIONS
-        ]
-        if overdue or conclusive:
+        # A conclusively broken channel degrades even while checkpoint flushes keep
+        # the probe answered.
+        if overdue or any(b.conclusive for b in breaks):
             if not self.path_broken:
                 self.worst_unproven_s = 0.0  # the margin is a healthy pair's
             self.path_broken = True

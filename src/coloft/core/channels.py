@@ -125,9 +125,9 @@ def assess(sockets: list[TcpSocket], wanted: dict[str, Endpoint]) -> dict[str, s
     return result
 
 
-# Retransmissions of one segment before a checkpoint-stream or NBD channel counts as
-# broken on its own: the minimum RTO is 200 ms and doubles, so two mean the peer
-# acknowledged nothing for 600 ms, which a working link here never does.
+# Retransmissions of one segment before a channel counts as broken on its own: the
+# minimum RTO is 200 ms and doubles, so two mean the peer acknowledged nothing for
+# 600 ms, which a working link here never does.
 STUCK_RETRANSMISSIONS = 2
 
 
@@ -139,24 +139,17 @@ def retransmissions(state: str) -> int:
     return next((int(words[i - 1]) for i, w in enumerate(words) if w == "retransmissions"), 0)
 
 
-def replication_stuck(primary: dict[str, str]) -> Break | None:
-    """A checkpoint-stream or NBD channel of the primary that is gone or stuck."""
-    for name in ("migration", "nbd"):
-        state = primary.get(name)
-        if state is None or state == "ok":
-            continue
-        if state == "disconnected" or retransmissions(state) >= STUCK_RETRANSMISSIONS:
-            return Break(name, state.split(":")[0], state)
-    return None
-
-
 @dataclass(frozen=True)
 class Break:
-    """One broken channel: which, how ("disconnected", "stale", "unacknowledged"), detail."""
+    """One broken channel, from its state as assess() wrote it (possibly on the peer)."""
 
     channel: str
-    condition: str
     detail: str
+
+    @property
+    def condition(self) -> str:
+        """ "disconnected", "stale" or "unacknowledged"."""
+        return self.detail.split(":")[0]
 
     @property
     def code(self) -> str:
@@ -166,6 +159,14 @@ class Break:
     def text(self) -> str:
         return f"{DESCRIPTION[self.channel]} {self.detail}"
 
+    @property
+    def conclusive(self) -> bool:
+        """Broken by itself: gone, or a segment unacknowledged through two retransmissions."""
+        return (
+            self.condition in ("disconnected", "stale")
+            or retransmissions(self.detail) >= STUCK_RETRANSMISSIONS
+        )
+
 
 def broken(primary: dict[str, str], secondary: dict[str, str]) -> list[Break]:
     """Each broken channel, seen from either side (the primary's view first)."""
@@ -173,5 +174,13 @@ def broken(primary: dict[str, str], secondary: dict[str, str]) -> list[Break]:
     for name in DESCRIPTION:
         states = [v for v in (primary.get(name), secondary.get(name)) if v not in (None, "ok")]
         if states:
-            found.append(Break(name, states[0].split(":")[0], states[0]))
+            found.append(Break(name, states[0]))
     return found
+
+
+def replication_stuck(primary: dict[str, str]) -> Break | None:
+    """A checkpoint-stream or NBD channel of the primary that is conclusively broken."""
+    return next(
+        (b for b in broken(primary, {}) if b.channel in ("migration", "nbd") and b.conclusive),
+        None,
+    )

@@ -71,13 +71,18 @@ def policy_for(code: str, spec: PolicySpec) -> Policy | None:
     return spec.of(k)
 
 
+def _kept(code: str) -> bool:
+    """Nothing to yank: a dropped connection is kept, a probe timeout names none."""
+    return code.endswith("-unacknowledged") or kind(code) == "probe"
+
+
 def meaning(policy: Policy, code: str) -> str:
     """What applying the policy to this reason does, for the event and the status."""
     if policy is Policy.ALERT:
         return "alert only: reported, nothing else changes"
     if policy is Policy.RUN_ALONE:
         return "run alone: the primary drops its secondary"
-    if code.endswith("-unacknowledged") or kind(code) == "probe":
+    if _kept(code):
         return "re-establish: connection kept, TCP delivers once the link carries again"
     return "re-establish: yank the half-open end so the secondary reconnects"
 
@@ -86,9 +91,7 @@ def applied_at_once(policy: Policy, code: str) -> bool:
     """Whether deciding is all there is to it (no yank, no failover to wait for)."""
     if policy is Policy.ALERT:
         return True
-    return policy is Policy.REESTABLISH and (
-        code.endswith("-unacknowledged") or kind(code) == "probe"
-    )
+    return policy is Policy.REESTABLISH and _kept(code)
 
 
 def dead_ends(mine: dict[str, str], peer: dict[str, str], spec: PolicySpec) -> list[str]:
