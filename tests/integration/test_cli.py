@@ -167,12 +167,26 @@ def test_demo_fault_json_contract(lab: None) -> None:
     assert summary["phase"] == "unprotected" and not summary["protected"], summary
 
 
+def test_demo_reprotect_json_contract(lab: None) -> None:
+    summary, done = demo_summary("--fault", "kill-primary", "--reprotect", "--duration", "30")
+    failover, again = summary["failover"], summary["reprotect"]
+    assert_keys(again, "protected_again_ms synced_bytes")
+    assert done.returncode == 0, (summary, done.stderr[-2000:])
+    assert failover["error"] is None and failover["lost_acked_writes"] == 0, failover
+    assert again["error"] is None and again["secondary"] == "a", again
+    assert again["protected_again_ms"] is not None and again["protected_again_ms"] > 0, again
+    # The whole disk image and all of the guest's memory went to the new secondary.
+    assert again["disk_bytes"] >= 96 << 20 and again["memory_bytes"] == 128 << 20, again
+    assert again["synced_bytes"] == again["disk_bytes"] + again["memory_bytes"], again
+    assert summary["protected"] is True and summary["requests_failed"] == 0, summary
+
+
 @pytest.mark.parametrize(
     ("fault", "named", "policy"),
     [("reset-compare", "compare", "re-establish"), ("drop-replication", "", "run-alone")],
 )
 def test_demo_channel_fault_json_contract(lab: None, fault: str, named: str, policy: str) -> None:
-    summary, done = demo_summary("--fault", fault)
+    summary, done = demo_summary("--fault", fault, "--duration", "30")
     protection = summary["protection"]
     assert_keys(protection, "degraded_after_ms reason policy_applied_ms protected_again_ms")
     assert done.returncode == 0, (summary, done.stderr[-2000:])
@@ -188,6 +202,7 @@ def test_demo_channel_fault_json_contract(lab: None, fault: str, named: str, pol
         assert protection["protected_again_ms"] is not None, protection
         assert summary["protected"] is True and summary["requests_failed"] == 0, summary
     else:
-        # Running alone now; PROTECTED again needs re-protection (not there yet).
+        # Ran alone; once the fault was lifted, the secondary's host was re-protected.
         assert protection["reason"] in ("migration-unacknowledged", "nbd-unacknowledged")
-        assert summary["phase"] == "unprotected", summary
+        assert protection["protected_again_ms"] is not None, protection
+        assert summary["protected"] is True and summary["requests_failed"] == 0, summary

@@ -77,7 +77,7 @@ def test_fault_under_load(
     detect_within_ms: float,
     gap_within_ms: float,
 ) -> None:
-    pair = make_pair(lab_spec(interval_ms=2000))
+    pair = make_pair(lab_spec(interval_ms=2000, reprotect=False))
     found = asyncio.run(fault_round(pair, fault, tmp_path, load_s=20.0, fault_after_s=6.0))
     record = found.failover
     assert record is not None, [e["text"] for e in found.events]
@@ -98,7 +98,7 @@ def test_fault_under_load(
 
 def test_restarted_agent_does_not_disturb_the_leader(make_pair: MakePair, tmp_path: Path) -> None:
     """A secondary's agent that dies and comes back finds a leader and stays out of its way."""
-    pair = make_pair(lab_spec(interval_ms=2000))
+    pair = make_pair(lab_spec(interval_ms=2000, reprotect=False))
     found = asyncio.run(fault_round(pair, "kill-secondary-agent", tmp_path, load_s=10.0))
     assert found.failover is not None and found.failover["survivor"] == "a"
     epoch = found.final["epoch"]
@@ -115,7 +115,7 @@ def test_restarted_agent_does_not_disturb_the_leader(make_pair: MakePair, tmp_pa
 def test_unsynced_secondary_refuses_until_forced(make_pair: MakePair) -> None:
     """Before the first checkpoint the secondary has no state to serve: a planned
     failover is refused, a lost primary is not replaced, and only --force overrides."""
-    pair = make_pair(lab_spec(interval_ms=60_000))
+    pair = make_pair(lab_spec(interval_ms=60_000, reprotect=False))
     pair.start()
     pair.wait_for(
         lambda s: all(v and v["state"] in ("primary", "secondary") for v in s.values()),

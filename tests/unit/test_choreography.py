@@ -50,19 +50,22 @@ def test_secondary_is_ready_before_the_primary_starts(steps: list[Step]) -> None
 def test_primary_order(steps: list[Step]) -> None:
     order = [
         "pause guest",
+        "add chardev mirror0",
+        "add chardev compare0-0",
         "copy disk to secondary",
         "end disk copy",
         "wait for disk copy to end",
         "attach replication child",
         "add replication child to quorum",
-        "add chardev mirror0",
-        "add chardev compare0-0",
+        "add filter-mirror m0",
         "add colo-compare comp0",
         "wait for secondary's sockets",
         "enable x-colo",
-        "set checkpoint interval",
+        "set checkpoint interval and bandwidth",
         "start migration",
         "wait for COLO",
+        "wait for the guest to run",
+        "take the first checkpoint now",
     ]
     positions = [index(steps, "a", name) for name in order]
     assert positions == sorted(positions)
@@ -74,8 +77,8 @@ def test_colo_compare_uses_tuning(steps: list[Step]) -> None:
     assert comp.arguments["compare_timeout"] == 3000
     assert comp.arguments["expired_scan_cycle"] == 1000
     assert comp.arguments["max_queue_size"] == 1024
-    delay = steps[index(steps, "a", "set checkpoint interval")]
-    assert delay.arguments == {"x-checkpoint-delay": 2000}
+    delay = steps[index(steps, "a", "set checkpoint interval and bandwidth")]
+    assert delay.arguments == {"x-checkpoint-delay": 2000, "max-bandwidth": 1024 << 20}
 
 
 def test_replaying_a_prefix_is_accepted(steps: list[Step]) -> None:
@@ -130,13 +133,17 @@ def test_reprotect_copies_the_disk_while_the_guest_runs() -> None:
     # b took over and runs alone; a comes back as its new secondary.
     steps = choreography.primary_reprotect(spec, spec.secondary, spec.primary, True)
     names = [s.name for s in steps]
-    assert names[0] == "copy disk to secondary" and names[1] == "pause guest"
+    # The channels' ends and the disk copy come while the guest runs.
+    copy = names.index("copy disk to secondary")
+    # The secondary's sockets connect while the guest still runs.
+    assert names[copy + 1 : copy + 3] == ["wait for secondary's sockets", "pause guest"]
+    assert all(n.startswith("add chardev") for n in names[:copy])
     assert all(s.node == "b" for s in steps)
-    mirror = steps[0].arguments
+    mirror = steps[copy].arguments
     assert mirror["target"] == f"nbd://{spec.primary.replication_address}:{9000 + 4}/parent0"
     # The tail is the first bring-up's, towards the other node.
     first = choreography.primary_bringup(spec, spec.primary, spec.secondary)
-    assert names[2:] == [s.name for s in first[2:]]
+    assert names[copy + 3 :] == [s.name for s in first[copy + 2 :]]
     # A former secondary keeps its rewriter: the primary's filters go in front of it.
     filters = [
         s for s in steps if s.name in ("add filter-mirror m0", "add filter-redirector redire0")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -24,11 +25,11 @@ from typing import Any
 
 from coloft.agent import api
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
-from coloft.core import channels, choreography, compare_log, failover, health, policy
+from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
-from coloft.core.ports import HEARTBEAT, port
+from coloft.core.ports import HEARTBEAT, NBD, port
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
@@ -38,7 +39,7 @@ from coloft.errors import ColoftError, FatalError
 from coloft.model.leader import Leader
 from coloft.model.spec import PairSpec, Policy
 from coloft.model.status import SideStatus
-from coloft.model.steps import Role, Step
+from coloft.model.steps import Role, Step, Until
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ MIN_WAIT_S = 0.005
 TERMINAL = (State.FENCED, State.DOWN)
 POLL_S = 0.2
 CHANNEL_POLL_S = 0.1
+SYNC_POLL_S = 0.25
+SYNC_STALL_S = 5.0
+EXPORT_CHECK_S = 1.0
+SYNC_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED")
 START_ARBITER_WAIT_S = 30.0
 # How long a starting agent listens for a leading peer before judging the pair.
 PEER_WAIT_S = 2.0
@@ -116,6 +121,15 @@ class Agent:
         self.give_up: str | None = None
         self.compare = compare_log.CompareSigns()
         self.worst_unproven_s = 0.0
+        # Re-protection (core.reprotect): the leader's attempt, a failed node's rejoin.
+        r = spec.reprotect
+        self.backoff = reprotect.Backoff(r.backoff_s, r.backoff_max_s)
+        self.reprotecting = False
+        self.abandoning = False
+        self.targeted = False
+        self.joining: asyncio.Task[None] | None = None
+        self.reprotect: dict[str, Any] | None = None
+        self.sync_seen = reprotect.SyncProgress()
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -166,6 +180,7 @@ class Agent:
             "epoch": self.my_epoch,
             "protection": asdict(self.protection),
             "channels": self.channels,
+            "reprotecting": self.reprotecting,
         }
 
     def _in_colo(self) -> bool:
@@ -205,6 +220,9 @@ class Agent:
         if self.intent is not None and now > self.intent_until:
             self.intent = None
         role = self._own_role()
+        peer_reprotecting = heard and bool(msg.get("reprotecting"))
+        if self.state is State.STARTING and peer_reprotecting:
+            self.targeted = True
         synced = (
             int(msg.get("checkpoints") or 0) > 0 and heard
             if role is Role.PRIMARY
@@ -230,6 +248,11 @@ class Agent:
             peer_state=msg.get("state") if heard else None,
             intent=self.intent,
             give_up=self.give_up if self.state is State.PRIMARY else None,
+            reprotect=self.spec.reprotect.auto and self.backoff.ready(now),
+            peer_ready=heard and bool(msg.get("ready")) and msg.get("role") == Role.SECONDARY.value,
+            reprotecting=self.reprotecting,
+            peer_reprotecting=peer_reprotecting,
+            targeted=self.targeted,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -295,9 +318,12 @@ class Agent:
         if changed or d.reason != self.reason:
             level = logging.WARNING if d.state in (State.FENCED, State.ALONE) else logging.INFO
             self.note("state", f"{d.state.value}: {d.reason}", level)
+        before = self.state
         self.state, self.reason = d.state, d.reason
         if self.state in TERMINAL:
             self.renew_sent_at = None  # never act on a lease again
+        if changed:
+            self._paced(before, now)
         if o.intent is not None and self.state in (State.PRIMARY, State.ALONE, State.FENCED):
             # A leader answers an intent once; the reason says how.
             self.intent = None
@@ -347,6 +373,12 @@ class Agent:
                 self._start_failover(failover.Action.SECONDARY_TAKES_OVER)
             elif act is Act.GO_ALONE:
                 self._start_failover(failover.Action.PRIMARY_CONTINUES_ALONE)
+            elif act is Act.REJOIN:
+                await self._rejoin()
+            elif act is Act.REPROTECT:
+                self._start_reprotect()
+            elif act is Act.ABANDON:
+                self._abandon("the new secondary was lost")
         except ColoftError as e:
             self.note("error", f"{act.value} failed: {e}", logging.ERROR)
 
@@ -431,7 +463,218 @@ class Agent:
             record["done_unix"] = time.time()
             self.wake.set()
 
+    # ---------------------------------------------------------------- re-protection
+
+    def _paced(self, before: State, now: float) -> None:
+        """Count a re-protection (either side) as done or failed, for the backoff."""
+        if before is State.ALONE and self.state is State.PRIMARY:
+            self.reprotecting = False
+            self.backoff = self.backoff.succeeded()
+        elif before is State.STARTING and self.state is State.SECONDARY:
+            self.backoff = self.backoff.succeeded()
+        elif before is State.STARTING and self.state in TERMINAL:
+            self.backoff = self.backoff.failed(now)
+            self.note(
+                "reprotect",
+                f"joining failed; next try in {self.backoff.wait_s(now):.1f} s at the earliest",
+                logging.WARNING,
+            )
+
+    async def _rejoin(self) -> None:
+        """Start over as a fresh secondary: the old QEMU and its copy are discarded."""
+        if self.joining is not None and not self.joining.done():
+            return
+        old = self.qemu
+        if old is not None:
+            await old.close()
+            await asyncio.to_thread(old.cleanup)
+        self.qemu, self.side, self.hung, self.ready = None, None, False, False
+        self.failed_role = self.planned_role = None
+        self.my_epoch, self.renew_sent_at = None, None
+        self.targeted, self.peer_lost_noted = False, False
+        self.channels = {}
+        self.note("reprotect", f"rejoining: offering myself to {self.peer.name} as its secondary")
+        self.joining = asyncio.create_task(self._bring_up())
+
+    def _start_reprotect(self) -> None:
+        if self.busy is not None and not self.busy.done():
+            return
+        # Signs of the old pair's comparison path say nothing about the new one.
+        self.give_up, self.path_broken = None, False
+        self.compare = compare_log.CompareSigns()
+        self.reconnector = policy.Reconnector()
+        self.worst_unproven_s = 0.0
+        self.reprotect = {
+            "secondary": self.peer.name,
+            "started_unix": time.time(),
+            "colo_unix": None,
+            "protected_unix": None,
+            "disk_bytes": 0,
+            "ram_bytes": 0,
+            "synced_bytes": 0,
+            "pause_ms": None,
+            "steps": [],
+            "error": None,
+        }
+        self.busy = asyncio.create_task(self._reprotect(self.reprotect))
+
+    async def _reprotect(self, record: dict[str, Any]) -> None:
+        q = self.qemu
+        assert q is not None and q.session is not None
+        former = q.launched_role is Role.SECONDARY
+        steps = choreography.primary_reprotect(self.spec, self.node, self.peer, former)
+        paused: list[float] = []
+
+        def done(step: Step, took: float) -> None:
+            record["steps"].append({"step": step.describe(), "ms": round(took * 1000, 1)})
+            if step.command == "stop":
+                paused.append(time.monotonic() - took)
+            if step.until is Until.MIGRATION_IN_COLO and paused:
+                record["pause_ms"] = round((time.monotonic() - paused[0]) * 1000, 1)
+            log.info("%s: %s (%.0f ms)", self.node.name, step.describe(), took * 1000)
+
+        problem = await self._export_unreachable()
+        if problem is not None:
+            # drive-mirror would block QEMU's main loop on a blackholed connect. Nothing
+            # was started: the peer keeps its secondary, and the wait does not grow.
+            record["error"] = problem
+            self.backoff = self.backoff.later(time.monotonic())
+            self.note("reprotect", f"re-protection not started: {problem}", logging.WARNING)
+            return
+        self.reprotecting, self.abandoning = True, False
+        self.note("reprotect", f"re-protecting with {self.peer.name}: copying disk and memory")
+        self.heartbeat.send_now()
+        self.sync_seen = reprotect.SyncProgress(started=time.monotonic())
+        watch = asyncio.create_task(self._watch_sync(q, record))
+        try:
+            oob = {self.node.name: q.oob} if q.oob else {}
+            await run_steps({self.node.name: q.session}, steps, done, oob)
+        except ColoftError as e:
+            record["error"] = str(e)
+            watch.cancel()
+            await self._abandoned(q, f"re-protection failed: {e}")
+            return
+        finally:
+            watch.cancel()
+            self.wake.set()
+        record["colo_unix"] = time.time()
+        # In COLO QEMU no longer reports the first copy's figures; it covered all of
+        # the guest's memory (zero pages travel compressed: bytes brought in sync,
+        # not bytes on the wire).
+        memory = self.spec.vm.memory_mib << 20
+        self.sync_seen = dataclasses.replace(self.sync_seen, ram_done=memory, ram_total=memory)
+        self._count_sync(None, record)
+        self.progress = ""
+        self.note(
+            "reprotect",
+            f"{self.peer.name} is in COLO as my new secondary: "
+            f"{record['synced_bytes'] / (1 << 20):.0f} MiB synced, "
+            f"guest paused {record['pause_ms']} ms",
+            disk_bytes=record["disk_bytes"],
+            ram_bytes=record["ram_bytes"],
+        )
+
+    async def _export_unreachable(self) -> str | None:
+        """Whether the new secondary's disk export takes a connection now."""
+        host, nbd = self.peer.replication_address, port(self.peer, NBD)
+        try:
+            async with asyncio.timeout(EXPORT_CHECK_S):
+                _, writer = await asyncio.open_connection(host, nbd)
+        except (OSError, TimeoutError) as e:
+            return f"disk export {host}:{nbd} of {self.peer.name} unreachable ({e or 'timeout'})"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+
+    async def _watch_sync(self, q: LocalQemu, record: dict[str, Any]) -> None:
+        """Progress of the disk copy and the first memory copy, for status and events;
+        a re-protection that moves nothing for a while is abandoned."""
+        last, since = (-1, -1), time.monotonic()
+        while True:
+            await self._sample_sync(q, record)
+            self.progress = self.sync_seen.text()
+            now = time.monotonic()
+            moved = (self.sync_seen.synced_bytes, len(record["steps"]))
+            if moved != last:
+                last, since = moved, now
+            elif now - since > SYNC_STALL_S:
+                self._abandon(f"re-protection made no progress for {SYNC_STALL_S:.0f} s")
+                return
+            await asyncio.sleep(SYNC_POLL_S)
+
+    async def _sample_sync(self, q: LocalQemu, record: dict[str, Any]) -> None:
+        if q.session is None:
+            return
+        with contextlib.suppress(ColoftError):
+            jobs = await q.session.execute("query-block-jobs", deadline_s=1.0)
+            mig = await q.session.execute("query-migrate", deadline_s=1.0)
+            self._count_sync(reprotect.read_block_job(jobs, choreography.RESYNC_JOB), record)
+            ram = reprotect.read_ram(mig)
+            if ram is not None:
+                self.sync_seen = dataclasses.replace(
+                    self.sync_seen, ram_done=ram[0], ram_total=ram[1]
+                )
+            self._count_sync(None, record)
+
+    def _count_sync(self, disk: tuple[int, int] | None, record: dict[str, Any]) -> None:
+        seen = self.sync_seen
+        if disk is not None:
+            # The copy only grows; a finished job's last event may beat the poll.
+            seen = dataclasses.replace(
+                seen,
+                disk_done=max(seen.disk_done, disk[0]),
+                disk_total=max(seen.disk_total, disk[1]),
+            )
+        self.sync_seen = dataclasses.replace(seen, at=time.monotonic())
+        record["disk_bytes"], record["ram_bytes"] = (
+            self.sync_seen.disk_done,
+            self.sync_seen.ram_done,
+        )
+        record["synced_bytes"] = self.sync_seen.synced_bytes
+
+    def _abandon(self, why: str) -> None:
+        """Stop a re-protection whose secondary is gone, whatever step it is in."""
+        if self.abandoning or self.qemu is None:
+            return
+        self.abandoning = True
+        if self.busy is not None and not self.busy.done():
+            self.busy.cancel()
+        q = self.qemu
+        self.busy = asyncio.create_task(self._abandoned(q, why))
+
+    async def _abandoned(self, q: LocalQemu, why: str) -> None:
+        self.abandoning = True
+        self.note("reprotect", f"{why}; the guest runs on alone", logging.WARNING)
+        try:
+            oob = {self.node.name: q.oob} if q.oob else {}
+            await run_steps(
+                {self.node.name: q.session},  # type: ignore[dict-item]
+                failover.abandon_reprotect(self.node.name),
+                None,
+                oob,
+            )
+        except ColoftError as e:
+            self.note("error", f"undoing the re-protection failed: {e}", logging.ERROR)
+        now = time.monotonic()
+        self.backoff = self.backoff.failed(now)
+        self.reprotecting = self.abandoning = False
+        self.progress = ""
+        if self.reprotect is not None and self.reprotect["error"] is None:
+            self.reprotect["error"] = why
+        wait = self.backoff.wait_s(now)
+        self.note("reprotect", f"running alone; next re-protection in {wait:.1f} s at the earliest")
+        self.heartbeat.send_now()
+        self.wake.set()
+
     def _protection(self, now: float, o: Observation) -> health.Verdict:
+        if self.state is State.ALONE and self.reprotecting:
+            return health.Verdict(
+                "unprotected",
+                False,
+                f"re-protecting with {self.peer.name}: {self.progress or 'starting'}",
+                "reprotecting",
+            )
         if self.state is State.ALONE:
             return health.Verdict(
                 "unprotected", False, f"running alone on {self.node.name}", "running-alone"
@@ -497,6 +740,14 @@ class Agent:
             )
         if not v.protected:
             return v
+        if self.sync != self.peer.name:
+            # Until the arbiter names it, the secondary may not take over: no protection.
+            return health.Verdict(
+                "starting",
+                False,
+                f"{v.reason}; naming {self.peer.name} the sync node",
+                "sync-pending",
+            )
         path = self._path_verdict(now, msg, v)
         # A broken channel fills the queues too: its reason comes first.
         if path.protected and compare_log.overflowing(c, now):
@@ -542,8 +793,15 @@ class Agent:
                     "path-recovering",
                 )
             self.path_broken = False
-        if self.probe is None or not self.probe.rtts_ms:
+        if self.spec.vm.service is None:
             return v
+        if self.probe is None or not self.probe.rtts_ms:
+            return health.Verdict(
+                "starting",
+                False,
+                f"{v.reason}; waiting for the first probe reply through colo-compare",
+                "first-probe",
+            )
         return health.Verdict(
             "protected", True, f"{v.reason}, probe {self.probe.rtts_ms[-1]:.0f} ms"
         )
@@ -556,6 +814,14 @@ class Agent:
         if v.protected:
             self.give_up = None
             self.note("protection", f"protected again: {v.reason}", phase=v.phase, code="")
+            r = self.reprotect
+            if r is not None and r["colo_unix"] is not None and r["protected_unix"] is None:
+                r["protected_unix"] = time.time()
+                self.note(
+                    "reprotect",
+                    f"protected again with {self.peer.name}, "
+                    f"{r['protected_unix'] - r['started_unix']:.1f} s after re-protection began",
+                )
             return
         level = logging.WARNING
         self.note("protection", f"{v.phase}: {v.reason}", level, phase=v.phase, code=v.code)
@@ -653,6 +919,12 @@ class Agent:
             await asyncio.sleep(CHANNEL_POLL_S)
 
     def _qemu_event(self, kind: str, data: dict[str, object]) -> None:
+        r = self.reprotect
+        if kind in SYNC_EVENTS and data.get("device") == choreography.RESYNC_JOB and r:
+            # The disk copy's own figures; it may end between two progress polls.
+            offset, length = data.get("offset"), data.get("len")
+            if isinstance(offset, int) and isinstance(length, int):
+                self._count_sync((offset, length), r)
         # COLO_EXIT and the like: shown on the timeline; state comes from polling.
         if kind in QEMU_EVENTS_SHOWN:
             self.note("qemu", f"QEMU event {kind} {data}", logging.WARNING)
@@ -697,7 +969,13 @@ class Agent:
                         await self.peer_news.wait()
         msg, heard, _ = self._peer(time.monotonic())
         peer_state = msg.get("state") if heard else None
-        role, why = first_role(self.node.name, self.spec.primary.name, self.leader, peer_state)
+        role, why = first_role(
+            self.node.name,
+            self.spec.primary.name,
+            self.leader,
+            peer_state,
+            rejoin=self.spec.reprotect.auto and self.backoff.ready(time.monotonic()),
+        )
         self.planned_role = role
         self.note("start", why)
         if role is None:
@@ -797,7 +1075,7 @@ class Agent:
         """Stop on purpose: the secondary must not take over, so clear sync first."""
         if self.busy is not None:
             self.busy.cancel()
-        for task in (self.probe_task, self.yanking):
+        for task in (self.probe_task, self.yanking, self.joining):
             if task is not None:
                 task.cancel()
         if self.my_epoch is not None:
@@ -903,6 +1181,7 @@ class Agent:
                 "unreadable": self.compare.unreadable,
             },
             "failover": self.failover,
+            "reprotect": self.reprotect,
             "events": list(self.events),
             "updated_unix": time.time(),
         }

@@ -303,12 +303,23 @@ def lab_status(as_json: bool) -> None:
     "gains a `failover` object, or for a comparison-path fault (drop-/reset-mirror|compare, "
     "drop-replication, freeze-secondary; lifted after 5 s) a `protection` object.",
 )
-def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) -> None:
+@click.option(
+    "--reprotect",
+    is_flag=True,
+    help="After a failover fault, let the failed side come back (its agent restarted if it "
+    "was killed) and be re-protected as the new secondary; the summary gains a `reprotect` "
+    "object {protected_again_ms, synced_bytes, ...}.",
+)
+def demo(
+    duration: float, as_json: bool, interval_ms: int, fault: str | None, reprotect: bool
+) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
     from coloft.lab.demo import run_demo
 
     try:
-        summary = asyncio.run(run_demo(duration, interval_ms, live=not as_json, fault=fault))
+        summary = asyncio.run(
+            run_demo(duration, interval_ms, live=not as_json, fault=fault, reprotect=reprotect)
+        )
     except ColoftError as e:
         _fail(str(e))
     if as_json:
@@ -323,6 +334,8 @@ def demo(duration: float, as_json: bool, interval_ms: int, fault: str | None) ->
         held = summary["protection"]["degraded_after_ms"] is not None
     else:
         held = not summary["failover"]["error"]
+        if "reprotect" in summary:
+            held = held and summary["reprotect"]["protected_again_ms"] is not None
     ok = not summary["lost_acked_writes"] and held
     sys.exit(0 if ok else 1)
 

@@ -137,4 +137,13 @@ def summary_text(s: dict[str, Any]) -> str:
             f"{f['connection_resets']}, both hosts active {_fmt(f['active_overlap_ms'], ' ms')}"
             + (f", ERROR {f['error']}" if f["error"] else "")
         )
+    r = s.get("reprotect")
+    if r is not None:
+        synced = r["synced_bytes"]
+        lines.append(
+            f"re-protection: PROTECTED again {_fmt(r['protected_again_ms'], ' ms')} after the "
+            f"failover with {r['secondary'] or '-'}, "
+            f"{'-' if synced is None else f'{synced / (1 << 20):.0f} MiB'} synced, guest paused "
+            f"{_fmt(r['guest_paused_ms'], ' ms')}" + (f", ERROR {r['error']}" if r["error"] else "")
+        )
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from coloft.model.spec import (
     PairSpec,
     Policy,
     PolicySpec,
+    ReprotectSpec,
     Tuning,
     VmSpec,
 )
@@ -248,6 +249,9 @@ def _tuning(source: Path, table: Mapping[str, Any]) -> Tuning:
             "expired_scan_cycle_ms", default=1000, low=10, high=600_000, unit=" ms"
         ),
         max_queue_size=r.integer("max_queue_size", default=1024, low=16, high=1_000_000),
+        migration_mib_s=r.integer(
+            "migration_mib_s", default=1024, low=1, high=1_000_000, unit=" MiB/s"
+        ),
     )
     r.finish()
     return t
@@ -315,6 +319,24 @@ def _policy(source: Path, table: Mapping[str, Any]) -> PolicySpec:
     return p
 
 
+def _reprotect(source: Path, table: Mapping[str, Any]) -> ReprotectSpec:
+    r = _Reader(source, "[reprotect]", table)
+    d = ReprotectSpec()
+    if "auto" in table and not isinstance(table["auto"], bool):
+        raise r.fail("auto", f"expected a boolean, got {_describe(table['auto'])}")
+    r.used.add("auto")
+    p = ReprotectSpec(
+        auto=bool(table.get("auto", d.auto)),
+        backoff_s=r.number("backoff_s", d.backoff_s, 0.1, 600, " s"),
+        backoff_max_s=r.number("backoff_max_s", d.backoff_max_s, 0.1, 3600, " s"),
+        disk_mib_s=r.integer("disk_mib_s", default=d.disk_mib_s, low=0, high=1_000_000),
+    )
+    r.finish()
+    if p.backoff_max_s < p.backoff_s:
+        raise r.fail("backoff_max_s", f"{p.backoff_max_s:g} s is below backoff_s {p.backoff_s:g} s")
+    return p
+
+
 def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     """Validate an already-parsed TOML document."""
     top = _Reader(source, "spec", data)
@@ -345,6 +367,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     arbiter = _arbiter(source, table("arbiter", False))
     heartbeat = _heartbeat(source, table("heartbeat", False))
     policy = _policy(source, table("policy", False))
+    reprotect = _reprotect(source, table("reprotect", False))
     qemu = _Reader(source, "[qemu]", table("qemu", False))
     binary = qemu.path("binary")
     qemu.finish()
@@ -359,6 +382,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
         arbiter=arbiter,
         heartbeat=heartbeat,
         policy=policy,
+        reprotect=reprotect,
     )
 
 

@@ -27,7 +27,7 @@ REPLICATION_NODE = "replication0"
 NBD_NODE = "nbd0"
 RESYNC_JOB = "resync"
 # Reconnect period of the secondary's sockets towards the primary.
-RECONNECT_MS = 1000
+RECONNECT_MS = 250
 # The first full RAM copy under TCG: 128 MiB at ~100 MiB/s plus the disk mirror.
 MIGRATE_DEADLINE_S = 120.0
 DISK_SYNC_DEADLINE_S = 300.0
@@ -123,20 +123,23 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
     ]
 
 
-def _disk_copy(p: str, there: str, nbd_port: int) -> list[Step]:
+def _disk_copy(p: str, there: str, nbd_port: int, mib_s: int = 0) -> list[Step]:
+    args: dict[str, Any] = {
+        "device": DISK_ID,
+        "job-id": RESYNC_JOB,
+        "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
+        "mode": "existing",
+        "format": "raw",
+        "sync": "full",
+    }
+    if mib_s:
+        args["speed"] = mib_s << 20
     return [
         Step(
             p,
             "copy disk to secondary",
             "drive-mirror",
-            {
-                "device": DISK_ID,
-                "job-id": RESYNC_JOB,
-                "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
-                "mode": "existing",
-                "format": "raw",
-                "sync": "full",
-            },
+            args,
             deadline_s=DISK_SYNC_DEADLINE_S,
             expect_event="BLOCK_JOB_READY",
             event_data={"device": RESYNC_JOB},
@@ -151,13 +154,43 @@ def _filter(p: str, qom_type: str, oid: str, before: str | None, **props: Any) -
     return _object(p, qom_type, oid, netdev=NETDEV_ID, **where, **props)
 
 
+def _channels(primary: NodeSpec) -> list[Step]:
+    """The primary's ends of the packet channels. Alone they change nothing for the
+    guest, so a re-protection adds them while it runs: the secondary's sockets
+    (reconnecting every RECONNECT_MS) are in by the time the guest pauses."""
+    p = primary.name
+    here = primary.replication_address
+    return [
+        _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
+        _socket_chardev(
+            p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=True
+        ),
+        *_local_chardev_pair(
+            p, "compare0", "compare0-0", ports.port(primary, ports.COMPARE_PRIMARY_IN)
+        ),
+        *_local_chardev_pair(
+            p, "compare_out", "compare_out0", ports.port(primary, ports.COMPARE_OUT)
+        ),
+    ]
+
+
+def _sockets_connected(p: str) -> Step:
+    return Step(
+        p,
+        "wait for secondary's sockets",
+        "query-chardev",
+        deadline_s=10.0,
+        until=Until.CHARDEVS_CONNECTED,
+        until_args=("mirror0", "compare1"),
+    )
+
+
 def _into_colo(
     spec: PairSpec, primary: NodeSpec, secondary: NodeSpec, before: str | None
 ) -> list[Step]:
     """From a stopped primary whose disk copy is ready to COLO: the shared tail of a
     first bring-up and of a re-protection."""
     p = primary.name
-    here = primary.replication_address
     there = secondary.replication_address
     nbd_port = ports.port(secondary, ports.NBD)
     t = spec.tuning
@@ -190,16 +223,6 @@ def _into_colo(
             "x-blockdev-change",
             {"parent": DISK_ID, "node": REPLICATION_NODE},
         ),
-        _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
-        _socket_chardev(
-            p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=True
-        ),
-        *_local_chardev_pair(
-            p, "compare0", "compare0-0", ports.port(primary, ports.COMPARE_PRIMARY_IN)
-        ),
-        *_local_chardev_pair(
-            p, "compare_out", "compare_out0", ports.port(primary, ports.COMPARE_OUT)
-        ),
         _filter(p, "filter-mirror", "m0", before, queue="tx", outdev="mirror0"),
         _filter(p, "filter-redirector", "redire0", before, queue="rx", indev="compare_out"),
         _filter(p, "filter-redirector", "redire1", before, queue="rx", outdev="compare0"),
@@ -216,20 +239,16 @@ def _into_colo(
             expired_scan_cycle=t.expired_scan_cycle_ms,
             max_queue_size=t.max_queue_size,
         ),
-        Step(
-            p,
-            "wait for secondary's sockets",
-            "query-chardev",
-            deadline_s=10.0,
-            until=Until.CHARDEVS_CONNECTED,
-            until_args=("mirror0", "compare1"),
-        ),
+        _sockets_connected(p),
         _x_colo(p),
         Step(
             p,
-            "set checkpoint interval",
+            "set checkpoint interval and bandwidth",
             "migrate-set-parameters",
-            {"x-checkpoint-delay": t.checkpoint_interval_ms},
+            {
+                "x-checkpoint-delay": t.checkpoint_interval_ms,
+                "max-bandwidth": t.migration_mib_s << 20,
+            },
         ),
         Step(
             p,
@@ -243,6 +262,17 @@ def _into_colo(
             "query-migrate",
             deadline_s=MIGRATE_DEADLINE_S,
             until=Until.MIGRATION_IN_COLO,
+        ),
+        # COLO resumes the guest once its checkpoint timer exists (setting the
+        # delay before that would touch a timer not yet made).
+        Step(p, "wait for the guest to run", "query-status", deadline_s=10.0, until=Until.RUNNING),
+        # Setting the delay in COLO checkpoints at once: the secondary is proven in
+        # lock-step now, not one interval later.
+        Step(
+            p,
+            "take the first checkpoint now",
+            "migrate-set-parameters",
+            {"x-checkpoint-delay": t.checkpoint_interval_ms},
         ),
         # Switches learned the guest's MAC elsewhere if it ever ran elsewhere.
         Step(
@@ -260,6 +290,7 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
     there = secondary.replication_address
     return [
         Step(p, "pause guest", "stop"),
+        *_channels(primary),
         *_disk_copy(p, there, ports.port(secondary, ports.NBD)),
         *_into_colo(spec, primary, secondary, before=None),
     ]
@@ -275,7 +306,9 @@ def primary_reprotect(
     p = primary.name
     there = secondary.replication_address
     return [
-        *_disk_copy(p, there, ports.port(secondary, ports.NBD)),
+        *_channels(primary),
+        *_disk_copy(p, there, ports.port(secondary, ports.NBD), spec.reprotect.disk_mib_s),
+        _sockets_connected(p),
         Step(p, "pause guest", "stop"),
         *_into_colo(spec, primary, secondary, before="rew0" if former_secondary else None),
     ]

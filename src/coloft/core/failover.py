@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import Enum
 
 from coloft.core.argv import DISK_ID
-from coloft.core.choreography import NBD_NODE, REPLICATION_NODE
+from coloft.core.choreography import NBD_NODE, REPLICATION_NODE, RESYNC_JOB
 from coloft.model.steps import Step, Until
 
 NOT_FOUND = ("not found", "does not exist", "No such", "not running")
@@ -70,7 +70,10 @@ def secondary_takeover(node: str) -> list[Step]:
     ]
 
 
-def primary_continue_alone(node: str) -> list[Step]:
+def _drop_secondary(node: str, accept: tuple[str, ...] = ()) -> list[Step]:
+    """Cut the primary loose from its secondary: channels yanked first, then the
+    replication child and COLO's filters removed. `accept` lets parts that were
+    never added pass (an abandoned re-protection)."""
     return [
         yank(node, {"type": "migration"}),
         yank(node, {"type": "chardev", "id": "mirror0"}),
@@ -81,6 +84,7 @@ def primary_continue_alone(node: str) -> list[Step]:
             "detach replication child",
             "x-blockdev-change",
             {"parent": DISK_ID, "child": "children.1"},
+            accept=accept,
         ),
         Step(
             node,
@@ -89,6 +93,7 @@ def primary_continue_alone(node: str) -> list[Step]:
             {"command-line": f"drive_del {REPLICATION_NODE}"},
             hmp=True,
             deadline_s=5.0,
+            accept=accept,
         ),
         *(
             _del(node, "object-del", oid)
@@ -105,6 +110,38 @@ def primary_continue_alone(node: str) -> list[Step]:
                 "compare_out",
             )
         ),
+    ]
+
+
+def primary_continue_alone(node: str) -> list[Step]:
+    return [
+        *_drop_secondary(node),
         Step(node, "declare the secondary lost", "x-colo-lost-heartbeat", deadline_s=5.0),
+        *_resume_checks(node),
+    ]
+
+
+def abandon_reprotect(node: str) -> list[Step]:
+    """Undo a re-protection that failed at any point: the disk copy ended, whatever
+    was added removed, COLO left if it had started, and the guest running again.
+    Yanking the migration ends a first copy that is under way (the guest stays
+    paused until `cont`); migrate_cancel would also break a COLO that did start."""
+    return [
+        Step(
+            node,
+            "end disk copy",
+            "block-job-cancel",
+            {"device": RESYNC_JOB, "force": True},
+            accept=NOT_FOUND,
+        ),
+        *_drop_secondary(node, accept=(*NOT_FOUND, "does not have child")),
+        Step(
+            node,
+            "leave COLO if it started",
+            "x-colo-lost-heartbeat",
+            deadline_s=5.0,
+            accept=("not in COLO mode",),
+        ),
+        Step(node, "resume guest", "cont"),
         *_resume_checks(node),
     ]

@@ -18,7 +18,13 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
 - with the arbiter unreachable, nobody gains authority;
 - an operator's failover hands over only to a sync node in lock-step, unless forced
   (then the secondary may acquire without `sync`, accepting possible data loss);
-- FENCED and DOWN are final for this agent's life: no QEMU runs there.
+- FENCED and DOWN never run a guest again: the only QEMU they may start is a fresh
+  secondary for a peer that leads alone (re-protection); it waits for the leader's
+  copy of disk and memory, and may take over only once `sync` names it after a
+  completed checkpoint, like any secondary;
+- a leader that runs alone re-protects only with a peer that is ready as a new
+  secondary, abandons the attempt when that peer is lost, and is PRIMARY again only
+  once its QEMU is in COLO.
 
 The transition table below is the whole state machine: decide() may only move
 along it (checked, like h11's table), and `diagram()` prints it.
@@ -58,6 +64,9 @@ class Act(Enum):
     FENCE = "fence"
     TAKEOVER = "takeover"
     GO_ALONE = "go-alone"
+    REJOIN = "rejoin"
+    REPROTECT = "reprotect"
+    ABANDON = "abandon-reprotect"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -66,9 +75,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     ),
     State.PRIMARY: frozenset({State.PRIMARY, State.ALONE, State.FENCED}),
     State.SECONDARY: frozenset({State.SECONDARY, State.ALONE, State.DOWN}),
-    State.ALONE: frozenset({State.ALONE, State.FENCED}),
-    State.FENCED: frozenset({State.FENCED}),
-    State.DOWN: frozenset({State.DOWN}),
+    State.ALONE: frozenset({State.ALONE, State.PRIMARY, State.FENCED}),
+    State.FENCED: frozenset({State.FENCED, State.STARTING}),
+    State.DOWN: frozenset({State.DOWN, State.STARTING}),
 }
 
 
@@ -96,6 +105,15 @@ class Observation:
     intent: Intent | None = None
     # A policy (core.policy) says drop the secondary; the text says why.
     give_up: str | None = None
+    # Re-protection (core.reprotect): on in the spec, and its backoff lets me try now.
+    reprotect: bool = False
+    # The peer's secondary QEMU is up with its side of COLO in place.
+    peer_ready: bool = False
+    # A leader: I am bringing the peer into COLO. A follower: the leader says it is
+    # bringing me in (peer_reprotecting), and it did start on this QEMU (targeted).
+    reprotecting: bool = False
+    peer_reprotecting: bool = False
+    targeted: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,8 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
         )
     if o.intent is not None:
         return _handing_over(state, o)
+    if state is State.ALONE:
+        return _alone(o)
     stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
     lost_peer = not o.peer_qemu_alive or not o.repl_ok or stalled or o.give_up is not None
     if state is State.PRIMARY and lost_peer:
@@ -165,8 +185,32 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
             (Act.SET_SYNC, Act.RENEW),
             f"{o.peer} completed a checkpoint; naming it the sync node",
         )
-    where = "in COLO" if state is State.PRIMARY else "alone"
-    return Decision(state, (Act.RENEW,), f"leader (epoch {o.my_epoch}), {where}")
+    return Decision(state, (Act.RENEW,), f"leader (epoch {o.my_epoch}), in COLO")
+
+
+def _alone(o: Observation) -> Decision:
+    """A leader without a secondary: re-protect with a peer that is ready for it."""
+    peer_lost = not o.peer_qemu_alive or not o.repl_ok
+    if o.reprotecting and o.in_colo:
+        return Decision(
+            State.PRIMARY, (Act.RENEW,), f"re-protected: {o.peer} is my secondary again, in COLO"
+        )
+    if o.reprotecting and peer_lost:
+        return Decision(
+            State.ALONE,
+            (Act.ABANDON, Act.RENEW),
+            f"new secondary {o.peer} lost during re-protection; abandoning it, running alone",
+        )
+    if o.reprotecting:
+        return Decision(State.ALONE, (Act.RENEW,), f"re-protecting: bringing {o.peer} into COLO")
+    ready = o.peer_ready and o.peer_state == State.STARTING.value and not peer_lost
+    if ready and o.reprotect and o.arbiter_ok:
+        return Decision(
+            State.ALONE,
+            (Act.REPROTECT, Act.RENEW),
+            f"{o.peer} is ready as a new secondary; re-protecting",
+        )
+    return Decision(State.ALONE, (Act.RENEW,), f"leader (epoch {o.my_epoch}), alone")
 
 
 def _handing_over(state: State, o: Observation) -> Decision:
@@ -197,7 +241,8 @@ def _following(o: Observation, t: LeaseTiming) -> Decision:
         # A stopped secondary stalls every checkpoint of the primary: end it, so the
         # primary hears at once that it must run alone.
         return Decision(State.DOWN, (Act.FENCE,), "my secondary QEMU hung; stopping it")
-    if o.leader is not None and o.leader.node == o.peer and o.peer_state == State.ALONE.value:
+    if _peer_alone(o) and not o.peer_reprotecting:
+        assert o.leader is not None
         return Decision(
             State.DOWN,
             (Act.FENCE,),
@@ -248,22 +293,50 @@ def _starting(o: Observation, t: LeaseTiming) -> Decision:
     if o.qemu_role is Role.SECONDARY:
         if not o.qemu_alive or o.qemu_hung:
             return Decision(State.DOWN, (Act.FENCE,), "my secondary QEMU failed during bring-up")
+        if o.targeted and _peer_alone(o) and not o.peer_reprotecting:
+            return Decision(
+                State.DOWN,
+                (Act.FENCE,),
+                f"{o.peer} abandoned re-protecting me; stopping this copy to start afresh",
+            )
         if o.in_colo:
             return Decision(State.SECONDARY, (), "bring-up done; secondary in COLO")
         return Decision(State.STARTING, (), "bringing up as secondary")
     return Decision(State.STARTING, (), "bringing up")
 
 
+def _peer_alone(o: Observation) -> bool:
+    return o.leader is not None and o.leader.node == o.peer and o.peer_state == State.ALONE.value
+
+
+def _rejoin(state: State, o: Observation) -> Decision | None:
+    """A failed node offers itself as the new secondary of a peer that leads alone."""
+    if not (o.reprotect and o.arbiter_ok and _peer_alone(o)) or o.peer_reprotecting:
+        return None
+    assert o.leader is not None
+    return Decision(
+        State.STARTING,
+        (Act.REJOIN,),
+        f"{o.peer} leads alone (epoch {o.leader.epoch}); rejoining as its new secondary "
+        f"(was {state.value}: my old copy is discarded)",
+    )
+
+
 def first_role(
-    node: str, designated_primary: str, leader: Leader | None, peer_state: str | None
+    node: str,
+    designated_primary: str,
+    leader: Leader | None,
+    peer_state: str | None,
+    rejoin: bool = False,
 ) -> tuple[Role | None, str]:
     """What an agent that just started runs as, from who leads the pair now.
 
     Its QEMU died with its previous incarnation (if any). A pair nobody leads is
     brought up as the spec says; a peer that leads and is still bringing the pair
-    up is joined as its secondary; a node that finds the pair led otherwise (by
-    itself before a restart, or by a peer that runs) has nothing to offer until
-    re-protection.
+    up is joined as its secondary, and so is a peer that leads alone when
+    re-protection is on (`rejoin`); a node that finds the pair led otherwise (by
+    itself before a restart, or by a peer that has a secondary) has nothing to
+    offer until the leader runs alone.
     """
     if leader is None:
         role = Role.PRIMARY if node == designated_primary else Role.SECONDARY
@@ -274,17 +347,20 @@ def first_role(
         return Role.SECONDARY, (
             f"{leader.node} is bringing the pair up (epoch {leader.epoch}); joining as secondary"
         )
+    if rejoin and peer_state == State.ALONE.value:
+        return Role.SECONDARY, (
+            f"{leader.node} leads alone (epoch {leader.epoch}); joining as its new secondary"
+        )
     return None, f"{leader.node} leads (epoch {leader.epoch}); waiting for re-protection"
 
 
 def decide(state: State, o: Observation, timing: LeaseTiming) -> Decision:
     if state in (State.FENCED, State.DOWN):
         # A terminal node never lets a QEMU run, whatever started it meanwhile.
-        d = (
-            Decision(state, (Act.FENCE,), f"{state.value}: stopping a QEMU that still runs")
-            if o.qemu_alive
-            else Decision(state, (), f"{state.value}; needs re-protection")
-        )
+        if o.qemu_alive:
+            d = Decision(state, (Act.FENCE,), f"{state.value}: stopping a QEMU that still runs")
+        else:
+            d = _rejoin(state, o) or Decision(state, (), f"{state.value}; needs re-protection")
     elif state is State.STARTING:
         d = _starting(o, timing)
     elif state in (State.PRIMARY, State.ALONE):

@@ -61,6 +61,8 @@ class LocalQemu:
         self.spec = spec
         self.node = node
         self.role = role
+        # A former secondary keeps its filter-rewriter after taking over (core.choreography).
+        self.launched_role = role
         self.choice = choice
         self.on_exit = on_exit
         self.on_event = on_event

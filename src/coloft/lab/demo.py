@@ -20,7 +20,7 @@ from coloft.agent.launch import LocalPair
 from coloft.core.argv import tap_name
 from coloft.lab import faults, net, setup, workload
 from coloft.lab.oracle import FrameWatch
-from coloft.lab.rounds import PathWatch, Watcher, detected_ms, up_and_serving
+from coloft.lab.rounds import PathWatch, Watcher, detected_ms, settled, up_and_serving
 
 TICK_S = 0.3
 
@@ -81,12 +81,49 @@ def failover_summary(
     }
 
 
-async def run_demo(
-    duration: float, interval_ms: int, live: bool, fault: str | None = None
+def reprotect_summary(
+    statuses: dict[str, dict[str, Any] | None], failover: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Run the demo; with a fault, inject it into the protected pair mid-workload."""
+    """The survivor's last re-protection: from the failover done to PROTECTED again."""
+    records = [s["reprotect"] for s in statuses.values() if s and s.get("reprotect")]
+    done = None if failover is None else failover.get("done_unix")
+    mine = [r for r in records if done is None or r["started_unix"] >= done]
+    r = max(mine, key=lambda x: x["started_unix"]) if mine else None
+    again = None if r is None else r["protected_unix"]
+    return {
+        "protected_again_ms": None
+        if again is None or done is None
+        else _round((again - done) * 1000),
+        "synced_bytes": None if r is None else r["synced_bytes"],
+        "disk_bytes": None if r is None else r["disk_bytes"],
+        "memory_bytes": None if r is None else r["ram_bytes"],
+        "guest_paused_ms": None if r is None else r["pause_ms"],
+        "secondary": None if r is None else r["secondary"],
+        "error": "never re-protected" if r is None else r["error"],
+    }
+
+
+def _revive(pair: LocalPair, statuses: dict[str, dict[str, Any] | None]) -> None:
+    """Let a killed side come back: restart an agent that was killed (its host rebooted)."""
+    for node, proc in pair.agents.items():
+        if proc.poll() is not None and statuses.get(node) is None:
+            pair.start_agent(node)
+
+
+async def run_demo(
+    duration: float,
+    interval_ms: int,
+    live: bool,
+    fault: str | None = None,
+    reprotect: bool = False,
+) -> dict[str, Any]:
+    """Run the demo; with a fault, inject it into the protected pair mid-workload.
+
+    Re-protection is on for the comparison-path faults (the fault is lifted after
+    a few seconds) and, with `reprotect`, for the failover faults: the failed side
+    comes back as the new secondary."""
     setup.lab_up(fresh_disks=True)
-    spec = setup.lab_spec(interval_ms)
+    spec = setup.lab_spec(interval_ms, reprotect=reprotect or fault in faults.PATH_FAULTS)
     assert spec.vm.service is not None
     target = "{}:{}".format(*spec.vm.service)
     pair = LocalPair(spec)
@@ -116,6 +153,8 @@ async def run_demo(
                     path = PathWatch(fault_at)
             if path is not None and path.due(time.time()):
                 await asyncio.to_thread(faults.heal, pair)
+            if reprotect and fault_at is not None and settled(view):
+                await asyncio.to_thread(_revive, pair, watcher.last)
             if view_ui is not None:
                 view_ui.update(view, workload.read_live(out), elapsed, watcher.events())
             if client.poll() is not None:
@@ -144,6 +183,8 @@ async def run_demo(
             summary["failover"] = failover_summary(
                 view, watcher.events(), fault_at, result, summary["lost_acked_writes"], watch
             )
+            if reprotect:
+                summary["reprotect"] = reprotect_summary(watcher.last, view["failover"])
         return summary
     finally:
         watch.stop()

@@ -9,6 +9,7 @@ in each host namespace (cheap enough to sample every few milliseconds).
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 import time
@@ -79,5 +80,6 @@ class FrameWatch:
         return round(total * 1000.0, 1)
 
     def frames(self, node: str) -> int:
-        counts = [c[node] for _, c in self.samples if c.get(node) is not None]
-        return (counts[-1] or 0) - (counts[0] or 0) if len(counts) > 1 else 0
+        # A tap made anew (a node that rejoined) starts counting from zero again.
+        counts = [c[node] or 0 for _, c in self.samples if c.get(node) is not None]
+        return sum(max(0, b - a) for a, b in itertools.pairwise(counts))

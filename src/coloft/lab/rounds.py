@@ -46,6 +46,10 @@ CONSEQUENCES = (
     "path-recovering",
     "failing-over",
     "running-alone",
+    "reprotecting",
+    "first-checkpoint",
+    "sync-pending",
+    "first-probe",
     "",
 )
 LINKS = ("mirror-", "compare-in-", "migration-", "nbd-", "secondary-stalled")

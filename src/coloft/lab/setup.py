@@ -53,16 +53,25 @@ def lab_up(fresh_disks: bool = False) -> Path:
     return EXAMPLE_SPEC
 
 
-def lab_spec(interval_ms: int = 2000) -> PairSpec:
-    """examples/lab.toml with the given checkpoint interval, as a file of its own
-    (agents read the spec from its file); the lab must be up to run it."""
-    text = EXAMPLE_SPEC.read_text()
-    changed, n = re.subn(
-        r"(?m)^checkpoint_interval_ms = \d+", f"checkpoint_interval_ms = {interval_ms}", text
-    )
+def _set(text: str, key: str, value: str) -> str:
+    changed, n = re.subn(rf"(?m)^{key} = \S+", f"{key} = {value}", text)
     if n != 1:
-        raise FatalError(f"{EXAMPLE_SPEC}: no single checkpoint_interval_ms line to set")
+        raise FatalError(f"{EXAMPLE_SPEC}: no single {key} line to set")
+    return changed
+
+
+def lab_spec(
+    interval_ms: int = 2000, reprotect: bool = True, memory_mib: int = 128, disk_mib_s: int = 0
+) -> PairSpec:
+    """examples/lab.toml with the given checkpoint interval, re-protection on or off
+    (and its disk copy capped), and guest memory, as a file of its own (agents read
+    the spec from its file); the lab must be up to run it."""
+    text = _set(EXAMPLE_SPEC.read_text(), "checkpoint_interval_ms", str(interval_ms))
+    text = _set(text, "auto", "true" if reprotect else "false")
+    text = _set(text, "memory_mib", str(memory_mib))
+    text = _set(text, "disk_mib_s", str(disk_mib_s))
     LAB_DIR.mkdir(parents=True, exist_ok=True)
-    path = LAB_DIR / f"lab-{interval_ms}ms.toml"
-    path.write_text(changed)
+    tag = f"{interval_ms}ms-{memory_mib}m-{disk_mib_s}" + ("" if reprotect else "-noreprotect")
+    path = LAB_DIR / f"lab-{tag}.toml"
+    path.write_text(text)
     return load_spec(path)

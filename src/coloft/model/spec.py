@@ -48,6 +48,9 @@ class Tuning:
     compare_timeout_ms: int = 3000
     expired_scan_cycle_ms: int = 1000
     max_queue_size: int = 1024
+    # The migration's bandwidth cap (QEMU's own default, 128 MiB/s, makes the first
+    # copy of a 256 MiB guest take 2 s with the guest paused).
+    migration_mib_s: int = 1024
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,17 @@ class PolicySpec:
 
 
 @dataclass(frozen=True)
+class ReprotectSpec:
+    """Bringing a new secondary in after a failover (core.reprotect)."""
+
+    auto: bool = True
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    # Cap of the disk copy to the new secondary; 0 = no cap.
+    disk_mib_s: int = 0
+
+
+@dataclass(frozen=True)
 class PairSpec:
     source: Path
     vm: VmSpec
@@ -108,6 +122,7 @@ class PairSpec:
     arbiter: ArbiterSpec = ArbiterSpec()
     heartbeat: HeartbeatSpec = HeartbeatSpec()
     policy: PolicySpec = PolicySpec()
+    reprotect: ReprotectSpec = ReprotectSpec()
 
     @property
     def primary(self) -> NodeSpec:
