@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection bench-reprotect clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -60,6 +60,9 @@ bench-failover: setup
 
 bench-detection: setup
 	$(BIN)/python bench/detection.py --rounds 10 --soak-s 3600
+
+bench-reprotect: setup
+	$(BIN)/python bench/reprotect.py --rounds 10 --memory 128 256
 
 clean:
 	-coloft lab down

@@ -186,6 +186,10 @@ def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
             "[policy].mirror: 'reconnect' is not one of alert, re-establish, run-alone",
         ),
         ("[policy]\nnbd = 'alert'\n", "[policy]: unknown key 'nbd'"),
+        ("[reprotect]\nauto = 1\n", "[reprotect].auto: expected a boolean"),
+        ("[reprotect]\nbackoff_s = 10\nbackoff_max_s = 5\n", "5 s is below backoff_s 10 s"),
+        ("[reprotect]\ndisk_mib_s = -1\n", "[reprotect].disk_mib_s: -1 is out of range"),
+        ("[tuning]\nmigration_mib_s = 0\n", "[tuning].migration_mib_s: 0 MiB/s is out of range"),
     ],
 )
 def test_arbiter_and_heartbeat_errors(tmp_path: Path, table: str, words: str) -> None:
@@ -208,3 +212,10 @@ def test_policies_default_and_can_be_chosen(tmp_path: Path) -> None:
         Policy.ALERT,
         Policy.ALERT,
     )
+
+
+def test_reprotection_defaults_on_and_can_be_tuned(tmp_path: Path) -> None:
+    d = load_spec(write(tmp_path, GOOD)).reprotect
+    assert (d.auto, d.backoff_s, d.backoff_max_s, d.disk_mib_s) == (True, 2.0, 60.0, 0)
+    off = load_spec(write(tmp_path, GOOD + "[reprotect]\nauto = false\ndisk_mib_s = 50\n"))
+    assert not off.reprotect.auto and off.reprotect.disk_mib_s == 50

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coloft.core.failover import primary_continue_alone, secondary_takeover
+from coloft.core.failover import abandon_reprotect, primary_continue_alone, secondary_takeover
 from coloft.model.steps import Step, Until
 
 
@@ -39,3 +39,20 @@ def test_cleanup_steps_tolerate_what_is_already_gone() -> None:
     for s in [*secondary_takeover("b"), *primary_continue_alone("a")]:
         if s.command in ("yank", "object-del", "chardev-remove", "nbd-server-stop"):
             assert s.accept, s.name
+
+
+def test_an_abandoned_reprotection_is_undone_from_any_point_and_the_guest_resumed() -> None:
+    steps = abandon_reprotect("b")
+    n = names(steps)
+    # Whatever was or was not added yet: every removal passes when it finds nothing.
+    for s in steps:
+        if s.command in ("yank", "object-del", "chardev-remove", "block-job-cancel"):
+            assert "not found" in s.accept, s
+    assert "does not have child" in steps[n.index("detach replication child")].accept
+    assert "not found" in steps[n.index("delete replication node")].accept
+    assert "not in COLO mode" in steps[n.index("leave COLO if it started")].accept
+    # The disk copy ends first, channels are yanked before anything flushes through them.
+    assert n[0] == "end disk copy" and steps[0].arguments["force"] is True
+    assert n.index("yank nbd0") < n.index("delete replication node")
+    assert n.index("resume guest") < n.index("wait for the guest to run")
+    assert steps[-1].command == "announce-self"

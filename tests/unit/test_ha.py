@@ -161,6 +161,11 @@ def random_observation(rng: random.Random) -> Observation:
         peer_state=rng.choice([None, "primary", "secondary", "alone", "fenced"]),
         intent=rng.choice([None, None, Intent.FAILOVER, Intent.FORCE_FAILOVER]),
         give_up=rng.choice([None, None, "mirror-unacknowledged"]),
+        reprotect=rng.random() < 0.5,
+        peer_ready=rng.random() < 0.5,
+        reprotecting=rng.random() < 0.3,
+        peer_reprotecting=rng.random() < 0.3,
+        targeted=rng.random() < 0.3,
     )
 
 
@@ -181,6 +186,12 @@ def test_safety_over_random_observations() -> None:
             assert forced or (o.sync == o.node and o.synced), (state, o)
         if Act.GO_ALONE in d.actions:
             assert o.arbiter_ok and o.sync is None and holds, (state, o)
+        if Act.REJOIN in d.actions:
+            # Only a node whose QEMU is gone offers itself, to a peer the arbiter says leads.
+            assert not o.qemu_alive and o.arbiter_ok and o.leader is not None, (state, o)
+            assert o.leader.node == o.peer and o.peer_state == "alone", (state, o)
+        if state is State.ALONE and d.state is State.PRIMARY:
+            assert o.reprotecting and o.in_colo, (state, o)
         if Act.FENCE in d.actions and Act.RESIGN in d.actions:
             assert d.actions.index(Act.FENCE) < d.actions.index(Act.RESIGN), d
         if state in (State.PRIMARY, State.ALONE) and d.state is not State.FENCED:
@@ -193,6 +204,7 @@ def test_safety_over_random_observations() -> None:
 def test_diagram_comes_from_the_table() -> None:
     text = diagram()
     assert "primary -> alone, fenced" in text
+    assert "alone -> fenced, primary" in text and "fenced -> starting" in text
     assert "secondary -> alone, down" in text
 
 
@@ -289,3 +301,87 @@ def test_a_run_alone_policy_drops_the_secondary_after_clearing_sync() -> None:
     assert decide(State.SECONDARY, dataclasses.replace(SECONDARY_OK, give_up="x"), T).state is (
         State.SECONDARY
     )
+
+
+# ---------------------------------------------------------------- re-protection
+
+ALONE_OK = dataclasses.replace(
+    PRIMARY_OK,
+    in_colo=False,
+    synced=False,
+    sync=None,
+    peer_qemu_alive=True,
+    peer_state="starting",
+    peer_ready=True,
+    reprotect=True,
+)
+FAILED = dataclasses.replace(
+    SECONDARY_OK,
+    node="b",
+    peer="a",
+    qemu_alive=False,
+    in_colo=False,
+    leader=Leader("a", 9),
+    peer_state="alone",
+    reprotect=True,
+)
+
+
+def test_a_failed_node_rejoins_a_peer_that_leads_alone() -> None:
+    for state in (State.FENCED, State.DOWN):
+        d = decide(state, FAILED, T)
+        assert d.state is State.STARTING and d.actions == (Act.REJOIN,), d
+        assert "rejoining as its new secondary" in d.reason
+    # Not while its QEMU still runs, not with re-protection off or in backoff, not
+    # while the peer has a secondary, not without the arbiter's word.
+    for o in (
+        dataclasses.replace(FAILED, qemu_alive=True),
+        dataclasses.replace(FAILED, reprotect=False),
+        dataclasses.replace(FAILED, peer_state="primary"),
+        dataclasses.replace(FAILED, leader=Leader("b", 9)),
+        dataclasses.replace(FAILED, arbiter_ok=False),
+        dataclasses.replace(FAILED, peer_reprotecting=True),
+    ):
+        assert decide(State.DOWN, o, T).state is State.DOWN, o
+
+
+def test_a_leader_alone_reprotects_a_ready_peer_and_is_primary_once_in_colo() -> None:
+    d = decide(State.ALONE, ALONE_OK, T)
+    assert d.state is State.ALONE and d.actions == (Act.REPROTECT, Act.RENEW), d
+    for o in (
+        dataclasses.replace(ALONE_OK, peer_ready=False),
+        dataclasses.replace(ALONE_OK, reprotect=False),
+        dataclasses.replace(ALONE_OK, peer_state="down"),
+        dataclasses.replace(ALONE_OK, repl_ok=False),
+    ):
+        assert decide(State.ALONE, o, T).actions == (Act.RENEW,), o
+    busy = dataclasses.replace(ALONE_OK, reprotecting=True)
+    assert decide(State.ALONE, busy, T).actions == (Act.RENEW,)
+    # COLO after a failover's "alone" is never taken for a re-protection's.
+    assert (
+        decide(State.ALONE, dataclasses.replace(ALONE_OK, in_colo=True, peer_ready=False), T).state
+        is State.ALONE
+    )
+    done = decide(State.ALONE, dataclasses.replace(busy, in_colo=True), T)
+    assert done.state is State.PRIMARY and "re-protected" in done.reason
+    lost = decide(State.ALONE, dataclasses.replace(busy, peer_qemu_alive=False), T)
+    assert lost.state is State.ALONE and Act.ABANDON in lost.actions, lost
+
+
+def test_a_new_secondary_is_not_stopped_as_stale_while_the_leader_brings_it_in() -> None:
+    joining = dataclasses.replace(
+        SECONDARY_OK, leader=Leader("a", 9), peer_state="alone", peer_reprotecting=True
+    )
+    assert decide(State.SECONDARY, joining, T).state is State.SECONDARY
+    assert decide(State.STARTING, dataclasses.replace(joining, in_colo=False), T).state is (
+        State.STARTING
+    )
+    # The leader gave up on this copy: stop it and start afresh.
+    given_up = dataclasses.replace(joining, in_colo=False, peer_reprotecting=False, targeted=True)
+    d = decide(State.STARTING, given_up, T)
+    assert d.state is State.DOWN and d.actions == (Act.FENCE,), d
+
+
+def test_first_role_joins_a_peer_alone_only_when_rejoining() -> None:
+    role, why = first_role("b", "a", Leader("a", 4), "alone", rejoin=True)
+    assert role is Role.SECONDARY and "new secondary" in why
