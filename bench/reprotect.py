@@ -38,11 +38,15 @@ from steady_state import unprotected
 TARGET = "192.0.2.10:7000"
 
 
-def _protected_by(leader: str) -> Any:
+def _protected_by(leader: str, since: float) -> Any:
+    """PROTECTED by `leader` through a re-protection that began after `since`."""
+
     def check(s: dict[str, dict[str, Any] | None]) -> bool:
         me = s.get(leader) or {}
         r = me.get("reprotect") or {}
-        return bool(pair_view("demo", s)["protected"] and r.get("protected_unix"))
+        fresh = r.get("started_unix", 0.0) > since and r.get("protected_unix")
+        view = pair_view("demo", s)
+        return bool(fresh and view["protected"] and view["leader"] == leader)
 
     return check
 
@@ -61,9 +65,12 @@ def rounds_for(memory_mib: int, n: int, out: Path) -> tuple[list[dict[str, Any]]
             time.sleep(2)
             s = pair.status(leader)
             assert s is not None
+            killed_at = time.time()
             os.kill(int(s["qemu"]["pid"]), signal.SIGKILL)
             leader = spec.peer_of(leader).name
-            views = pair.wait_for(_protected_by(leader), 120, f"{leader} protected again")
+            views = pair.wait_for(
+                _protected_by(leader, killed_at), 120, f"{leader} protected again"
+            )
             me = views[leader]
             assert me is not None
             f, r = me["failover"], me["reprotect"]
@@ -75,17 +82,19 @@ def rounds_for(memory_mib: int, n: int, out: Path) -> tuple[list[dict[str, Any]]
             }
             found.append(row)
             print(f"{memory_mib} MiB round {i + 1}/{n}: {row}", file=sys.stderr)
+        result = workload.stop_workload(client, out)
+        # Read back from whichever side serves now, before the pair stops.
+        checked = workload.verify(net.CLIENT_NS, TARGET, out / "acked.jsonl")
+        result["lost_acked_writes"] = int(checked.get("lost_acked_writes", 0)) + int(
+            checked.get("wrong_values", 0)
+        )
     finally:
-        result: dict[str, Any] = {}
-        if client is not None:
-            result = workload.stop_workload(client, out)
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
         faults.heal(pair)
         pair.stop()
         shutil.rmtree(api.run_root(spec), ignore_errors=True)
-    checked = workload.verify(net.CLIENT_NS, TARGET, out / "acked.jsonl") if result else {}
-    result["lost_acked_writes"] = int(checked.get("lost_acked_writes", 0)) + int(
-        checked.get("wrong_values", 0)
-    )
     return found, result
 
 

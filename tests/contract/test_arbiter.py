@@ -255,6 +255,26 @@ def test_sync_writes_need_the_current_epoch(harness: Harness, pair: str) -> None
     run(harness, scenario)
 
 
+def test_the_protection_switch_needs_the_current_epoch_and_outlives_leaders(
+    harness: Harness, pair: str
+) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        assert await arb.protection(pair) is None, "a switch nobody set must read as unset"
+        assert not await arb.set_protection(pair, False, 1), "switched without a leader"
+        old = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.set_protection(pair, False, old.epoch)
+        assert await arb.protection(pair) is False
+        await arb.resign(pair, "a", old.epoch)
+        assert await arb.protection(pair) is False, "the switch must outlive the leader"
+        new = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+        assert not await arb.set_protection(pair, True, old.epoch), "stale leader switched"
+        assert await arb.protection(pair) is False
+        assert await arb.set_protection(pair, True, new.epoch)
+        assert await arb.protection(pair) is True
+
+    run(harness, scenario)
+
+
 def test_resign_needs_our_epoch(harness: Harness, pair: str) -> None:
     async def scenario(arb: Arbiter) -> None:
         won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")

@@ -69,7 +69,9 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
 class StandIn:
     def __init__(self) -> None:
         self.asked: list[bool] = []
+        self.switched: list[bool] = []
         self.protected = True
+        self.leading = True
 
     def status(self) -> dict[str, Any]:
         return {
@@ -85,6 +87,12 @@ class StandIn:
     async def request_failover(self, force: bool) -> dict[str, Any]:
         self.asked.append(force)
         return {"node": "a", "state": "fenced", "reason": "planned failover"}
+
+    async def request_protection(self, on: bool) -> dict[str, Any]:
+        if not self.leading:
+            raise ColoftError("b does not lead this pair (secondary)")
+        self.switched.append(on)
+        return {"node": "a", "state": "primary", "protection": on}
 
 
 def raw(path: Path, data: bytes) -> tuple[int, dict[str, Any]]:
@@ -115,6 +123,11 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
             assert (code, body["protected"]) == (503, False) and "mirror" in body["reason"]
             answer = await asyncio.to_thread(api.call, path, "POST", "/failover", {"force": True})
             assert answer["state"] == "fenced" and agent.asked == [True]
+            answer = await asyncio.to_thread(api.call, path, "POST", "/protection", {"on": False})
+            assert answer["protection"] is False and agent.switched == [False]
+            agent.leading = False
+            with pytest.raises(ColoftError, match="409: b does not lead"):
+                await asyncio.to_thread(api.call, path, "POST", "/protection", {"on": True})
             cases = [
                 (b"GET /nope HTTP/1.1\r\n\r\n", 404, "no such endpoint"),
                 (b"POST /status HTTP/1.1\r\n\r\n", 405, "use GET"),
@@ -126,6 +139,13 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
                     "expected",
                 ),
                 (b"POST /failover HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", 413, "exceeds"),
+                (b"POST /protection HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]", 400, "object"),
+                (
+                    b'POST /protection HTTP/1.1\r\nContent-Length: 12\r\n\r\n{"on": "no"}',
+                    400,
+                    "expected",
+                ),
+                (b"GET /protection HTTP/1.1\r\n\r\n", 405, "use POST /protection"),
             ]
             for data, status, words in cases:
                 code, body = await asyncio.to_thread(raw, path, data)

@@ -166,6 +166,7 @@ def random_observation(rng: random.Random) -> Observation:
         reprotecting=rng.random() < 0.3,
         peer_reprotecting=rng.random() < 0.3,
         targeted=rng.random() < 0.3,
+        protection_off=rng.random() < 0.2,
     )
 
 
@@ -385,3 +386,11 @@ def test_a_new_secondary_is_not_stopped_as_stale_while_the_leader_brings_it_in()
 def test_first_role_joins_a_peer_alone_only_when_rejoining() -> None:
     role, why = first_role("b", "a", Leader("a", 4), "alone", rejoin=True)
     assert role is Role.SECONDARY and "new secondary" in why
+
+
+def test_switching_protection_off_drops_the_secondary_like_a_lost_one() -> None:
+    off = dataclasses.replace(PRIMARY_OK, protection_off=True)
+    d = decide(State.PRIMARY, off, T)
+    assert d.actions == (Act.CLEAR_SYNC, Act.RENEW) and "switched off" in d.reason, d
+    d = decide(State.PRIMARY, dataclasses.replace(off, sync=None), T)
+    assert d.state is State.ALONE and Act.GO_ALONE in d.actions, d

@@ -41,5 +41,6 @@ def test_qemu_replies_are_read_defensively() -> None:
     assert read_block_job(jobs, "resync") == (5, 9)
     assert read_block_job([], "resync") is None and read_block_job({"x": 1}, "resync") is None
     assert read_ram({"status": "active", "ram": {"transferred": 7, "total": 8}}) == (7, 8)
-    # In COLO, QEMU reports the status alone.
+    # In COLO, QEMU reports the status alone; a finished copy's figures are stale.
     assert read_ram({"status": "colo"}) is None
+    assert read_ram({"status": "completed", "ram": {"transferred": 7, "total": 8}}) is None

@@ -5,9 +5,12 @@
                             503 otherwise; the body says why
     POST /failover          body {"force": bool}: ask for a failover; answers with
                             the leader's decision
+    POST /protection        body {"on": bool}: the leader switches protection on
+                            (re-protect now) or off (drop the secondary); 409 when
+                            this agent does not lead
 
 Small on purpose: one request per connection, bounded header and body sizes,
-every read under a deadline. `coloft status` and `coloft failover` use only this.
+every read under a deadline. The CLI uses only this.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Served(Protocol):
     def protection_summary(self) -> dict[str, Any]: ...
 
     async def request_failover(self, force: bool) -> dict[str, Any]: ...
+
+    async def request_protection(self, on: bool) -> dict[str, Any]: ...
 
 
 def run_base() -> Path:
@@ -123,14 +128,33 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[
     if target == "/failover":
         if method != "POST":
             raise BadRequest(405, "use POST /failover")
-        try:
-            request = json.loads(body or b"{}")
-        except ValueError as e:
-            raise BadRequest(400, f"body is not JSON: {e}") from e
-        if not isinstance(request, dict) or not isinstance(request.get("force", False), bool):
+        request = _json_object(body)
+        if not isinstance(request.get("force", False), bool):
             raise BadRequest(400, 'expected {"force": true|false}')
         return 200, await agent.request_failover(bool(request.get("force", False)))
-    raise BadRequest(404, f"no such endpoint {target[:80]!r} (try /status, /protected, /failover)")
+    if target == "/protection":
+        if method != "POST":
+            raise BadRequest(405, "use POST /protection")
+        request = _json_object(body)
+        if set(request) != {"on"} or not isinstance(request["on"], bool):
+            raise BadRequest(400, 'expected {"on": true|false}')
+        try:
+            return 200, await agent.request_protection(request["on"])
+        except ColoftError as e:
+            raise BadRequest(409, str(e)) from e
+    raise BadRequest(
+        404, f"no such endpoint {target[:80]!r} (try /status, /protected, /failover, /protection)"
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body or b"{}")
+    except ValueError as e:
+        raise BadRequest(400, f"body is not JSON: {e}") from e
+    if not isinstance(request, dict):
+        raise BadRequest(400, "body is not a JSON object")
+    return request
 
 
 def _response(status: int, payload: Any) -> bytes:

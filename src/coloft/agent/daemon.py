@@ -97,6 +97,8 @@ class Agent:
         self.renew_tried_at = float("-inf")
         self.leader: Leader | None = None
         self.sync: str | None = None
+        # The operator's protection switch in the arbiter (None: never set).
+        self.switch: bool | None = None
         self.arbiter_ok = False
         self.arbiter_error: str | None = None
         self.intent: Intent | None = None
@@ -199,10 +201,13 @@ class Agent:
         )
 
     async def _read_arbiter(self) -> None:
-        leader, sync = await asyncio.gather(
-            self.arbiter.leader(self.pair), self.arbiter.sync(self.pair), return_exceptions=True
+        leader, sync, switch = await asyncio.gather(
+            self.arbiter.leader(self.pair),
+            self.arbiter.sync(self.pair),
+            self.arbiter.protection(self.pair),
+            return_exceptions=True,
         )
-        for answer in (leader, sync):
+        for answer in (leader, sync, switch):
             if isinstance(answer, Exception):
                 # Whatever went wrong, the arbiter did not answer: never act on it.
                 if not isinstance(answer, ColoftError):
@@ -212,7 +217,8 @@ class Agent:
             if isinstance(answer, BaseException):
                 raise answer
         assert not isinstance(leader, BaseException) and not isinstance(sync, BaseException)
-        self.leader, self.sync = leader, sync
+        assert not isinstance(switch, BaseException)
+        self.leader, self.sync, self.switch = leader, sync, switch
         self.arbiter_ok, self.arbiter_error = True, None
 
     def _observation(self, now: float) -> Observation:
@@ -248,7 +254,8 @@ class Agent:
             peer_state=msg.get("state") if heard else None,
             intent=self.intent,
             give_up=self.give_up if self.state is State.PRIMARY else None,
-            reprotect=self.spec.reprotect.auto and self.backoff.ready(now),
+            reprotect=self._wanted() and self.backoff.ready(now),
+            protection_off=self.switch is False,
             peer_ready=heard and bool(msg.get("ready")) and msg.get("role") == Role.SECONDARY.value,
             reprotecting=self.reprotecting,
             peer_reprotecting=peer_reprotecting,
@@ -412,7 +419,7 @@ class Agent:
         if self.busy is not None and not self.busy.done():
             return
         # Why, as the verdict said before "failing-over" replaces it.
-        why = self.give_up or self.protection.code
+        why = self.give_up or ("protection-off" if self.switch is False else self.protection.code)
         self.busy = asyncio.create_task(self._failover(action, why))
 
     async def _failover(self, action: failover.Action, why: str) -> None:
@@ -433,6 +440,7 @@ class Agent:
             "error": None,
         }
         self.failover = record
+        self.progress = ""
         self.note("failover", f"{action.value}: {len(steps)} QMP steps", logging.WARNING)
 
         def done(step: Step, took: float) -> None:
@@ -450,7 +458,7 @@ class Agent:
         else:
             self.qemu.role = Role.PRIMARY
             self.note("failover", f"{self.node.name} serves alone", logging.WARNING)
-            if not takeover:
+            if not takeover and why != "protection-off":
                 self.note(
                     "policy",
                     f"{why}: ran alone: secondary dropped",
@@ -464,6 +472,10 @@ class Agent:
             self.wake.set()
 
     # ---------------------------------------------------------------- re-protection
+
+    def _wanted(self) -> bool:
+        """Re-protection wanted: the operator's switch when set, else the spec."""
+        return self.spec.reprotect.auto if self.switch is None else self.switch
 
     def _paced(self, before: State, now: float) -> None:
         """Count a re-protection (either side) as done or failed, for the backoff."""
@@ -523,6 +535,7 @@ class Agent:
         assert q is not None and q.session is not None
         former = q.launched_role is Role.SECONDARY
         steps = choreography.primary_reprotect(self.spec, self.node, self.peer, former)
+        self.progress = f"checking {self.peer.name}'s disk export"
         paused: list[float] = []
 
         def done(step: Step, took: float) -> None:
@@ -538,6 +551,7 @@ class Agent:
             # drive-mirror would block QEMU's main loop on a blackholed connect. Nothing
             # was started: the peer keeps its secondary, and the wait does not grow.
             record["error"] = problem
+            self.progress = ""
             self.backoff = self.backoff.later(time.monotonic())
             self.note("reprotect", f"re-protection not started: {problem}", logging.WARNING)
             return
@@ -672,8 +686,12 @@ class Agent:
             return health.Verdict(
                 "unprotected",
                 False,
-                f"re-protecting with {self.peer.name}: {self.progress or 'starting'}",
+                f"re-protecting with {self.peer.name}: {self.progress or 'in COLO'}",
                 "reprotecting",
+            )
+        if self.state is State.ALONE and self.switch is False:
+            return health.Verdict(
+                "unprotected", False, "protection switched off by the operator", "protection-off"
             )
         if self.state is State.ALONE:
             return health.Verdict(
@@ -974,7 +992,7 @@ class Agent:
             self.spec.primary.name,
             self.leader,
             peer_state,
-            rejoin=self.spec.reprotect.auto and self.backoff.ready(time.monotonic()),
+            rejoin=self._wanted() and self.backoff.ready(time.monotonic()),
         )
         self.planned_role = role
         self.note("start", why)
@@ -1123,6 +1141,7 @@ class Agent:
             "epoch": self.my_epoch,
             "leader": None if leader is None else {"node": leader.node, "epoch": leader.epoch},
             "sync": self.sync,
+            "protection_switch": {True: "on", False: "off", None: "spec"}[self.switch],
             "arbiter": {"ok": self.arbiter_ok, "error": self.arbiter_error},
             "qemu": {
                 "pid": None if q is None else q.pid,
@@ -1185,6 +1204,19 @@ class Agent:
             "events": list(self.events),
             "updated_unix": time.time(),
         }
+
+    async def request_protection(self, on: bool) -> dict[str, Any]:
+        """The operator's switch: only the leader writes it (under its epoch)."""
+        if self.state not in (State.PRIMARY, State.ALONE) or self.my_epoch is None:
+            raise ColoftError(f"{self.node.name} does not lead this pair ({self.state.value})")
+        if not await self.arbiter.set_protection(self.pair, on, self.my_epoch):
+            raise ColoftError(f"{self.node.name}: leadership changed; ask the new leader")
+        self.switch = on
+        self.backoff = self.backoff.succeeded()  # an operator's word starts afresh
+        self.note("intent", f"operator switched protection {'on' if on else 'off'}")
+        self.heartbeat.send_now()
+        self.wake.set()
+        return {"node": self.node.name, "state": self.state.value, "protection": on}
 
     async def request_failover(self, force: bool) -> dict[str, Any]:
         """An operator's failover: the leader hands over (or refuses); a forced

@@ -46,6 +46,10 @@ def sync_key(pair: str) -> str:
     return f"/coloft/{pair}/sync"
 
 
+def protection_key(pair: str) -> str:
+    return f"/coloft/{pair}/protection"
+
+
 class Arbiter(Protocol):
     """Async access to one arbiter; every call is bounded by a deadline.
 
@@ -83,6 +87,15 @@ class Arbiter(Protocol):
 
     async def sync(self, pair: str) -> str | None:
         """The node currently allowed to take over automatically, if any."""
+        ...
+
+    async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
+        """The operator's protection switch (`coloft protect/unprotect`), iff
+        leader_epoch is current; it outlives leaders like the sync record."""
+        ...
+
+    async def protection(self, pair: str) -> bool | None:
+        """The switch: True on, False off, None never set (the spec decides)."""
         ...
 
     async def close(self) -> None:

@@ -36,6 +36,7 @@ from coloft.arbiter.base import (
     Leader,
     leader_key,
     parse_endpoint,
+    protection_key,
     sync_key,
 )
 from coloft.errors import ConfigError, ProtocolError
@@ -199,6 +200,26 @@ class EtcdArbiter:
             return None if kv is None else str(kv.value.decode())
 
         return await self._call(f"read sync of {pair}", body)
+
+    async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
+        async def body(c: Any) -> bool:
+            tx = c.transactions
+            value = b"on" if on else b"off"
+            done, _ = await c.transaction(
+                compare=[tx.create(leader_key(pair).encode()) == leader_epoch],
+                success=[tx.put(protection_key(pair).encode(), value)],
+                failure=[],
+            )
+            return bool(done)
+
+        return await self._call(f"switch protection of {pair} epoch {leader_epoch}", body)
+
+    async def protection(self, pair: str) -> bool | None:
+        async def body(c: Any) -> bool | None:
+            kv = await c.get(protection_key(pair).encode())
+            return None if kv is None else kv.value == b"on"
+
+        return await self._call(f"read protection switch of {pair}", body)
 
     async def close(self) -> None:
         client, self._client = self._client, None

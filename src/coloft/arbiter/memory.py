@@ -31,6 +31,7 @@ class MemoryArbiter:
         self._revision = 0
         self._leaders: dict[str, _Lease] = {}
         self._sync: dict[str, str] = {}
+        self._protection: dict[str, bool] = {}
         self.available = True
 
     def _check(self, op: str) -> None:
@@ -97,6 +98,18 @@ class MemoryArbiter:
     async def sync(self, pair: str) -> str | None:
         self._check("sync")
         return self._sync.get(pair)
+
+    async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
+        self._check("set_protection")
+        if not self._is_current(pair, leader_epoch):
+            return False
+        self._protection[pair] = on
+        self._bump()
+        return True
+
+    async def protection(self, pair: str) -> bool | None:
+        self._check("protection")
+        return self._protection.get(pair)
 
     async def close(self) -> None:
         return None

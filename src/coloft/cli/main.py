@@ -231,6 +231,91 @@ def failover(spec: Path, force: bool, accept_data_loss: bool) -> None:
         sys.exit(1)
 
 
+def _progress(line: str) -> None:
+    click.echo(f"  {line}", err=True)
+
+
+def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result) if as_json else text)
+
+
+@cli.command()
+@SPEC
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def protect(spec: Path, timeout: float, as_json: bool) -> None:
+    """Switch protection on for a VM that runs alone: the other node (its agent must
+    run) becomes a fresh secondary, disk and memory are copied while the guest
+    serves, then PROTECTED. Progress goes to stderr. The switch is kept in etcd."""
+    from coloft.cli import ops
+
+    s = _load(spec)
+    try:
+        r = ops.switch(s, True, timeout, None if as_json else _progress)
+    except ColoftError as e:
+        _fail(str(e))
+    _report(r, as_json, f"{s.vm.name}: PROTECTED by {r['leader']} ({r['took_ms']:.0f} ms)")
+
+
+@cli.command()
+@SPEC
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def unprotect(spec: Path, timeout: float, as_json: bool) -> None:
+    """Switch protection off: the leader drops its secondary (no failover, the guest
+    keeps running) and the pair stays unprotected until `coloft protect`."""
+    from coloft.cli import ops
+
+    s = _load(spec)
+    try:
+        r = ops.switch(s, False, timeout, None if as_json else _progress)
+    except ColoftError as e:
+        _fail(str(e))
+    _report(r, as_json, f"{s.vm.name}: unprotected, running alone on {r['leader']}")
+
+
+@cli.command()
+@SPEC
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds per wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def switchover(spec: Path, timeout: float, as_json: bool) -> None:
+    """Planned role swap of a PROTECTED pair (host maintenance): the secondary takes
+    over with no acknowledged write lost, then the old primary is re-protected as
+    the new secondary."""
+    from coloft.cli import ops
+
+    s = _load(spec)
+    try:
+        r = ops.switchover(s, timeout, None if as_json else _progress)
+    except ColoftError as e:
+        _fail(str(e))
+    _report(r, as_json, _leg_text(r))
+
+
+def _leg_text(r: dict[str, Any]) -> str:
+    return (
+        f"{r['from']} -> {r['to']}: serving after {r['takeover_ms']:.0f} ms, PROTECTED again "
+        f"after {r['protected_again_ms']} ms (guest paused {r['guest_paused_ms']} ms)"
+    )
+
+
+@cli.command()
+@SPEC
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds per wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def drill(spec: Path, timeout: float, as_json: bool) -> None:
+    """Failover drill: switchover there and back, then a short report. Exits non-zero
+    when a leg failed or did not end PROTECTED."""
+    from coloft.cli import ops
+
+    s = _load(spec)
+    try:
+        r = ops.drill(s, timeout, None if as_json else _progress)
+    except ColoftError as e:
+        _fail(f"drill failed: {e}")
+    _report(r, as_json, "\n".join([f"{s.vm.name}: drill passed", *map(_leg_text, r["legs"])]))
+
+
 @cli.command()
 @SPEC
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait.")

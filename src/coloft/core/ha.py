@@ -22,6 +22,8 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   secondary for a peer that leads alone (re-protection); it waits for the leader's
   copy of disk and memory, and may take over only once `sync` names it after a
   completed checkpoint, like any secondary;
+- protection switched off by the operator is a secondary dropped on purpose: sync
+  cleared, then alone, and no re-protection until it is switched on again;
 - a leader that runs alone re-protects only with a peer that is ready as a new
   secondary, abandons the attempt when that peer is lost, and is PRIMARY again only
   once its QEMU is in COLO.
@@ -105,8 +107,11 @@ class Observation:
     intent: Intent | None = None
     # A policy (core.policy) says drop the secondary; the text says why.
     give_up: str | None = None
-    # Re-protection (core.reprotect): on in the spec, and its backoff lets me try now.
+    # Re-protection (core.reprotect): wanted (the operator's switch, else the spec),
+    # and its backoff lets me try now.
     reprotect: bool = False
+    # The operator switched protection off (`coloft unprotect`): run alone, stay alone.
+    protection_off: bool = False
     # The peer's secondary QEMU is up with its side of COLO in place.
     peer_ready: bool = False
     # A leader: I am bringing the peer into COLO. A follower: the leader says it is
@@ -157,7 +162,13 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
     if state is State.ALONE:
         return _alone(o)
     stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
-    lost_peer = not o.peer_qemu_alive or not o.repl_ok or stalled or o.give_up is not None
+    lost_peer = (
+        not o.peer_qemu_alive
+        or not o.repl_ok
+        or stalled
+        or o.give_up is not None
+        or o.protection_off
+    )
     if state is State.PRIMARY and lost_peer:
         if not o.peer_qemu_alive:
             lost = f"secondary {o.peer} lost"
@@ -165,8 +176,10 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
             lost = f"replication link to {o.peer} lost (LAN heartbeats still arrive)"
         elif stalled:
             lost = f"checkpoint with {o.peer} stalled for {o.checkpoint_stalled_s:.1f} s"
-        else:
+        elif o.give_up is not None:
             lost = f"{o.give_up} (policy run-alone)"
+        else:
+            lost = f"protection switched off by the operator; dropping {o.peer}"
         # Only the arbiter's word that sync is gone counts: unreachable means unknown.
         if not o.arbiter_ok:
             return Decision(

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+# query-migrate states of a memory copy under way.
+COPYING = ("setup", "active", "pre-switchover", "device")
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -86,8 +89,11 @@ def read_block_job(jobs: Any, job_id: str) -> tuple[int, int] | None:
 
 
 def read_ram(migration: Any) -> tuple[int, int] | None:
-    """(transferred, total) RAM bytes in a query-migrate reply."""
-    ram = migration.get("ram") if isinstance(migration, dict) else None
+    """(transferred, total) RAM bytes of a memory copy under way in a query-migrate
+    reply (an earlier, finished migration's figures stay there until a new one)."""
+    if not isinstance(migration, dict) or migration.get("status") not in COPYING:
+        return None
+    ram = migration.get("ram")
     if not isinstance(ram, dict):
         return None
     return int(ram.get("transferred") or 0), int(ram.get("total") or 0)
