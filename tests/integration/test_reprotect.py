@@ -4,6 +4,7 @@ PROTECTED again, with real agents, real etcd and real QEMU under client load.
 
 The oracles of the failover suite hold across every round: no acknowledged write
 lost, the client's connection never reset, never two hosts sending the VM's frames.
+The operator's switch (protect/unprotect) and the switchover drill run here too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from coloft.lab.rounds import up_and_serving
 from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
 from coloft.model.status import pair_view
+from tests.integration.test_cli import coloft
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -202,3 +204,54 @@ def test_alternating_failover_and_reprotect_rounds(make_pair: MakePair, tmp_path
         # After warm-up (round 3), nothing may keep growing with the rounds.
         assert max(fds[2:]) - fds[2] <= 4, (node, fds)
         assert max(rss[2:]) - rss[2] <= 16 << 20, (node, rss)
+
+
+def test_protection_switched_off_and_on_under_load(make_pair: MakePair, tmp_path: Path) -> None:
+    """`coloft unprotect` drops the secondary with no failover and no failed request,
+    and the pair stays alone (the switch lives in etcd); `coloft protect` brings
+    the secondary back in."""
+    pair = make_pair(lab_spec(interval_ms=2000))
+    asyncio.run(up_and_serving(pair))
+    spec = str(pair.spec.source)
+    client, watch = start_load(pair, tmp_path, 30)
+    try:
+        time.sleep(3)
+        off = coloft("unprotect", spec, "--json")
+        assert off.returncode == 0, off.stdout + off.stderr
+        assert json.loads(off.stdout)["protection"] == "off"
+        time.sleep(4)  # longer than any re-protection: none may start
+        views = pair.statuses()
+        a, b = views["a"], views["b"]
+        assert a is not None and b is not None
+        assert (a["state"], a["protection_code"], a["failover"]["action"]) == (
+            "alone",
+            "protection-off",
+            "primary-continues-alone",
+        )
+        assert a["reprotect"] is None and b["state"] == "down", (a["reprotect"], b["state"])
+        on = coloft("protect", spec, "--json", timeout=200)
+        assert on.returncode == 0, on.stdout + on.stderr
+        assert json.loads(on.stdout)["protected"] is True
+        assert pair_view("demo", pair.statuses())["leader"] == "a"
+    finally:
+        watch.stop()
+    check_client(tmp_path, client, watch)
+
+
+def test_drill_switches_over_there_and_back_under_load(make_pair: MakePair, tmp_path: Path) -> None:
+    pair = make_pair(lab_spec(interval_ms=2000))
+    asyncio.run(up_and_serving(pair))
+    client, watch = start_load(pair, tmp_path, 30)
+    try:
+        time.sleep(3)
+        done = coloft("drill", str(pair.spec.source), "--json", timeout=400)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        legs = [(leg["from"], leg["to"]) for leg in report["legs"]]
+        assert report["ok"] and legs == [("a", "b"), ("b", "a")], report
+        for leg in report["legs"]:
+            assert leg["protected_again_ms"] is not None and leg["synced_bytes"] > 0, leg
+        assert protected_by("a")(pair.statuses())
+    finally:
+        watch.stop()
+    check_client(tmp_path, client, watch)
