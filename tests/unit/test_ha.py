@@ -167,6 +167,8 @@ def random_observation(rng: random.Random) -> Observation:
         peer_reprotecting=rng.random() < 0.3,
         targeted=rng.random() < 0.3,
         protection_off=rng.random() < 0.2,
+        guest_stopped=rng.random() < 0.1,
+        peer_guest_stopped_s=rng.choice([None, None, 1.0, 5.0]),
     )
 
 
@@ -191,6 +193,9 @@ def test_safety_over_random_observations() -> None:
             # Only a node whose QEMU is gone offers itself, to a peer the arbiter says leads.
             assert not o.qemu_alive and o.arbiter_ok and o.leader is not None, (state, o)
             assert o.leader.node == o.peer and o.peer_state == "alone", (state, o)
+        if state in (State.PRIMARY, State.ALONE) and d.state is State.STOPPED:
+            # A leader stops (and resigns) only once nobody may take over.
+            assert o.arbiter_ok and o.sync is None and o.guest_stopped, (state, o)
         if state is State.ALONE and d.state is State.PRIMARY:
             assert o.reprotecting and o.in_colo, (state, o)
         if Act.FENCE in d.actions and Act.RESIGN in d.actions:
@@ -394,3 +399,31 @@ def test_switching_protection_off_drops_the_secondary_like_a_lost_one() -> None:
     assert d.actions == (Act.CLEAR_SYNC, Act.RENEW) and "switched off" in d.reason, d
     d = decide(State.PRIMARY, dataclasses.replace(off, sync=None), T)
     assert d.state is State.ALONE and Act.GO_ALONE in d.actions, d
+
+
+def test_a_guest_that_powers_itself_off_stops_the_pair_without_a_takeover() -> None:
+    off = dataclasses.replace(PRIMARY_OK, guest_stopped=True, qemu_alive=False)
+    d = decide(State.PRIMARY, off, T)
+    # Sync first: the secondary must never take over a switched-off guest.
+    assert d.state is State.PRIMARY and d.actions == (Act.CLEAR_SYNC, Act.RENEW), d
+    d = decide(State.PRIMARY, dataclasses.replace(off, sync=None), T)
+    assert d.state is State.STOPPED and d.actions == (Act.FENCE, Act.RESIGN), d
+    blind = dataclasses.replace(off, arbiter_ok=False)
+    assert decide(State.PRIMARY, blind, T).state is State.PRIMARY
+    # The secondary stops with it (its copy killed if its QEMU is still there).
+    follower = dataclasses.replace(SECONDARY_OK, peer_state="stopped")
+    d = decide(State.SECONDARY, follower, T)
+    assert d.state is State.STOPPED and d.actions == (Act.FENCE,), d
+    assert decide(State.DOWN, dataclasses.replace(follower, qemu_alive=False), T).state is (
+        State.STOPPED
+    )
+    assert decide(State.STOPPED, dataclasses.replace(follower, qemu_alive=False), T).actions == ()
+
+
+def test_the_primary_waits_a_moment_for_its_guest_when_the_secondarys_powered_off() -> None:
+    o = dataclasses.replace(PRIMARY_OK, peer_qemu_alive=False, peer_guest_stopped_s=1.0)
+    d = decide(State.PRIMARY, o, T)
+    assert d.state is State.PRIMARY and Act.GO_ALONE not in d.actions, d
+    assert "expecting mine to follow" in d.reason
+    late = dataclasses.replace(o, peer_guest_stopped_s=5.0, sync=None)
+    assert decide(State.PRIMARY, late, T).state is State.ALONE

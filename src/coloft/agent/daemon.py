@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1
 MIN_WAIT_S = 0.005
-TERMINAL = (State.FENCED, State.DOWN)
+TERMINAL = (State.FENCED, State.DOWN, State.STOPPED)
 POLL_S = 0.2
 CHANNEL_POLL_S = 0.1
 SYNC_POLL_S = 0.25
+# A probe that goes unanswered this long after the guest rebooted is the reboot's.
+REBOOT_GRACE_S = 120.0
 SYNC_STALL_S = 5.0
 EXPORT_CHECK_S = 1.0
 SYNC_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED")
@@ -60,6 +62,8 @@ KILL_WAIT_S = 1.0
 # On-time probe replies in a row before a broken comparison path counts as working.
 PROBE_RECOVER_STREAK = 5
 QEMU_EVENTS_SHOWN = (
+    "SHUTDOWN",
+    "RESET",
     "COLO_EXIT",
     "FAILOVER_NEGOTIATED",
     "BLOCK_JOB_ERROR",
@@ -132,6 +136,7 @@ class Agent:
         self.joining: asyncio.Task[None] | None = None
         self.reprotect: dict[str, Any] | None = None
         self.sync_seen = reprotect.SyncProgress()
+        self.peer_guest_stop_seen: float | None = None
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
         if self.node.lan_address and self.peer.lan_address:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
@@ -183,6 +188,7 @@ class Agent:
             "protection": asdict(self.protection),
             "channels": self.channels,
             "reprotecting": self.reprotecting,
+            "guest_stopped": self.qemu is not None and self.qemu.guest_shutdown,
         }
 
     def _in_colo(self) -> bool:
@@ -227,6 +233,8 @@ class Agent:
             self.intent = None
         role = self._own_role()
         peer_reprotecting = heard and bool(msg.get("reprotecting"))
+        if msg.get("guest_stopped") and self.peer_guest_stop_seen is None:
+            self.peer_guest_stop_seen = now
         if self.state is State.STARTING and peer_reprotecting:
             self.targeted = True
         synced = (
@@ -260,6 +268,10 @@ class Agent:
             reprotecting=self.reprotecting,
             peer_reprotecting=peer_reprotecting,
             targeted=self.targeted,
+            guest_stopped=self.qemu is not None and self.qemu.guest_shutdown,
+            peer_guest_stopped_s=None
+            if self.peer_guest_stop_seen is None
+            else now - self.peer_guest_stop_seen,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -697,6 +709,8 @@ class Agent:
             return health.Verdict(
                 "unprotected", False, f"running alone on {self.node.name}", "running-alone"
             )
+        if self.state is State.STOPPED or (self.qemu is not None and self.qemu.guest_shutdown):
+            return health.Verdict("stopped", False, self.reason, "guest-shutdown")
         if self.state in (State.FENCED, State.DOWN):
             return health.Verdict("failed", False, self.reason, self.state.value)
         if self.state is not State.PRIMARY:
@@ -798,6 +812,16 @@ class Agent:
             what = "; ".join(b.text for b in breaks) or "no channel identified"
             why = f"no probe reply for {late * 1000:.0f} ms; " if overdue else ""
             code = breaks[0].code if breaks else policy.PROBE_TIMEOUT
+            reset = None if self.qemu is None else self.qemu.guest_reset_at
+            if not breaks and reset is not None and now - reset < REBOOT_GRACE_S:
+                # Unproven all the same, but the reason is the guest's own reboot.
+                return health.Verdict(
+                    "degraded",
+                    False,
+                    f"the guest rebooted {now - reset:.0f} s ago and does not answer the "
+                    f"probe yet ({late * 1000:.0f} ms)",
+                    "guest-rebooting",
+                )
             return health.Verdict("degraded", False, f"comparison path broken: {why}{what}", code)
         if self.path_broken:
             streak = 0 if probe is None else probe.on_time_streak
@@ -949,8 +973,11 @@ class Agent:
             self.wake.set()
 
     def _qemu_exited(self) -> None:
-        if self.qemu is not None and not self.qemu.stopping:
-            self.note("detected", f"my QEMU (pid {self.qemu.pid}) exited", logging.WARNING)
+        q = self.qemu
+        if q is not None and q.guest_shutdown:
+            self.note("qemu", f"my QEMU (pid {q.pid}) exited: the guest powered itself off")
+        elif q is not None and not q.stopping:
+            self.note("detected", f"my QEMU (pid {q.pid}) exited", logging.WARNING)
         self.heartbeat.send_now()
         self.wake.set()
 

@@ -22,6 +22,8 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   secondary for a peer that leads alone (re-protection); it waits for the leader's
   copy of disk and memory, and may take over only once `sync` names it after a
   completed checkpoint, like any secondary;
+- a guest that powers itself off is no failure: the leader clears sync (so nobody
+  takes over a switched-off guest), then stops and resigns; its peer stops too;
 - protection switched off by the operator is a secondary dropped on purpose: sync
   cleared, then alone, and no re-protection until it is switched on again;
 - a leader that runs alone re-protects only with a peer that is ready as a new
@@ -42,6 +44,10 @@ from coloft.core.lease import LeaseTiming, may_act
 from coloft.model.leader import Leader
 from coloft.model.steps import Role
 
+# The guests run the same code: when the secondary's powers itself off, the
+# primary's follows within moments; past this, the secondary counts as lost.
+GUEST_STOP_GRACE_S = 3.0
+
 
 class State(Enum):
     STARTING = "starting"
@@ -50,6 +56,8 @@ class State(Enum):
     ALONE = "alone"
     FENCED = "fenced"
     DOWN = "down"
+    # The guest powered itself off: nothing runs, nothing takes over.
+    STOPPED = "stopped"
 
 
 class Intent(Enum):
@@ -73,13 +81,14 @@ class Act(Enum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset(
-        {State.STARTING, State.PRIMARY, State.SECONDARY, State.FENCED, State.DOWN}
+        {State.STARTING, State.PRIMARY, State.SECONDARY, State.FENCED, State.DOWN, State.STOPPED}
     ),
-    State.PRIMARY: frozenset({State.PRIMARY, State.ALONE, State.FENCED}),
-    State.SECONDARY: frozenset({State.SECONDARY, State.ALONE, State.DOWN}),
-    State.ALONE: frozenset({State.ALONE, State.PRIMARY, State.FENCED}),
-    State.FENCED: frozenset({State.FENCED, State.STARTING}),
-    State.DOWN: frozenset({State.DOWN, State.STARTING}),
+    State.PRIMARY: frozenset({State.PRIMARY, State.ALONE, State.FENCED, State.STOPPED}),
+    State.SECONDARY: frozenset({State.SECONDARY, State.ALONE, State.DOWN, State.STOPPED}),
+    State.ALONE: frozenset({State.ALONE, State.PRIMARY, State.FENCED, State.STOPPED}),
+    State.FENCED: frozenset({State.FENCED, State.STARTING, State.STOPPED}),
+    State.DOWN: frozenset({State.DOWN, State.STARTING, State.STOPPED}),
+    State.STOPPED: frozenset({State.STOPPED}),
 }
 
 
@@ -119,6 +128,11 @@ class Observation:
     reprotecting: bool = False
     peer_reprotecting: bool = False
     targeted: bool = False
+    # My guest powered itself off (QEMU's SHUTDOWN event from the guest, or a clean
+    # exit: coloft never asks a running QEMU to quit).
+    guest_stopped: bool = False
+    # How long ago the peer's guest powered itself off (None: it did not).
+    peer_guest_stopped_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,26 @@ def _holds(o: Observation) -> bool:
     return o.my_epoch is not None and o.leader == Leader(o.node, o.my_epoch)
 
 
+def _guest_stopped(state: State, o: Observation) -> Decision:
+    """The leader's guest shut itself down: the secondary must not take over a guest
+    that is switched off, so sync goes first; only then is leadership given up."""
+    if not o.arbiter_ok:
+        return Decision(
+            state,
+            (Act.RENEW,),
+            "the guest shut itself down; arbiter unreachable, cannot clear sync",
+        )
+    if o.sync is not None:
+        return Decision(
+            state, (Act.CLEAR_SYNC, Act.RENEW), "the guest shut itself down; clearing sync"
+        )
+    return Decision(
+        State.STOPPED,
+        (Act.FENCE, Act.RESIGN),
+        "the guest shut itself down: the pair is stopped (nothing to take over)",
+    )
+
+
 def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
     if o.arbiter_ok and not _holds(o):
         holder = f"{o.leader.node} (epoch {o.leader.epoch})" if o.leader else "nobody"
@@ -150,6 +184,8 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
             (Act.FENCE,),
             "lease not renewed in time; fencing before it can expire elsewhere",
         )
+    if o.guest_stopped:
+        return _guest_stopped(state, o)
     if not o.qemu_alive or o.qemu_hung:
         what = "hung" if o.qemu_alive else "died"
         return Decision(
@@ -161,6 +197,12 @@ def _leading(state: State, o: Observation, t: LeaseTiming) -> Decision:
         return _handing_over(state, o)
     if state is State.ALONE:
         return _alone(o)
+    follow = o.peer_guest_stopped_s is not None and o.peer_guest_stopped_s < GUEST_STOP_GRACE_S
+    if state is State.PRIMARY and follow:
+        acts = (Act.CLEAR_SYNC, Act.RENEW) if o.sync is not None and o.arbiter_ok else (Act.RENEW,)
+        return Decision(
+            state, acts, f"the guest shut itself down on {o.peer}; expecting mine to follow"
+        )
     stalled = o.checkpoint_stalled_s is not None and o.checkpoint_stalled_s > STALL_LIMIT_S
     lost_peer = (
         not o.peer_qemu_alive
@@ -247,7 +289,20 @@ def _handing_over(state: State, o: Observation) -> Decision:
     )
 
 
+def _peer_stopped(o: Observation) -> Decision | None:
+    if o.peer_state != State.STOPPED.value:
+        return None
+    return Decision(
+        State.STOPPED,
+        (Act.FENCE,) if o.qemu_alive else (),
+        f"the guest shut itself down on {o.peer}: the pair is stopped",
+    )
+
+
 def _following(o: Observation, t: LeaseTiming) -> Decision:
+    stopped = _peer_stopped(o)
+    if stopped is not None and not _holds(o):
+        return stopped
     if not o.qemu_alive:
         return Decision(State.DOWN, (), "my secondary QEMU died; waiting for re-protection")
     if o.qemu_hung and not _holds(o):
@@ -292,6 +347,8 @@ def _following(o: Observation, t: LeaseTiming) -> Decision:
 
 
 def _starting(o: Observation, t: LeaseTiming) -> Decision:
+    if o.my_epoch is None and (stopped := _peer_stopped(o)) is not None:
+        return stopped
     if o.my_epoch is not None:
         # The designated primary leads (holds the lease) from before its QEMU starts.
         if o.arbiter_ok and not _holds(o):
@@ -370,10 +427,18 @@ def first_role(
 def decide(state: State, o: Observation, timing: LeaseTiming) -> Decision:
     if state in (State.FENCED, State.DOWN):
         # A terminal node never lets a QEMU run, whatever started it meanwhile.
-        if o.qemu_alive:
+        if (stopped := _peer_stopped(o)) is not None:
+            d = stopped
+        elif o.qemu_alive:
             d = Decision(state, (Act.FENCE,), f"{state.value}: stopping a QEMU that still runs")
         else:
             d = _rejoin(state, o) or Decision(state, (), f"{state.value}; needs re-protection")
+    elif state is State.STOPPED:
+        d = (
+            Decision(state, (Act.FENCE,), "stopped: stopping a QEMU that still runs")
+            if o.qemu_alive
+            else Decision(state, (), "stopped: the guest shut itself down")
+        )
     elif state is State.STARTING:
         d = _starting(o, timing)
     elif state in (State.PRIMARY, State.ALONE):

@@ -76,6 +76,9 @@ class LocalQemu:
         # STOP -> RESUME pairs of this QEMU: one per checkpoint, on either side.
         self.checkpoints = health.Checkpoints()
         self._log_offset = 0
+        # The guest's own doing: it powered off (then QEMU exits 0), or it rebooted.
+        self.guest_shutdown = False
+        self.guest_reset_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -86,6 +89,10 @@ class LocalQemu:
 
     def _on_event(self, kind: str, data: dict[str, object], now: float) -> None:
         self.checkpoints = health.on_event(self.checkpoints, kind, now)
+        if kind == "SHUTDOWN" and data.get("guest"):
+            self.guest_shutdown = True
+        elif kind == "RESET" and data.get("guest"):
+            self.guest_reset_at = now
         if kind not in ("STOP", "RESUME") and self.on_event is not None:
             self.on_event(kind, data)
 
@@ -146,6 +153,9 @@ class LocalQemu:
             os.close(fd)
             if self.exited_at is None:
                 self.exited_at = time.monotonic()
+            # coloft never asks a running QEMU to quit: a clean exit is the guest's.
+            if proc.popen.poll() == 0 and not self.stopping:
+                self.guest_shutdown = True
             self.exited.set()
             level = logging.INFO if self.stopping else logging.WARNING
             log.log(level, "%s: QEMU pid %d exited", self.node.name, proc.pid)

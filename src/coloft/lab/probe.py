@@ -1,7 +1,9 @@
-"""Wait until the guest's service answers PING, from inside a namespace.
+"""Wait until the guest's service answers PING, or send it one request, from
+inside a namespace.
 
 Runs as `python -m coloft.lab.probe HOST:PORT DEADLINE_S` (Python 3.11 cannot
-enter a namespace in-process), exit 0 once PONG came back.
+enter a namespace in-process), exit 0 once PONG came back; or as
+`python -m coloft.lab.probe --ask HOST:PORT LINE`, printing the answer's line.
 """
 
 from __future__ import annotations
@@ -31,7 +33,28 @@ def wait_ready(ns: str | None, host: str, port: int, deadline_s: float) -> bool:
     return done.returncode == 0
 
 
+def ask(ns: str | None, host: str, port: int, line: str) -> str:
+    """One request to the guest's service; its answer line ("" if none came)."""
+    argv = [sys.executable, "-m", "coloft.lab.probe", "--ask", f"{host}:{port}", line]
+    done = subprocess.run(netns_argv(ns, argv), capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+
+
+def _ask(target: str, line: str) -> int:
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5.0) as s:
+            s.sendall(line.encode() + b"\n")
+            print(s.makefile("rb").readline().decode(errors="replace").strip())
+    except OSError as e:
+        print(f"no answer: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "--ask":
+        return _ask(sys.argv[2], sys.argv[3])
     host, _, port = sys.argv[1].rpartition(":")
     end = time.monotonic() + float(sys.argv[2])
     while time.monotonic() < end:

@@ -54,6 +54,9 @@ def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, An
         )
     if judge is None:
         phase, protected, reason, code = "stopped", False, "no agent answers", "no-agent"
+    elif leader is None and any(s["state"] == "stopped" for s in answering.values()):
+        phase, protected, code = "stopped", False, "guest-shutdown"
+        reason = "the guest powered itself off; the pair is stopped"
     elif leader is None:
         phase, protected, code = "unprotected", False, "no-leader"
         reason = f"no leader; {judge['node']}: {judge['state']} ({judge['reason']})"
