@@ -31,8 +31,8 @@ from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.lab import faults, net, setup, workload
 from coloft.lab.rounds import up_and_serving
-from coloft.lab.workload import percentile
 from coloft.model.status import pair_view
+from failover import stats
 from steady_state import unprotected
 
 TARGET = "192.0.2.10:7000"
@@ -96,12 +96,6 @@ def rounds_for(memory_mib: int, n: int, out: Path) -> tuple[list[dict[str, Any]]
         pair.stop()
         shutil.rmtree(api.run_root(spec), ignore_errors=True)
     return found, result
-
-
-def stats(rows: list[dict[str, Any]], key: str) -> tuple[float | None, float | None]:
-    values = [float(r[key]) for r in rows if r[key] is not None]
-    p50, p99 = percentile(values, 50), percentile(values, 99)
-    return (None if p50 is None else round(p50, 1), None if p99 is None else round(p99, 1))
 
 
 def main() -> int:

@@ -372,6 +372,8 @@ def test_a_leader_alone_reprotects_a_ready_peer_and_is_primary_once_in_colo() ->
     assert done.state is State.PRIMARY and "re-protected" in done.reason
     lost = decide(State.ALONE, dataclasses.replace(busy, peer_qemu_alive=False), T)
     assert lost.state is State.ALONE and Act.ABANDON in lost.actions, lost
+    off = decide(State.ALONE, dataclasses.replace(busy, protection_off=True), T)
+    assert Act.ABANDON in off.actions and "switched off" in off.reason, off
 
 
 def test_a_new_secondary_is_not_stopped_as_stale_while_the_leader_brings_it_in() -> None:

@@ -233,7 +233,9 @@ class Agent:
             self.intent = None
         role = self._own_role()
         peer_reprotecting = heard and bool(msg.get("reprotecting"))
-        if msg.get("guest_stopped") and self.peer_guest_stop_seen is None:
+        if not msg.get("guest_stopped"):
+            self.peer_guest_stop_seen = None
+        elif self.peer_guest_stop_seen is None:
             self.peer_guest_stop_seen = now
         if self.state is State.STARTING and peer_reprotecting:
             self.targeted = True
@@ -491,10 +493,11 @@ class Agent:
 
     def _paced(self, before: State, now: float) -> None:
         """Count a re-protection (either side) as done or failed, for the backoff."""
-        if before is State.ALONE and self.state is State.PRIMARY:
+        if before is State.ALONE:
+            # In COLO now, or fenced mid-way: either way no attempt is under way.
             self.reprotecting = False
-            self.backoff = self.backoff.succeeded()
-        elif before is State.STARTING and self.state is State.SECONDARY:
+        done = ((State.ALONE, State.PRIMARY), (State.STARTING, State.SECONDARY))
+        if (before, self.state) in done:
             self.backoff = self.backoff.succeeded()
         elif before is State.STARTING and self.state in TERMINAL:
             self.backoff = self.backoff.failed(now)
@@ -508,6 +511,9 @@ class Agent:
         """Start over as a fresh secondary: the old QEMU and its copy are discarded."""
         if self.joining is not None and not self.joining.done():
             return
+        if self.busy is not None and not self.busy.done():
+            self.busy.cancel()  # whatever the old incarnation was doing is over
+        self.reprotecting = self.abandoning = False
         old = self.qemu
         if old is not None:
             await old.close()

@@ -239,6 +239,22 @@ def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
     click.echo(json.dumps(result) if as_json else text)
 
 
+def _switch(spec: Path, on: bool, timeout: float, as_json: bool) -> None:
+    from coloft.cli import ops
+
+    s = _load(spec)
+    try:
+        r = ops.switch(s, on, timeout, None if as_json else _progress)
+    except ColoftError as e:
+        _fail(str(e))
+    text = (
+        f"PROTECTED by {r['leader']} ({r['took_ms']:.0f} ms)"
+        if on
+        else f"unprotected, running alone on {r['leader']}"
+    )
+    _report(r, as_json, f"{s.vm.name}: {text}")
+
+
 @cli.command()
 @SPEC
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
@@ -247,14 +263,7 @@ def protect(spec: Path, timeout: float, as_json: bool) -> None:
     """Switch protection on for a VM that runs alone: the other node (its agent must
     run) becomes a fresh secondary, disk and memory are copied while the guest
     serves, then PROTECTED. Progress goes to stderr. The switch is kept in etcd."""
-    from coloft.cli import ops
-
-    s = _load(spec)
-    try:
-        r = ops.switch(s, True, timeout, None if as_json else _progress)
-    except ColoftError as e:
-        _fail(str(e))
-    _report(r, as_json, f"{s.vm.name}: PROTECTED by {r['leader']} ({r['took_ms']:.0f} ms)")
+    _switch(spec, True, timeout, as_json)
 
 
 @cli.command()
@@ -264,14 +273,7 @@ def protect(spec: Path, timeout: float, as_json: bool) -> None:
 def unprotect(spec: Path, timeout: float, as_json: bool) -> None:
     """Switch protection off: the leader drops its secondary (no failover, the guest
     keeps running) and the pair stays unprotected until `coloft protect`."""
-    from coloft.cli import ops
-
-    s = _load(spec)
-    try:
-        r = ops.switch(s, False, timeout, None if as_json else _progress)
-    except ColoftError as e:
-        _fail(str(e))
-    _report(r, as_json, f"{s.vm.name}: unprotected, running alone on {r['leader']}")
+    _switch(spec, False, timeout, as_json)
 
 
 @cli.command()

@@ -250,11 +250,12 @@ def _alone(o: Observation) -> Decision:
         return Decision(
             State.PRIMARY, (Act.RENEW,), f"re-protected: {o.peer} is my secondary again, in COLO"
         )
-    if o.reprotecting and peer_lost:
+    if o.reprotecting and (peer_lost or o.protection_off):
+        why = "protection switched off" if o.protection_off else f"new secondary {o.peer} lost"
         return Decision(
             State.ALONE,
             (Act.ABANDON, Act.RENEW),
-            f"new secondary {o.peer} lost during re-protection; abandoning it, running alone",
+            f"{why} during re-protection; abandoning it, running alone",
         )
     if o.reprotecting:
         return Decision(State.ALONE, (Act.RENEW,), f"re-protecting: bringing {o.peer} into COLO")
