@@ -12,6 +12,7 @@ fault is lifted the secondary's host is re-protected.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.core import ports
+from coloft.effects.process import netns_argv
 from coloft.errors import ColoftError
 from coloft.lab import faults, net, workload
 from coloft.lab.rounds import PathWatch, all_events, up_and_serving
@@ -198,3 +200,34 @@ def test_a_channel_dropped_one_way_is_degraded_and_named(
         faults.heal(pair)
         client.kill()
         client.wait()
+
+
+def test_a_full_compare_queue_is_named_and_clears(
+    make_pair: Callable[[PairSpec], LocalPair],
+) -> None:
+    """A burst of echo requests (64 at once) fills colo-compare's queue of the
+    shortest length QEMU's spec allows here (16): packets are dropped, which only
+    QEMU's trace tells; the pair says so, then is PROTECTED again after the burst."""
+    pair = make_pair(lab_spec(interval_ms=2000, max_queue_size=16))
+    asyncio.run(up_and_serving(pair))
+    pair.wait_for(lambda s: pair_view("demo", s)["protected"], 20, "protection")
+    ping = ["ping", "-q", "-n", "-i", "0.05", "-l", "64", "-c", "400", "192.0.2.10"]
+    flood = subprocess.Popen(
+        netns_argv(net.CLIENT_NS, ping),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        views = pair.wait_for(
+            lambda s: pair_view("demo", s)["code"] == "compare-queue-overflow",
+            20,
+            "the queue overflow named",
+        )
+        a = views["a"]
+        assert a is not None
+        assert a["compare"]["dropped_packets"] > 0, a["compare"]
+        assert pair_view("demo", views)["phase"] == "degraded"
+    finally:
+        flood.kill()
+        flood.wait()
+    pair.wait_for(lambda s: pair_view("demo", s)["protected"], 30, "protection after the burst")

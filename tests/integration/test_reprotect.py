@@ -22,6 +22,7 @@ import pytest
 
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
+from coloft.core import failover
 from coloft.core.argv import tap_name
 from coloft.lab import faults, net, workload
 from coloft.lab.oracle import FrameWatch
@@ -81,6 +82,7 @@ def test_failover_reprotect_and_failover_back(make_pair: MakePair, tmp_path: Pat
     over. Writes acknowledged during the resync are there after the second failover,
     and one client connection lives through both."""
     pair = make_pair(lab_spec(interval_ms=2000))
+    began = time.time()
     asyncio.run(up_and_serving(pair))
     client, watch = start_load(pair, tmp_path, 40)
     try:
@@ -106,6 +108,22 @@ def test_failover_reprotect_and_failover_back(make_pair: MakePair, tmp_path: Pat
     # The resync ran under load: what was acknowledged meanwhile survived b's death.
     assert acked_between(tmp_path, first["started_unix"], first["colo_unix"]) > 0, first
     assert watch.frames("a") > 0 and watch.frames("b") > 0
+    # `coloft events`: both agents' journals, oldest first, with every takeover step
+    # in the order it ran.
+    done = coloft("events", "--pair", "demo", "--since", repr(began))
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["unix"] for e in events] == sorted(e["unix"] for e in events)
+    for node in ("b", "a"):
+        ran = [
+            e["text"].rsplit(" (", 1)[0]
+            for e in events
+            if e["node"] == node and e["kind"] == "step"
+        ]
+        expected = [step.describe() for step in failover.secondary_takeover(node)]
+        assert ran[: len(expected)] == expected, ran
+    kinds = {e["kind"] for e in events}
+    assert {"state", "lease", "failover", "reprotect", "protection", "sync"} <= kinds, kinds
 
 
 def test_a_restarted_host_is_taken_back_in(make_pair: MakePair, tmp_path: Path) -> None:

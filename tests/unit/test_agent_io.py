@@ -88,6 +88,10 @@ class StandIn:
         self.asked.append(force)
         return {"node": "a", "state": "fenced", "reason": "planned failover"}
 
+    def events_since(self, since: float) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = [{"unix": 1.0, "kind": "a"}, {"unix": 2.0, "kind": "b"}]
+        return [e for e in events if e["unix"] > since]
+
     async def request_protection(self, on: bool) -> dict[str, Any]:
         if not self.leading:
             raise ColoftError("b does not lead this pair (secondary)")
@@ -125,6 +129,8 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
             assert answer["state"] == "fenced" and agent.asked == [True]
             answer = await asyncio.to_thread(api.call, path, "POST", "/protection", {"on": False})
             assert answer["protection"] is False and agent.switched == [False]
+            got = await asyncio.to_thread(api.call, path, "GET", "/events?since=1.5")
+            assert got == {"events": [{"unix": 2.0, "kind": "b"}]}
             agent.leading = False
             with pytest.raises(ColoftError, match="409: b does not lead"):
                 await asyncio.to_thread(api.call, path, "POST", "/protection", {"on": True})
@@ -146,6 +152,7 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
                     "expected",
                 ),
                 (b"GET /protection HTTP/1.1\r\n\r\n", 405, "use POST /protection"),
+                (b"GET /events?since=x HTTP/1.1\r\n\r\n", 400, "since: expected unix"),
             ]
             for data, status, words in cases:
                 code, body = await asyncio.to_thread(raw, path, data)

@@ -5,6 +5,8 @@
                             503 otherwise; the body says why
     POST /failover          body {"force": bool}: ask for a failover; answers with
                             the leader's decision
+    GET  /events?since=T    this agent's journal events after T (unix seconds), as
+                            {"events": [...]}, oldest first
     POST /protection        body {"on": bool}: the leader switches protection on
                             (re-protect now) or off (drop the secondary); 409 when
                             this agent does not lead
@@ -20,6 +22,7 @@ import http.client
 import json
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +43,8 @@ class Served(Protocol):
     async def request_failover(self, force: bool) -> dict[str, Any]: ...
 
     async def request_protection(self, on: bool) -> dict[str, Any]: ...
+
+    def events_since(self, since: float) -> list[dict[str, Any]]: ...
 
 
 def run_base() -> Path:
@@ -108,6 +113,16 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
 
 
 async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[int, Any]:
+    path, _, query = target.partition("?")
+    if path == "/events":
+        if method != "GET":
+            raise BadRequest(405, "use GET /events")
+        args = urllib.parse.parse_qs(query)
+        try:
+            since = float(args.get("since", ["0"])[0])
+        except ValueError as e:
+            raise BadRequest(400, "since: expected unix seconds") from e
+        return 200, {"events": agent.events_since(since)}
     if target == "/status":
         if method != "GET":
             raise BadRequest(405, "use GET /status")
@@ -143,7 +158,9 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[
         except ColoftError as e:
             raise BadRequest(409, str(e)) from e
     raise BadRequest(
-        404, f"no such endpoint {target[:80]!r} (try /status, /protected, /failover, /protection)"
+        404,
+        f"no such endpoint {target[:80]!r} "
+        "(try /status, /protected, /events, /failover, /protection)",
     )
 
 

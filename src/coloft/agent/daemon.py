@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from coloft.agent import api
+from coloft.agent import api, journal
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
@@ -115,6 +115,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.peer_news = asyncio.Event()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
         self.protection = health.Verdict("starting", False, "starting")
         # The comparison path: the active probe (leader only) and each channel's sockets.
         self.probe: IcmpProbe | None = None
@@ -157,7 +158,9 @@ class Agent:
         self.wake.set()
 
     def note(self, kind: str, text: str, level: int = logging.INFO, **extra: Any) -> None:
-        self.events.append({"unix": time.time(), "kind": kind, "text": text, **extra})
+        event = {"unix": time.time(), "kind": kind, "text": text, **extra}
+        self.events.append(event)
+        self.journal.append({"pair": self.pair, "node": self.node.name, **event})
         log.log(level, "%s/%s: %s", self.pair, self.node.name, text)
 
     # ---------------------------------------------------------------- observe
@@ -1237,6 +1240,10 @@ class Agent:
             "events": list(self.events),
             "updated_unix": time.time(),
         }
+
+    def events_since(self, since: float) -> list[dict[str, Any]]:
+        """Journal events after `since`: more than the status keeps."""
+        return journal.read(self.journal.path, since)
 
     async def request_protection(self, on: bool) -> dict[str, Any]:
         """The operator's switch: only the leader writes it (under its epoch)."""

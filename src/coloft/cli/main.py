@@ -239,6 +239,35 @@ def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
     click.echo(json.dumps(result) if as_json else text)
 
 
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--pair", "pair_name", help="Only this pair (default: the spec's, else every pair here)."
+)
+@click.option("--follow", is_flag=True, help="Keep printing new events until interrupted.")
+@click.option("--since", type=float, default=0.0, help="Only events after this unix time.")
+def events(spec: Path | None, pair_name: str | None, follow: bool, since: float) -> None:
+    """The agents' events, oldest first, one JSON object per line: state changes,
+    decisions, failover and re-protection steps, verdicts, operator actions. Each
+    has unix, pair, node, kind, text (and kind-specific keys)."""
+    import time
+
+    from coloft.agent import api
+    from coloft.cli import ops
+
+    names = [pair_name] if pair_name else [_load(spec).vm.name] if spec else api.pairs_here()
+    if not names:
+        _fail("no pairs here; name one with --pair")
+    while True:
+        for name in names:
+            for e in ops.pair_events(name, since):
+                click.echo(json.dumps(e))
+                since = max(since, float(e["unix"]))
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
 def _switch(spec: Path, on: bool, timeout: float, as_json: bool) -> None:
     from coloft.cli import ops
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from coloft.agent import api
+from coloft.agent import api, journal
 from coloft.errors import ColoftError
 from coloft.model.spec import PairSpec
 from coloft.model.status import pair_view
@@ -137,3 +137,21 @@ def drill(
     for _ in range(2):
         legs.append(switchover(spec, timeout_s, progress))
     return {"vm": spec.vm.name, "ok": True, "legs": legs}
+
+
+def pair_events(name: str, since: float) -> list[dict[str, Any]]:
+    """Every agent's events of a pair after `since`, oldest first. A live agent is
+    asked through its API; a dead one's journal is read where it was left."""
+    found: list[dict[str, Any]] = []
+    root = api.run_base() / name
+    nodes = {
+        p.name.removeprefix("events-").removesuffix(".jsonl") for p in root.glob("events-*.jsonl")
+    }
+    sockets = api.agent_sockets(name)
+    for node in sorted(nodes | set(sockets)):
+        try:
+            answer = api.call(sockets[node], "GET", f"/events?since={since!r}", timeout=2.0)
+            found += answer["events"]
+        except (KeyError, ColoftError):
+            found += journal.read(journal.path_of(root, node), since)
+    return sorted(found, key=lambda e: float(e.get("unix", 0)))

@@ -60,15 +60,21 @@ def _set(text: str, key: str, value: str) -> str:
     return changed
 
 
-def lab_spec(interval_ms: int = 2000, reprotect: bool = True, memory_mib: int = 128) -> PairSpec:
-    """examples/lab.toml with the given checkpoint interval, re-protection on or off
-    and guest memory, as a file of its own (agents read the spec from its file); the
-    lab must be up to run it."""
+def lab_spec(
+    interval_ms: int = 2000,
+    reprotect: bool = True,
+    memory_mib: int = 128,
+    max_queue_size: int = 1024,
+) -> PairSpec:
+    """examples/lab.toml with the given checkpoint interval, re-protection on or off,
+    guest memory and colo-compare queue length, as a file of its own (agents read
+    the spec from its file); the lab must be up to run it."""
     text = _set(EXAMPLE_SPEC.read_text(), "checkpoint_interval_ms", str(interval_ms))
     text = _set(text, "auto", "true" if reprotect else "false")
     text = _set(text, "memory_mib", str(memory_mib))
+    text = _set(text, "max_queue_size", str(max_queue_size))
     LAB_DIR.mkdir(parents=True, exist_ok=True)
-    tag = f"{interval_ms}ms-{memory_mib}m" + ("" if reprotect else "-noreprotect")
+    tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}" + ("" if reprotect else "-noreprotect")
     path = LAB_DIR / f"lab-{tag}.toml"
     path.write_text(text)
     return load_spec(path)
