@@ -13,17 +13,21 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.core import failover
 from coloft.core.argv import tap_name
+from coloft.effects.process import netns_argv
 from coloft.lab import faults, net, workload
 from coloft.lab.oracle import FrameWatch
 from coloft.lab.rounds import up_and_serving
@@ -69,6 +73,27 @@ def check_client(out: Path, client: Any, watch: FrameWatch) -> dict[str, Any]:
     assert result["reconnects"] == 0, "the client connection was reset"
     assert watch.overlap_ms() == 0.0, "both hosts sent the VM's frames at once"
     return result
+
+
+def scrape(pair: LocalPair, node: str) -> dict[tuple[str, str], float]:
+    """GET /metrics from inside the node's namespace; samples keyed by name and the
+    one label that tells them apart (action, result or state)."""
+    n = pair.spec.node(node)
+    url = f"http://{n.replication_address}:{pair.spec.metrics_port}/metrics"
+    code = (
+        "import sys, urllib.request; "
+        "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    )
+    done = subprocess.run(
+        netns_argv(n.netns, [sys.executable, "-c", code, url]), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    samples: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(done.stdout):
+        for s in family.samples:
+            tag = s.labels.get("action") or s.labels.get("result") or s.labels.get("state") or ""
+            samples[(s.name, tag)] = samples.get((s.name, tag), 0.0) + s.value
+    return samples
 
 
 def start_load(pair: LocalPair, out: Path, duration: float) -> tuple[Any, FrameWatch]:
@@ -124,6 +149,16 @@ def test_failover_reprotect_and_failover_back(make_pair: MakePair, tmp_path: Pat
         assert ran[: len(expected)] == expected, ran
     kinds = {e["kind"] for e in events}
     assert {"state", "lease", "failover", "reprotect", "protection", "sync"} <= kinds, kinds
+    # Each agent's Prometheus endpoint (on its replication address), parsed by the
+    # Prometheus client's own parser: both failovers, the re-protections, the time
+    # each leader ran unprotected.
+    for node in ("a", "b"):
+        found = scrape(pair, node)
+        took_over = found[("coloft_failovers_total", "secondary-takes-over")]
+        assert took_over == 1, (node, found)
+        assert found[("coloft_reprotections_total", "in-colo")] >= 1, (node, found)
+        assert found[("coloft_unprotected_seconds_total", "")] > 0, (node, found)
+        assert found[("coloft_agent_state", "primary" if node == "a" else "secondary")] == 1
 
 
 def test_a_restarted_host_is_taken_back_in(make_pair: MakePair, tmp_path: Path) -> None:

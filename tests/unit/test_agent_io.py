@@ -88,6 +88,9 @@ class StandIn:
         self.asked.append(force)
         return {"node": "a", "state": "fenced", "reason": "planned failover"}
 
+    def metrics_text(self) -> bytes:
+        return b"# TYPE coloft_up gauge\ncoloft_up 1.0\n"
+
     def events_since(self, since: float) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = [{"unix": 1.0, "kind": "a"}, {"unix": 2.0, "kind": "b"}]
         return [e for e in events if e["unix"] > since]
@@ -97,6 +100,47 @@ class StandIn:
             raise ColoftError("b does not lead this pair (secondary)")
         self.switched.append(on)
         return {"node": "a", "state": "primary", "protection": on}
+
+
+def raw_text(path: Path, data: bytes) -> tuple[int, str]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/plain; version=0.0.4" in head, head
+    return int(head.split()[1]), body.decode()
+
+
+def test_metrics_alone_are_served_over_tcp() -> None:
+    agent = StandIn()
+
+    async def scenario() -> None:
+        server = await api.serve_metrics("127.0.0.1", 0, agent)
+        port = server.sockets[0].getsockname()[1]
+        try:
+
+            def get(line: bytes) -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(line)
+                    reply = b""
+                    while chunk := s.recv(65536):
+                        reply += chunk
+                return reply
+
+            ok = await asyncio.to_thread(get, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"coloft_up 1.0\n")
+            for other in (b"GET /status HTTP/1.1\r\n\r\n", b"POST /failover HTTP/1.1\r\n\r\n"):
+                no = await asyncio.to_thread(get, other)
+                assert no.startswith(b"HTTP/1.1 404") and b"only GET /metrics" in no, no
+            assert agent.asked == []
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
 
 
 def raw(path: Path, data: bytes) -> tuple[int, dict[str, Any]]:
@@ -129,6 +173,8 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
             assert answer["state"] == "fenced" and agent.asked == [True]
             answer = await asyncio.to_thread(api.call, path, "POST", "/protection", {"on": False})
             assert answer["protection"] is False and agent.switched == [False]
+            code, text = await asyncio.to_thread(raw_text, path, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert (code, text) == (200, "# TYPE coloft_up gauge\ncoloft_up 1.0\n")
             got = await asyncio.to_thread(api.call, path, "GET", "/events?since=1.5")
             assert got == {"events": [{"unix": 2.0, "kind": "b"}]}
             agent.leading = False

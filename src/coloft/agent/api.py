@@ -5,6 +5,7 @@
                             503 otherwise; the body says why
     POST /failover          body {"force": bool}: ask for a failover; answers with
                             the leader's decision
+    GET  /metrics           Prometheus text exposition of this agent's metrics
     GET  /events?since=T    this agent's journal events after T (unix seconds), as
                             {"events": [...]}, oldest first
     POST /protection        body {"on": bool}: the leader switches protection on
@@ -23,6 +24,7 @@ import json
 import os
 import socket
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from coloft.model.spec import PairSpec
 MAX_HEAD = 8192
 MAX_BODY = 65536
 READ_DEADLINE_S = 5.0
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Served(Protocol):
@@ -45,6 +48,8 @@ class Served(Protocol):
     async def request_protection(self, on: bool) -> dict[str, Any]: ...
 
     def events_since(self, since: float) -> list[dict[str, Any]]: ...
+
+    def metrics_text(self) -> bytes: ...
 
 
 def run_base() -> Path:
@@ -114,6 +119,10 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
 
 async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[int, Any]:
     path, _, query = target.partition("?")
+    if path == "/metrics":
+        if method != "GET":
+            raise BadRequest(405, "use GET /metrics")
+        return 200, agent.metrics_text()
     if path == "/events":
         if method != "GET":
             raise BadRequest(405, "use GET /events")
@@ -160,7 +169,7 @@ async def _route(agent: Served, method: str, target: str, body: bytes) -> tuple[
     raise BadRequest(
         404,
         f"no such endpoint {target[:80]!r} "
-        "(try /status, /protected, /events, /failover, /protection)",
+        "(try /status, /protected, /metrics, /events, /failover, /protection)",
     )
 
 
@@ -175,21 +184,32 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 def _response(status: int, payload: Any) -> bytes:
-    body = json.dumps(payload).encode()
+    # Bytes are the metrics' text exposition; everything else is JSON.
+    kind = METRICS_TYPE if isinstance(payload, bytes) else "application/json"
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     reason = http.client.responses.get(status, "Error")
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
 
 
-async def serve(path: Path, agent: Served) -> asyncio.Server:
+Route = Callable[[Served, str, str, bytes], Awaitable[tuple[int, Any]]]
+
+
+async def _metrics_only(agent: Served, method: str, target: str, body: bytes) -> tuple[int, Any]:
+    if target != "/metrics" or method != "GET":
+        raise BadRequest(404, "only GET /metrics here")
+    return await _route(agent, method, target, body)
+
+
+def _handler(agent: Served, route: Route) -> Callable[..., Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(READ_DEADLINE_S):
                 method, target, body = await _read_request(reader)
-            status, payload = await _route(agent, method, target, body)
+            status, payload = await route(agent, method, target, body)
         except BadRequest as e:
             payload, status = {"error": str(e)}, e.status
         except TimeoutError:
@@ -202,11 +222,22 @@ async def serve(path: Path, agent: Served) -> asyncio.Server:
         finally:
             writer.close()
 
+    return handle
+
+
+async def serve(path: Path, agent: Served) -> asyncio.Server:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(handle, path, limit=MAX_HEAD)
+    server = await asyncio.start_unix_server(_handler(agent, _route), path, limit=MAX_HEAD)
     os.chmod(path, 0o600)
     return server
+
+
+async def serve_metrics(host: str, port: int, agent: Served) -> asyncio.Server:
+    """GET /metrics alone over TCP, for a Prometheus server; nothing else is reachable."""
+    return await asyncio.start_server(
+        _handler(agent, _metrics_only), host, port, limit=MAX_HEAD, reuse_address=True
+    )
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from coloft.agent import api, journal
+from coloft.agent.metrics import Metrics
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
@@ -116,6 +117,8 @@ class Agent:
         self.peer_news = asyncio.Event()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
+        self.metrics = Metrics(self.pair, self.node.name)
+        self.metrics_at: float | None = None
         self.protection = health.Verdict("starting", False, "starting")
         # The comparison path: the active probe (leader only) and each channel's sockets.
         self.probe: IcmpProbe | None = None
@@ -304,6 +307,13 @@ class Agent:
             elif o.arbiter_ok and o.leader is None and self.state is State.SECONDARY:
                 what = "leader key gone"
             self.note("detected", f"{what} ({self.peer.name})", logging.WARNING)
+            ages = [
+                a
+                for p in self.heartbeat.peer.paths
+                if (a := self.heartbeat.peer.age(p, o.now)) is not None
+            ]
+            if ages:
+                self.metrics.detection.labels(**self.metrics.labels).set(min(ages))
         self.peer_lost_noted = lost
 
     # ---------------------------------------------------------------- decide + execute
@@ -363,8 +373,25 @@ class Agent:
             else:
                 await self._bounded(self._execute(act, o))
         self._judged(self._protection(now, o))
+        self._measure(now)
         if changed:
             self.heartbeat.send_now()
+
+    def _measure(self, now: float) -> None:
+        """Hand the metrics what grew since the last tick."""
+        dt = 0.0 if self.metrics_at is None else now - self.metrics_at
+        self.metrics_at = now
+        m = self.metrics
+        leading = self.state in (State.PRIMARY, State.ALONE)
+        m.tick(self.state.value, leading, self.protection.protected, dt)
+        q = self.qemu
+        if q is not None:
+            m.checkpoints_seen(q.checkpoints.count, q.checkpoints.pauses_ms)
+            if q.session is not None:
+                m.qmp_seen(q.session.calls_total, q.session.calls)
+        if self.probe is not None:
+            m.probe_seen(self.probe.matched, self.probe.rtts_ms)
+        m.compare_seen(self.compare.timeouts, self.compare.overflows)
 
     async def _execute(self, act: Act, o: Observation) -> None:
         try:
@@ -437,6 +464,7 @@ class Agent:
             return
         # Why, as the verdict said before "failing-over" replaces it.
         why = self.give_up or ("protection-off" if self.switch is False else self.protection.code)
+        self.metrics.failover(action.value, why)
         self.busy = asyncio.create_task(self._failover(action, why))
 
     async def _failover(self, action: failover.Action, why: str) -> None:
@@ -593,6 +621,7 @@ class Agent:
             watch.cancel()
             self.wake.set()
         record["colo_unix"] = time.time()
+        self.metrics.reprotections.labels(**self.metrics.labels, result="in-colo").inc()
         # In COLO QEMU no longer reports the first copy's figures; it covered all of
         # the guest's memory (zero pages travel compressed: bytes brought in sync,
         # not bytes on the wire).
@@ -667,6 +696,12 @@ class Agent:
             self.sync_seen.ram_done,
         )
         record["synced_bytes"] = self.sync_seen.synced_bytes
+        seen = self.sync_seen
+        total = seen.disk_total + seen.ram_total
+        self.metrics.resync_bytes.labels(**self.metrics.labels).set(seen.synced_bytes)
+        self.metrics.resync_progress.labels(**self.metrics.labels).set(
+            min(1.0, seen.synced_bytes / total) if total else 0.0
+        )
 
     def _abandon(self, why: str) -> None:
         """Stop a re-protection whose secondary is gone, whatever step it is in."""
@@ -692,6 +727,7 @@ class Agent:
         except ColoftError as e:
             self.note("error", f"undoing the re-protection failed: {e}", logging.ERROR)
         now = time.monotonic()
+        self.metrics.reprotections.labels(**self.metrics.labels, result="abandoned").inc()
         self.backoff = self.backoff.failed(now)
         self.reprotecting = self.abandoning = False
         self.progress = ""
@@ -1110,6 +1146,10 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         await self.heartbeat.open()
         server = await api.serve(api.socket_path(self.spec, self.node.name), self)
+        scrape = None
+        if self.spec.metrics_port:
+            address = self.node.replication_address
+            scrape = await api.serve_metrics(address, self.spec.metrics_port, self)
         try:
             async with asyncio.TaskGroup() as tg:
                 helpers = [
@@ -1123,6 +1163,8 @@ class Agent:
                     t.cancel()
         finally:
             server.close()
+            if scrape is not None:
+                scrape.close()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -1240,6 +1282,9 @@ class Agent:
             "events": list(self.events),
             "updated_unix": time.time(),
         }
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
 
     def events_since(self, since: float) -> list[dict[str, Any]]:
         """Journal events after `since`: more than the status keeps."""

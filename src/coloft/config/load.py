@@ -368,6 +368,9 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     heartbeat = _heartbeat(source, table("heartbeat", False))
     policy = _policy(source, table("policy", False))
     reprotect = _reprotect(source, table("reprotect", False))
+    metrics = _Reader(source, "[metrics]", table("metrics", False))
+    metrics_port = metrics.integer("port", default=0, low=0, high=65535)
+    metrics.finish()
     qemu = _Reader(source, "[qemu]", table("qemu", False))
     binary = qemu.path("binary")
     qemu.finish()
@@ -383,6 +386,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
         heartbeat=heartbeat,
         policy=policy,
         reprotect=reprotect,
+        metrics_port=metrics_port,
     )
 
 

@@ -74,6 +74,7 @@ class IcmpProbe:
         self.on_time_streak = 0
         self.flushed = 0  # replies a checkpoint may have released: no proof
         self.rtts_ms: deque[float] = deque(maxlen=600)
+        self.matched = 0  # all matched replies so far (rtts_ms keeps the last ones)
         self.sent = 0
         self._sock: socket.socket | None = None
 
@@ -124,6 +125,7 @@ class IcmpProbe:
                 self.flushed += 1
                 continue
             self.rtts_ms.append((replied - sent) * 1000.0)
+            self.matched += 1
             while self.unproven and self.unproven[0] <= sent:
                 self.unproven.popleft()
 

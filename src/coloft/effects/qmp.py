@@ -38,6 +38,8 @@ class QmpSession:
         # Since when QEMU has left our requests unanswered (monotonic), None while it
         # answers: silence is only a sign of a hang when we were asking.
         self.silent_since: float | None = None
+        self.calls: deque[tuple[str, float, bool]] = deque(maxlen=1000)
+        self.calls_total = 0
 
     async def connect(self, deadline_s: float = 5.0) -> None:
         """Connect, retrying while QEMU has not created its socket yet."""
@@ -78,11 +80,13 @@ class QmpSession:
         oob: bool = False,
     ) -> Any:
         started = time.monotonic()
+        ok = False
         try:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
                 reply = await self._client.execute_msg(msg)
             self.silent_since = None
+            ok = True
             return reply
         except ExecuteError as e:
             self.silent_since = None
@@ -95,6 +99,10 @@ class QmpSession:
             ) from e
         except (QMPError, OSError, EOFError) as e:
             raise TransientError(f"{self.name}: {command}: connection lost ({e!r})") from e
+        finally:
+            # For the agent's metrics: latency and outcome of every command.
+            self.calls.append((command, time.monotonic() - started, ok))
+            self.calls_total += 1
 
     @contextlib.contextmanager
     def listener(self, names: tuple[str, ...]) -> Iterator[EventListener]:

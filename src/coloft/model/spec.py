@@ -123,6 +123,8 @@ class PairSpec:
     heartbeat: HeartbeatSpec = HeartbeatSpec()
     policy: PolicySpec = PolicySpec()
     reprotect: ReprotectSpec = ReprotectSpec()
+    # Each agent serves GET /metrics on its replication address at this port (0: off).
+    metrics_port: int = 0
 
     @property
     def primary(self) -> NodeSpec:

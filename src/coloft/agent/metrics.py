@@ -1,0 +1,171 @@
+"""The agent's Prometheus metrics, rendered by prometheus_client.
+
+Sources only grow (checkpoint counts, matched probe replies, QMP calls), and the
+agent hands them over each tick: what is new since the last tick is observed, so
+no hook sits in the hot paths of QEMU's events or the probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LABELS = ("pair", "node")
+PAUSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+RTT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35)
+QMP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+STATES = ("starting", "primary", "secondary", "alone", "fenced", "down", "stopped")
+
+
+def _new(values: Sequence[float], total: int, seen: int) -> Sequence[float]:
+    """The values of a bounded window that came after `seen` of `total` so far."""
+    fresh = max(0, total - seen)
+    return values[len(values) - min(fresh, len(values)) :] if fresh else ()
+
+
+class Metrics:
+    def __init__(self, pair: str, node: str) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {"pair": pair, "node": node}
+        self.checkpoints = Counter(
+            "coloft_checkpoints",
+            "Checkpoints of this node's QEMU (a STOP/RESUME each)",
+            LABELS,
+            registry=r,
+        )
+        self.pause = Histogram(
+            "coloft_checkpoint_pause_seconds",
+            "How long the guest stood still per checkpoint",
+            LABELS,
+            buckets=PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.protected = Gauge(
+            "coloft_protected",
+            "1 while this agent leads the pair and judges it PROTECTED",
+            LABELS,
+            registry=r,
+        )
+        self.state = Gauge(
+            "coloft_agent_state", "1 for the agent's current state", (*LABELS, "state"), registry=r
+        )
+        self.unprotected = Counter(
+            "coloft_unprotected_seconds",
+            "Time this agent led the pair without protection",
+            LABELS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            "coloft_failovers",
+            "Failovers this agent ran, by action and cause",
+            (*LABELS, "action", "cause"),
+            registry=r,
+        )
+        self.detection = Gauge(
+            "coloft_last_detection_seconds",
+            "From the peer's last heartbeat to this agent's verdict that it was lost",
+            LABELS,
+            registry=r,
+        )
+        self.reprotections = Counter(
+            "coloft_reprotections",
+            "Re-protections this leader ran, by result",
+            (*LABELS, "result"),
+            registry=r,
+        )
+        self.resync_bytes = Gauge(
+            "coloft_resync_bytes",
+            "Disk and memory bytes brought in sync by the last re-protection",
+            LABELS,
+            registry=r,
+        )
+        self.resync_progress = Gauge(
+            "coloft_resync_progress_ratio",
+            "Share of the current re-protection's copy done",
+            LABELS,
+            registry=r,
+        )
+        self.probe = Histogram(
+            "coloft_probe_rtt_seconds",
+            "Probe replies matched through colo-compare",
+            LABELS,
+            buckets=RTT_BUCKETS,
+            registry=r,
+        )
+        self.qmp = Histogram(
+            "coloft_qmp_command_seconds",
+            "QMP command latency, by command",
+            (*LABELS, "command"),
+            buckets=QMP_BUCKETS,
+            registry=r,
+        )
+        self.qmp_errors = Counter(
+            "coloft_qmp_errors",
+            "QMP commands that failed or got no answer, by command",
+            (*LABELS, "command"),
+            registry=r,
+        )
+        self.compare_timeouts = Counter(
+            "coloft_compare_timed_out_packets",
+            "Primary packets colo-compare released by a forced checkpoint after its timeout",
+            LABELS,
+            registry=r,
+        )
+        self.compare_drops = Counter(
+            "coloft_compare_dropped_packets",
+            "Packets colo-compare dropped on a full queue",
+            LABELS,
+            registry=r,
+        )
+        self._seen = {"checkpoints": 0, "probe": 0, "qmp": 0, "timeouts": 0, "drops": 0}
+        for s in STATES:
+            self.state.labels(**self.labels, state=s).set(0)
+
+    def tick(self, state: str, leading: bool, protected: bool, dt: float) -> None:
+        for s in STATES:
+            self.state.labels(**self.labels, state=s).set(1 if s == state else 0)
+        self.protected.labels(**self.labels).set(1 if leading and protected else 0)
+        if leading and not protected and dt > 0:
+            self.unprotected.labels(**self.labels).inc(dt)
+
+    def checkpoints_seen(self, count: int, pauses_ms: Sequence[float]) -> None:
+        if count < self._seen["checkpoints"]:
+            self._seen["checkpoints"] = 0  # a new QEMU counts from zero
+        for p in _new(pauses_ms, count, self._seen["checkpoints"]):
+            self.pause.labels(**self.labels).observe(p / 1000.0)
+        self.checkpoints.labels(**self.labels).inc(count - self._seen["checkpoints"])
+        self._seen["checkpoints"] = count
+
+    def probe_seen(self, matched: int, rtts_ms: Sequence[float]) -> None:
+        if matched < self._seen["probe"]:
+            self._seen["probe"] = 0  # a new probe counts from zero
+        for v in _new(rtts_ms, matched, self._seen["probe"]):
+            self.probe.labels(**self.labels).observe(v / 1000.0)
+        self._seen["probe"] = matched
+
+    def qmp_seen(self, total: int, calls: Sequence[tuple[str, float, bool]]) -> None:
+        if total < self._seen["qmp"]:
+            self._seen["qmp"] = 0
+        fresh = max(0, total - self._seen["qmp"])
+        for command, seconds, ok in list(calls)[len(calls) - min(fresh, len(calls)) :]:
+            self.qmp.labels(**self.labels, command=command).observe(seconds)
+            if not ok:
+                self.qmp_errors.labels(**self.labels, command=command).inc()
+        self._seen["qmp"] = total
+
+    def compare_seen(self, timeouts: int, drops: int) -> None:
+        for key, total, counter in (
+            ("timeouts", timeouts, self.compare_timeouts),
+            ("drops", drops, self.compare_drops),
+        ):
+            if total < self._seen[key]:
+                self._seen[key] = 0
+            counter.labels(**self.labels).inc(total - self._seen[key])
+            self._seen[key] = total
+
+    def failover(self, action: str, cause: str) -> None:
+        self.failovers.labels(**self.labels, action=action, cause=cause or "unknown").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""The agent's Prometheus metrics: names, types, and what each tick adds."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from coloft.agent.metrics import Metrics
+
+
+def families(m: Metrics) -> dict[str, object]:
+    text = m.render().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(m: Metrics, sample: str, **labels: str) -> float:
+    want = {"pair": "demo", "node": "a", **labels}
+    for f in text_string_to_metric_families(m.render().decode()):
+        for s in f.samples:
+            if s.name == sample and s.labels == want:
+                return float(s.value)
+    raise AssertionError(f"no sample {sample} {want}")
+
+
+def test_names_and_types_follow_prometheus_conventions() -> None:
+    m = Metrics("demo", "a")
+    m.failover("secondary-takes-over", "secondary-lost")
+    m.qmp_seen(1, [("query-status", 0.002, True)])
+    found = families(m)
+    expected = {
+        "coloft_checkpoints": "counter",
+        "coloft_checkpoint_pause_seconds": "histogram",
+        "coloft_protected": "gauge",
+        "coloft_agent_state": "gauge",
+        "coloft_unprotected_seconds": "counter",
+        "coloft_failovers": "counter",
+        "coloft_last_detection_seconds": "gauge",
+        "coloft_reprotections": "counter",
+        "coloft_resync_bytes": "gauge",
+        "coloft_resync_progress_ratio": "gauge",
+        "coloft_probe_rtt_seconds": "histogram",
+        "coloft_qmp_command_seconds": "histogram",
+        "coloft_qmp_errors": "counter",
+        "coloft_compare_timed_out_packets": "counter",
+        "coloft_compare_dropped_packets": "counter",
+    }
+    for name, kind in expected.items():
+        assert name in found, name
+        assert found[name].type == kind, (name, found[name].type)  # type: ignore[attr-defined]
+
+
+def test_each_tick_adds_only_what_is_new() -> None:
+    m = Metrics("demo", "a")
+    m.tick("alone", leading=True, protected=False, dt=0.5)
+    m.tick("primary", leading=True, protected=True, dt=0.5)
+    assert value(m, "coloft_unprotected_seconds_total") == 0.5
+    assert value(m, "coloft_protected") == 1.0
+    assert value(m, "coloft_agent_state", state="primary") == 1.0
+    assert value(m, "coloft_agent_state", state="alone") == 0.0
+    m.checkpoints_seen(3, [10.0, 20.0, 300.0])
+    m.checkpoints_seen(4, [10.0, 20.0, 300.0, 40.0])
+    assert value(m, "coloft_checkpoints_total") == 4
+    assert value(m, "coloft_checkpoint_pause_seconds_count") == 4
+    assert value(m, "coloft_checkpoint_pause_seconds_bucket", le="0.025") == 2
+    # A new QEMU counts from zero: nothing is lost or counted twice.
+    m.checkpoints_seen(1, [5.0])
+    assert value(m, "coloft_checkpoints_total") == 5
+    m.probe_seen(2, [1.0, 2.0])
+    m.probe_seen(2, [1.0, 2.0])
+    assert value(m, "coloft_probe_rtt_seconds_count") == 2
+    m.qmp_seen(2, [("stop", 0.001, True), ("cont", 0.5, False)])
+    assert value(m, "coloft_qmp_errors_total", command="cont") == 1
+    m.compare_seen(timeouts=3, drops=0)
+    m.compare_seen(timeouts=1, drops=2)  # signs start over with a new pair
+    assert value(m, "coloft_compare_timed_out_packets_total") == 4
+    assert value(m, "coloft_compare_dropped_packets_total") == 2
+    m.failover("primary-continues-alone", "")
+    assert (
+        value(m, "coloft_failovers_total", action="primary-continues-alone", cause="unknown") == 1
+    )
