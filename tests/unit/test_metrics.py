@@ -77,3 +77,13 @@ def test_each_tick_adds_only_what_is_new() -> None:
     assert (
         value(m, "coloft_failovers_total", action="primary-continues-alone", cause="unknown") == 1
     )
+
+
+def test_link_counters_count_on_when_the_interface_starts_over() -> None:
+    m = Metrics("demo", "a")
+    m.link_seen({"rx_bytes": 1000, "tx_bytes": 500, "rx_dropped": 0, "tx_dropped": 0})
+    m.link_seen({"rx_bytes": 1600, "tx_bytes": 700, "rx_dropped": 2, "tx_dropped": 0})
+    m.link_seen({"rx_bytes": 100, "tx_bytes": 50, "rx_dropped": 0, "tx_dropped": 0})
+    assert value(m, "coloft_replication_link_bytes_total", direction="rx") == 700
+    assert value(m, "coloft_replication_link_bytes_total", direction="tx") == 250
+    assert value(m, "coloft_replication_link_dropped_packets_total", direction="rx") == 2

@@ -31,6 +31,7 @@ from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, fi
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
 from coloft.core.ports import HEARTBEAT, NBD, port
+from coloft.effects import link
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
@@ -119,6 +120,9 @@ class Agent:
         self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
         self.metrics = Metrics(self.pair, self.node.name)
         self.metrics_at: float | None = None
+        # The host interface of the replication link and its counters (a passive signal).
+        self.link_iface: str | None = None
+        self.link: dict[str, int] = {}
         self.protection = health.Verdict("starting", False, "starting")
         # The comparison path: the active probe (leader only) and each channel's sockets.
         self.probe: IcmpProbe | None = None
@@ -990,6 +994,7 @@ class Agent:
                     log.warning("cannot read /proc/net/tcp: %s", e)
                 else:
                     self._reestablish(time.monotonic())
+                self._read_link()
                 if q.role is Role.PRIMARY:
                     lines = q.new_log_lines()
                     self.compare = compare_log.read_lines(self.compare, lines, time.monotonic())
@@ -1004,6 +1009,14 @@ class Agent:
                 self.probe_task.cancel()
                 self.probe_task, self.probe = None, None
             await asyncio.sleep(CHANNEL_POLL_S)
+
+    def _read_link(self) -> None:
+        if self.link_iface is None:
+            # Looked up once; "" when no interface here holds the address.
+            self.link_iface = link.iface_of(self.node.replication_address) or ""
+        if self.link_iface:
+            self.link = link.counters(self.link_iface)
+            self.metrics.link_seen(self.link)
 
     def _qemu_event(self, kind: str, data: dict[str, object]) -> None:
         r = self.reprotect
@@ -1277,6 +1290,7 @@ class Agent:
                 "dropped_packets": self.compare.overflows,
                 "unreadable": self.compare.unreadable,
             },
+            "replication_link": {"iface": self.link_iface, **self.link},
             "failover": self.failover,
             "reprotect": self.reprotect,
             "events": list(self.events),

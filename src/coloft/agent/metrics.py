@@ -118,6 +118,19 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self.link_bytes = Counter(
+            "coloft_replication_link_bytes",
+            "Bytes through this host's replication-link interface, by direction",
+            (*LABELS, "direction"),
+            registry=r,
+        )
+        self.link_dropped = Counter(
+            "coloft_replication_link_dropped_packets",
+            "Packets this host's replication-link interface dropped, by direction",
+            (*LABELS, "direction"),
+            registry=r,
+        )
+        self._link: dict[str, int] = {}
         self._seen = {"checkpoints": 0, "probe": 0, "qmp": 0, "timeouts": 0, "drops": 0}
         for s in STATES:
             self.state.labels(**self.labels, state=s).set(0)
@@ -163,6 +176,21 @@ class Metrics:
                 self._seen[key] = 0
             counter.labels(**self.labels).inc(total - self._seen[key])
             self._seen[key] = total
+
+    def link_seen(self, counters: dict[str, int]) -> None:
+        for key, metric, direction in (
+            ("rx_bytes", self.link_bytes, "rx"),
+            ("tx_bytes", self.link_bytes, "tx"),
+            ("rx_dropped", self.link_dropped, "rx"),
+            ("tx_dropped", self.link_dropped, "tx"),
+        ):
+            if key not in counters:
+                continue
+            before = self._link.get(key, counters[key])
+            # The interface counts from zero again when it is made anew.
+            delta = counters[key] - before if counters[key] >= before else counters[key]
+            metric.labels(**self.labels, direction=direction).inc(delta)
+            self._link[key] = counters[key]
 
     def failover(self, action: str, cause: str) -> None:
         self.failovers.labels(**self.labels, action=action, cause=cause or "unknown").inc()
