@@ -35,6 +35,7 @@ from coloft.lab.setup import lab_spec
 from coloft.model.spec import PairSpec
 from coloft.model.status import pair_view
 from tests.integration.test_cli import coloft
+from tests.openapi_check import exercise
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -286,6 +287,13 @@ def test_protection_switched_off_and_on_under_load(make_pair: MakePair, tmp_path
         assert on.returncode == 0, on.stdout + on.stderr
         assert json.loads(on.stdout)["protected"] is True
         assert pair_view("demo", pair.statuses())["leader"] == "a"
+        # The OpenAPI document against both running agents: every operation, every
+        # answer checked against its schema (the secondary may not switch: 409).
+        seen_a = exercise(api.socket_path(pair.spec, "a"))
+        seen_b = exercise(api.socket_path(pair.spec, "b"))
+        assert (seen_a["GET /protected"], seen_b["GET /protected"]) == (200, 503)
+        assert (seen_a["POST /protection"], seen_b["POST /protection"]) == (200, 409)
+        assert seen_a["POST /failover"] == 400
     finally:
         watch.stop()
     check_client(tmp_path, client, watch)
