@@ -131,7 +131,10 @@ def test_primary_key_picks_initial_primary(tmp_path: Path) -> None:
         (lambda t: t.split("[nodes.y]")[0], r"\[nodes\]: a pair needs exactly two nodes, found 1"),
         (lambda t: t.replace("[vm]", "[vmm]"), r"\[vm\]: required table is missing"),
         (
-            lambda t: t.replace('disk = "y.raw"', "").replace('disk = "x.raw"', ""),
+            # Two nodes in one namespace are one host (the lab): one disk file each.
+            lambda t: t.replace('disk = "y.raw"', 'netns = "h"').replace(
+                'disk = "x.raw"', 'netns = "h"'
+            ),
             r"\[nodes\.y\]\.disk: both nodes would open .*disk\.raw on the same host",
         ),
     ],
@@ -219,3 +222,22 @@ def test_reprotection_defaults_on_and_can_be_tuned(tmp_path: Path) -> None:
     assert (d.auto, d.backoff_s, d.backoff_max_s, d.disk_mib_s) == (True, 2.0, 60.0, 0)
     off = load_spec(write(tmp_path, GOOD + "[reprotect]\nauto = false\ndisk_mib_s = 50\n"))
     assert not off.reprotect.auto and off.reprotect.disk_mib_s == 50
+
+
+def test_the_two_hosts_example_loads() -> None:
+    spec = load_spec(EXAMPLE.with_name("two-hosts.toml"))
+    assert (spec.primary.name, spec.secondary.name) == ("hv1", "hv2")
+    assert spec.arbiter.embedded_netns is None and spec.metrics_port == 9470
+
+
+def test_the_systemd_unit_kills_a_hung_agent_before_its_lease_can_pass() -> None:
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(EXAMPLE.parents[1] / "deploy" / "coloft-agent@.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["KillMode"] == "control-group"
+    watchdog = float(service["WatchdogSec"].removesuffix("s"))
+    spec = load_spec(EXAMPLE)
+    assert watchdog < spec.arbiter.ttl_s - spec.arbiter.fence_margin_s

@@ -31,7 +31,7 @@ from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, fi
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
 from coloft.core.ports import HEARTBEAT, NBD, port
-from coloft.effects import link
+from coloft.effects import link, sdnotify
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
@@ -120,6 +120,7 @@ class Agent:
         self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
         self.metrics = Metrics(self.pair, self.node.name)
         self.metrics_at: float | None = None
+        self.notifier = sdnotify.Notifier()
         # The host interface of the replication link and its counters (a passive signal).
         self.link_iface: str | None = None
         self.link: dict[str, int] = {}
@@ -1147,6 +1148,7 @@ class Agent:
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._tick()
+            self.notifier.alive()
             # Sleep to the next tick, but a leader never sleeps past its fencing point.
             wait = min(TICK_S, self._until_peer_silent())
             if self.renew_sent_at is not None:
@@ -1163,6 +1165,7 @@ class Agent:
         if self.spec.metrics_port:
             address = self.node.replication_address
             scrape = await api.serve_metrics(address, self.spec.metrics_port, self)
+        self.notifier.ready()
         try:
             async with asyncio.TaskGroup() as tg:
                 helpers = [
@@ -1178,6 +1181,7 @@ class Agent:
             server.close()
             if scrape is not None:
                 scrape.close()
+            self.notifier.stopping()
             await self.shutdown()
 
     async def shutdown(self) -> None:

@@ -398,7 +398,8 @@ def _cross_checks(source: Path, vm: VmSpec, nodes: list[NodeSpec]) -> None:
             f"{a.name!r}; the two nodes must be different hosts"
         )
     disks = {(a.disk or vm.disk), (b.disk or vm.disk)}
-    same_host = a.netns == b.netns
+    # Without namespaces each node is a host of its own (an agent runs on each).
+    same_host = a.netns is not None and a.netns == b.netns
     if same_host and len(disks) == 1:
         raise ConfigError(
             f"{source}: [nodes.{b.name}].disk: both nodes would open "

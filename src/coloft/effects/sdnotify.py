@@ -1,0 +1,43 @@
+"""systemd's notify protocol: READY once serving, WATCHDOG on every loop turn.
+
+Under `Type=notify` with `WatchdogSec=`, systemd kills the whole unit (the agent
+and the QEMU in its cgroup) when the loop stops turning: a hung agent cannot fence
+its own QEMU, so the watchdog does it before the lease can pass to the peer. Does
+nothing outside systemd (no NOTIFY_SOCKET).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+class Notifier:
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.address = os.environ.get("NOTIFY_SOCKET")
+        self.every_s = every_s
+        self.last = float("-inf")
+
+    def _send(self, message: str) -> None:
+        if not self.address:
+            return
+        # "@name" is an abstract socket: a leading NUL byte on the wire.
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(message.encode(), target)
+        except OSError:
+            return  # the supervisor went away; nothing to tell
+
+    def ready(self) -> None:
+        self._send("READY=1")
+
+    def alive(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")
