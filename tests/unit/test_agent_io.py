@@ -264,3 +264,9 @@ def test_pair_view_trusts_the_leader_and_says_so_in_one_line() -> None:
     view = pair_view("web", {"a": broken, "b": agent_status("b", "secondary")})
     assert view["code"] == "mirror-disconnected"
     assert one_line(view).startswith("web: DEGRADED(mirror-disconnected) | leader a")
+
+
+def test_one_line_shows_the_checkpoint_rate_and_the_time_unprotected() -> None:
+    lead = agent_status("a", "alone", checkpoints={"count": 9, "per_min": 30.0}, unprotected_s=12.4)
+    line = one_line(pair_view("web", {"a": lead, "b": None}))
+    assert "| 30 checkpoints/min | unprotected 12 s so far --" in line, line

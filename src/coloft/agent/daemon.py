@@ -121,6 +121,7 @@ class Agent:
         self.metrics = Metrics(self.pair, self.node.name)
         self.metrics_at: float | None = None
         self.notifier = sdnotify.Notifier()
+        self.unprotected_s = 0.0  # time this agent led the pair without protection
         # The host interface of the replication link and its counters (a passive signal).
         self.link_iface: str | None = None
         self.link: dict[str, int] = {}
@@ -389,6 +390,8 @@ class Agent:
         m = self.metrics
         leading = self.state in (State.PRIMARY, State.ALONE)
         m.tick(self.state.value, leading, self.protection.protected, dt)
+        if leading and not self.protection.protected:
+            self.unprotected_s += dt
         q = self.qemu
         if q is not None:
             m.checkpoints_seen(q.checkpoints.count, q.checkpoints.pauses_ms)
@@ -1270,6 +1273,7 @@ class Agent:
             "protected": self.protection.protected,
             "protection_reason": self.protection.reason,
             "protection_code": self.protection.code,
+            "unprotected_s": round(self.unprotected_s, 1),
             "checkpoints": {
                 "count": cp.count,
                 "per_min": cp.per_minute(now),

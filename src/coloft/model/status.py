@@ -75,6 +75,7 @@ def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, An
         "sync": None if judge is None else judge["sync"],
         "nodes": nodes,
         "checkpoints": None if judge is None else judge["checkpoints"],
+        "unprotected_s": None if leader is None else leader.get("unprotected_s"),
         "failover": failovers[0] if failovers else None,
     }
 
@@ -91,4 +92,9 @@ def one_line(view: dict[str, Any]) -> str:
             f"{p} {'-' if ms is None else f'{ms:.0f} ms'}" for p, ms in sorted(paths.items())
         )
         parts.append(f"{n['node']} {n['state']}" + (f" [peer heard: {heard}]" if heard else ""))
+    c = view.get("checkpoints") or {}
+    if c.get("per_min") is not None:
+        parts.append(f"{c['per_min']:.0f} checkpoints/min")
+    if view.get("unprotected_s"):
+        parts.append(f"unprotected {view['unprotected_s']:.0f} s so far")
     return " | ".join(parts) + f" -- {view['reason']}"
