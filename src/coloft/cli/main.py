@@ -240,6 +240,29 @@ def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 @cli.command()
+@SPEC
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Directory for the CA and one directory per node (default /etc/coloft/tls/VM).",
+)
+def certs(spec: Path, out: Path | None) -> None:
+    """A small CA and, per node, the server and client certificates QEMU's
+    tls-creds-x509 reads (CA, server cert with the node's name and replication
+    address, client cert). Keeps what exists; keys readable by root alone."""
+    from coloft.effects import certs as made
+
+    s = _load(spec)
+    target = out or Path("/etc/coloft/tls") / s.vm.name
+    try:
+        dirs = made.make(s, target)
+    except ColoftError as e:
+        _fail(str(e))
+    for d in dirs:
+        click.echo(f"{d.name}: {d}  (copy to that host)")
+
+
+@cli.command()
 @click.argument("spec", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--pair", "pair_name", help="Only this pair (default: the spec's, else every pair here)."
