@@ -115,7 +115,8 @@ def test_restarted_agent_does_not_disturb_the_leader(make_pair: MakePair, tmp_pa
 def test_unsynced_secondary_refuses_until_forced(make_pair: MakePair) -> None:
     """Before the first checkpoint the secondary has no state to serve: a planned
     failover is refused, a lost primary is not replaced, and only --force overrides."""
-    pair = make_pair(lab_spec(interval_ms=60_000, reprotect=False))
+    # No checkpoint at COLO start: the secondary stays unproven for a minute.
+    pair = make_pair(lab_spec(interval_ms=60_000, reprotect=False, checkpoint_at_start=False))
     pair.start()
     pair.wait_for(
         lambda s: all(v and v["state"] in ("primary", "secondary") for v in s.values()),

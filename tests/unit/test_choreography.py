@@ -153,3 +153,14 @@ def test_reprotect_copies_the_disk_while_the_guest_runs() -> None:
     assert all(f.arguments["insert"] == "before" for f in filters)
     fresh = choreography.primary_reprotect(spec, spec.primary, spec.secondary, False)
     assert not any("position" in s.arguments for s in fresh)
+
+
+def test_the_first_checkpoint_at_start_can_be_left_to_the_interval(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace("checkpoint_at_start = true", "checkpoint_at_start = false")
+    late = tmp_path / "late.toml"
+    late.write_text(text)
+    names = [s.name for s in choreography.bringup(load_spec(late))]
+    assert "take the first checkpoint now" not in names
+    assert "take the first checkpoint now" in [
+        s.name for s in choreography.bringup(load_spec(EXAMPLE))
+    ]

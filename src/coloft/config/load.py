@@ -69,6 +69,9 @@ class _Reader:
     def string(self, key: str, default: str | None = None, required: bool = False) -> str:
         return self._get(key, str, "a string", default, required)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(key, bool, "a boolean", default, False)
+
     def integer(
         self,
         key: str,
@@ -252,6 +255,7 @@ def _tuning(source: Path, table: Mapping[str, Any]) -> Tuning:
         migration_mib_s=r.integer(
             "migration_mib_s", default=1024, low=1, high=1_000_000, unit=" MiB/s"
         ),
+        checkpoint_at_start=r.boolean("checkpoint_at_start", True),
     )
     r.finish()
     return t
@@ -267,10 +271,7 @@ def _arbiter(source: Path, table: Mapping[str, Any]) -> ArbiterSpec:
         except ConfigError as err:
             raise r.fail("endpoints", str(err)) from err
     embedded = r.string("embedded_netns")
-    if "embedded" in table and not isinstance(table["embedded"], bool):
-        raise r.fail("embedded", f"expected a boolean, got {_describe(table['embedded'])}")
-    r.used.add("embedded")
-    is_embedded = bool(table.get("embedded", True))
+    is_embedded = r.boolean("embedded", True)
     a = ArbiterSpec(
         endpoints=endpoints,
         embedded_netns=(embedded or "") if is_embedded else None,
@@ -322,11 +323,8 @@ def _policy(source: Path, table: Mapping[str, Any]) -> PolicySpec:
 def _reprotect(source: Path, table: Mapping[str, Any]) -> ReprotectSpec:
     r = _Reader(source, "[reprotect]", table)
     d = ReprotectSpec()
-    if "auto" in table and not isinstance(table["auto"], bool):
-        raise r.fail("auto", f"expected a boolean, got {_describe(table['auto'])}")
-    r.used.add("auto")
     p = ReprotectSpec(
-        auto=bool(table.get("auto", d.auto)),
+        auto=r.boolean("auto", d.auto),
         backoff_s=r.number("backoff_s", d.backoff_s, 0.1, 600, " s"),
         backoff_max_s=r.number("backoff_max_s", d.backoff_max_s, 0.1, 3600, " s"),
         disk_mib_s=r.integer("disk_mib_s", default=d.disk_mib_s, low=0, high=1_000_000),

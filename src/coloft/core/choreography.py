@@ -268,11 +268,17 @@ def _into_colo(
         Step(p, "wait for the guest to run", "query-status", deadline_s=10.0, until=Until.RUNNING),
         # Setting the delay in COLO checkpoints at once: the secondary is proven in
         # lock-step now, not one interval later.
-        Step(
-            p,
-            "take the first checkpoint now",
-            "migrate-set-parameters",
-            {"x-checkpoint-delay": t.checkpoint_interval_ms},
+        *(
+            [
+                Step(
+                    p,
+                    "take the first checkpoint now",
+                    "migrate-set-parameters",
+                    {"x-checkpoint-delay": t.checkpoint_interval_ms},
+                )
+            ]
+            if t.checkpoint_at_start
+            else []
         ),
         # Switches learned the guest's MAC elsewhere if it ever ran elsewhere.
         Step(

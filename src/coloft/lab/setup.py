@@ -65,6 +65,7 @@ def lab_spec(
     reprotect: bool = True,
     memory_mib: int = 128,
     max_queue_size: int = 1024,
+    checkpoint_at_start: bool = True,
 ) -> PairSpec:
     """examples/lab.toml with the given checkpoint interval, re-protection on or off,
     guest memory and colo-compare queue length, as a file of its own (agents read
@@ -73,8 +74,10 @@ def lab_spec(
     text = _set(text, "auto", "true" if reprotect else "false")
     text = _set(text, "memory_mib", str(memory_mib))
     text = _set(text, "max_queue_size", str(max_queue_size))
+    text = _set(text, "checkpoint_at_start", "true" if checkpoint_at_start else "false")
     LAB_DIR.mkdir(parents=True, exist_ok=True)
-    tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}" + ("" if reprotect else "-noreprotect")
+    tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}"
+    tag += ("" if reprotect else "-noreprotect") + ("" if checkpoint_at_start else "-late")
     path = LAB_DIR / f"lab-{tag}.toml"
     path.write_text(text)
     return load_spec(path)

@@ -51,6 +51,9 @@ class Tuning:
     # The migration's bandwidth cap (QEMU's own default, 128 MiB/s, makes the first
     # copy of a 256 MiB guest take 2 s with the guest paused).
     migration_mib_s: int = 1024
+    # Checkpoint as soon as COLO runs: the secondary is proven (and may be named the
+    # sync node) at once rather than one interval later.
+    checkpoint_at_start: bool = True
 
 
 @dataclass(frozen=True)
