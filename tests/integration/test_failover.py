@@ -78,7 +78,7 @@ def test_fault_under_load(
     gap_within_ms: float,
 ) -> None:
     pair = make_pair(lab_spec(interval_ms=2000, reprotect=False))
-    found = asyncio.run(fault_round(pair, fault, tmp_path, load_s=20.0, fault_after_s=6.0))
+    found = asyncio.run(fault_round(pair, fault, tmp_path, load_s=15.0, fault_after_s=5.0))
     record = found.failover
     assert record is not None, [e["text"] for e in found.events]
     assert (record["action"], record["survivor"], record["error"]) == (action, survivor, None)
