@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from coloft.agent.metrics import Metrics
@@ -64,10 +66,15 @@ def test_each_tick_adds_only_what_is_new() -> None:
     # A new QEMU counts from zero: nothing is lost or counted twice.
     m.checkpoints_seen(1, [5.0])
     assert value(m, "coloft_checkpoints_total") == 5
-    m.probe_seen(2, [1.0, 2.0])
-    m.probe_seen(2, [1.0, 2.0])
-    assert value(m, "coloft_probe_rtt_seconds_count") == 2
-    m.qmp_seen(2, [("stop", 0.001, True), ("cont", 0.5, False)])
+    # The agent's windows are deques, as the probe and the QMP session keep them.
+    rtts = deque([1.0, 2.0], maxlen=2)
+    m.probe_seen(2, rtts)
+    m.probe_seen(2, rtts)
+    rtts.append(3.0)
+    m.probe_seen(3, rtts)
+    assert value(m, "coloft_probe_rtt_seconds_count") == 3
+    assert value(m, "coloft_probe_rtt_seconds_sum") == 0.006
+    m.qmp_seen(2, deque([("stop", 0.001, True), ("cont", 0.5, False)]))
     assert value(m, "coloft_qmp_errors_total", command="cont") == 1
     m.compare_seen(timeouts=3, drops=0)
     m.compare_seen(timeouts=1, drops=2)  # signs start over with a new pair

@@ -7,7 +7,7 @@ no hook sits in the hot paths of QEMU's events or the probe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -18,10 +18,12 @@ QMP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 STATES = ("starting", "primary", "secondary", "alone", "fenced", "down", "stopped")
 
 
-def _new(values: Sequence[float], total: int, seen: int) -> Sequence[float]:
-    """The values of a bounded window that came after `seen` of `total` so far."""
-    fresh = max(0, total - seen)
-    return values[len(values) - min(fresh, len(values)) :] if fresh else ()
+def _new(values: Iterable[float], total: int, seen: int) -> list[float]:
+    """The values of a bounded window (a deque, a tuple) that came after `seen` of
+    `total` so far."""
+    window = list(values)
+    fresh = min(max(0, total - seen), len(window))
+    return window[len(window) - fresh :] if fresh else []
 
 
 class Metrics:
@@ -142,7 +144,7 @@ class Metrics:
         if leading and not protected and dt > 0:
             self.unprotected.labels(**self.labels).inc(dt)
 
-    def checkpoints_seen(self, count: int, pauses_ms: Sequence[float]) -> None:
+    def checkpoints_seen(self, count: int, pauses_ms: Iterable[float]) -> None:
         if count < self._seen["checkpoints"]:
             self._seen["checkpoints"] = 0  # a new QEMU counts from zero
         for p in _new(pauses_ms, count, self._seen["checkpoints"]):
@@ -150,18 +152,19 @@ class Metrics:
         self.checkpoints.labels(**self.labels).inc(count - self._seen["checkpoints"])
         self._seen["checkpoints"] = count
 
-    def probe_seen(self, matched: int, rtts_ms: Sequence[float]) -> None:
+    def probe_seen(self, matched: int, rtts_ms: Iterable[float]) -> None:
         if matched < self._seen["probe"]:
             self._seen["probe"] = 0  # a new probe counts from zero
         for v in _new(rtts_ms, matched, self._seen["probe"]):
             self.probe.labels(**self.labels).observe(v / 1000.0)
         self._seen["probe"] = matched
 
-    def qmp_seen(self, total: int, calls: Sequence[tuple[str, float, bool]]) -> None:
+    def qmp_seen(self, total: int, calls: Iterable[tuple[str, float, bool]]) -> None:
         if total < self._seen["qmp"]:
             self._seen["qmp"] = 0
-        fresh = max(0, total - self._seen["qmp"])
-        for command, seconds, ok in list(calls)[len(calls) - min(fresh, len(calls)) :]:
+        window = list(calls)
+        fresh = min(max(0, total - self._seen["qmp"]), len(window))
+        for command, seconds, ok in window[len(window) - fresh :] if fresh else []:
             self.qmp.labels(**self.labels, command=command).observe(seconds)
             if not ok:
                 self.qmp_errors.labels(**self.labels, command=command).inc()
