@@ -102,7 +102,8 @@ class StandIn:
         return {"node": "a", "state": "primary", "protection": on}
 
 
-def raw_text(path: Path, data: bytes) -> tuple[int, str]:
+def exchange(path: Path, data: bytes) -> tuple[bytes, bytes]:
+    """One raw request on the agent's socket: the answer's head and body."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(path))
@@ -111,6 +112,11 @@ def raw_text(path: Path, data: bytes) -> tuple[int, str]:
         while chunk := s.recv(65536):
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
+    return head, body
+
+
+def raw_text(path: Path, data: bytes) -> tuple[int, str]:
+    head, body = exchange(path, data)
     assert b"Content-Type: text/plain; version=0.0.4" in head, head
     return int(head.split()[1]), body.decode()
 
@@ -144,14 +150,7 @@ def test_metrics_alone_are_served_over_tcp() -> None:
 
 
 def raw(path: Path, data: bytes) -> tuple[int, dict[str, Any]]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(data)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
+    head, body = exchange(path, data)
     return int(head.split()[1]), json.loads(body)
 
 

@@ -7,7 +7,7 @@ no hook sits in the hot paths of QEMU's events or the probe.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,107 +30,72 @@ class Metrics:
     def __init__(self, pair: str, node: str) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.labels = {"pair": pair, "node": node}
-        self.checkpoints = Counter(
-            "coloft_checkpoints",
-            "Checkpoints of this node's QEMU (a STOP/RESUME each)",
-            LABELS,
-            registry=r,
+
+        def counter(name: str, text: str, *extra: str) -> Counter:
+            return Counter(name, text, (*LABELS, *extra), registry=r)
+
+        def gauge(name: str, text: str, *extra: str) -> Gauge:
+            return Gauge(name, text, (*LABELS, *extra), registry=r)
+
+        def histogram(name: str, text: str, buckets: Sequence[float], *extra: str) -> Histogram:
+            return Histogram(name, text, (*LABELS, *extra), buckets=buckets, registry=r)
+
+        self.checkpoints = counter(
+            "coloft_checkpoints", "Checkpoints of this node's QEMU (a STOP/RESUME each)"
         )
-        self.pause = Histogram(
+        self.pause = histogram(
             "coloft_checkpoint_pause_seconds",
             "How long the guest stood still per checkpoint",
-            LABELS,
-            buckets=PAUSE_BUCKETS,
-            registry=r,
+            PAUSE_BUCKETS,
         )
-        self.protected = Gauge(
-            "coloft_protected",
-            "1 while this agent leads the pair and judges it PROTECTED",
-            LABELS,
-            registry=r,
+        self.protected = gauge(
+            "coloft_protected", "1 while this agent leads the pair and judges it PROTECTED"
         )
-        self.state = Gauge(
-            "coloft_agent_state", "1 for the agent's current state", (*LABELS, "state"), registry=r
+        self.state = gauge("coloft_agent_state", "1 for the agent's current state", "state")
+        self.unprotected = counter(
+            "coloft_unprotected_seconds", "Time this agent led the pair without protection"
         )
-        self.unprotected = Counter(
-            "coloft_unprotected_seconds",
-            "Time this agent led the pair without protection",
-            LABELS,
-            registry=r,
+        self.failovers = counter(
+            "coloft_failovers", "Failovers this agent ran, by action and cause", "action", "cause"
         )
-        self.failovers = Counter(
-            "coloft_failovers",
-            "Failovers this agent ran, by action and cause",
-            (*LABELS, "action", "cause"),
-            registry=r,
-        )
-        self.detection = Gauge(
+        self.detection = gauge(
             "coloft_last_detection_seconds",
             "From the peer's last heartbeat to this agent's verdict that it was lost",
-            LABELS,
-            registry=r,
         )
-        self.reprotections = Counter(
-            "coloft_reprotections",
-            "Re-protections this leader ran, by result",
-            (*LABELS, "result"),
-            registry=r,
+        self.reprotections = counter(
+            "coloft_reprotections", "Re-protections this leader ran, by result", "result"
         )
-        self.resync_bytes = Gauge(
-            "coloft_resync_bytes",
-            "Disk and memory bytes brought in sync by the last re-protection",
-            LABELS,
-            registry=r,
+        self.resync_bytes = gauge(
+            "coloft_resync_bytes", "Disk and memory bytes brought in sync by the last re-protection"
         )
-        self.resync_progress = Gauge(
-            "coloft_resync_progress_ratio",
-            "Share of the current re-protection's copy done",
-            LABELS,
-            registry=r,
+        self.resync_progress = gauge(
+            "coloft_resync_progress_ratio", "Share of the current re-protection's copy done"
         )
-        self.probe = Histogram(
-            "coloft_probe_rtt_seconds",
-            "Probe replies matched through colo-compare",
-            LABELS,
-            buckets=RTT_BUCKETS,
-            registry=r,
+        self.probe = histogram(
+            "coloft_probe_rtt_seconds", "Probe replies matched through colo-compare", RTT_BUCKETS
         )
-        self.qmp = Histogram(
-            "coloft_qmp_command_seconds",
-            "QMP command latency, by command",
-            (*LABELS, "command"),
-            buckets=QMP_BUCKETS,
-            registry=r,
+        self.qmp = histogram(
+            "coloft_qmp_command_seconds", "QMP command latency, by command", QMP_BUCKETS, "command"
         )
-        self.qmp_errors = Counter(
-            "coloft_qmp_errors",
-            "QMP commands that failed or got no answer, by command",
-            (*LABELS, "command"),
-            registry=r,
+        self.qmp_errors = counter(
+            "coloft_qmp_errors", "QMP commands that failed or got no answer, by command", "command"
         )
-        self.compare_timeouts = Counter(
+        self.compare_timeouts = counter(
             "coloft_compare_timed_out_packets",
             "Primary packets colo-compare released by a forced checkpoint after its timeout",
-            LABELS,
-            registry=r,
         )
-        self.compare_drops = Counter(
-            "coloft_compare_dropped_packets",
-            "Packets colo-compare dropped on a full queue",
-            LABELS,
-            registry=r,
+        self.compare_drops = counter(
+            "coloft_compare_dropped_packets", "Packets colo-compare dropped on a full queue"
         )
-        self.link_bytes = Counter(
+        self.link_bytes = counter(
             "coloft_replication_link_bytes",
             "Bytes through this host's replication-link interface, by direction",
-            (*LABELS, "direction"),
-            registry=r,
+            "direction",
         )
-        self.link_dropped = Counter(
+        self.link_dropped = counter(
             "coloft_replication_link_dropped_packets",
             "Packets this host's replication-link interface dropped, by direction",
-            (*LABELS, "direction"),
-            registry=r,
+            "direction",
         )
         self._link: dict[str, int] = {}
         self._seen = {"checkpoints": 0, "probe": 0, "qmp": 0, "timeouts": 0, "drops": 0}
