@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 
@@ -211,6 +212,10 @@ def test_diagram_comes_from_the_table() -> None:
     text = diagram()
     assert "primary -> alone, fenced" in text
     assert "alone -> fenced, primary" in text and "fenced -> starting" in text
+    # The README shows the same diagram.
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for line in text.splitlines():
+        assert line.rstrip() in readme, line
     assert "secondary -> alone, down" in text
 
 
