@@ -50,3 +50,18 @@ def test_a_run_alone_is_the_policy_when_the_naming_reason_had_none() -> None:
         1000.0,
     )
     assert found["protected_again_ms"] is None
+
+
+def test_a_fault_the_pair_ends_itself_counts_protected_again_from_the_fault() -> None:
+    events = [
+        ev(100.5, "protection", code="secondary-stalled"),
+        ev(101.0, "protection", code="running-alone"),
+        ev(101.2, "protection", code="reprotecting"),
+        ev(102.5, "protection", code=""),  # re-protected before the demo's lift at 105
+    ]
+    frozen = PathWatch(100.0, lifted=False)
+    assert frozen.due(105.0)
+    assert frozen.summary(events)["protected_again_ms"] == 2500.0
+    cut = PathWatch(100.0)
+    assert cut.due(105.0)
+    assert cut.summary(events)["protected_again_ms"] is None

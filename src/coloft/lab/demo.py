@@ -150,7 +150,8 @@ async def run_demo(
             if fault and fault_at is None and view["protected"] and elapsed >= duration * 0.4:
                 fault_at = await asyncio.to_thread(faults.inject, pair, fault)
                 if fault in faults.PATH_FAULTS:
-                    path = PathWatch(fault_at)
+                    # A frozen secondary is killed by its agent: nothing to lift.
+                    path = PathWatch(fault_at, lifted=fault != "freeze-secondary")
             if path is not None and path.due(time.time()):
                 await asyncio.to_thread(faults.heal, pair)
             if reprotect and fault_at is not None and settled(view):

@@ -64,12 +64,17 @@ def _rank(code: str) -> int:
 class PathWatch:
     """A comparison-path fault's timeline, from the agents' own time-stamped events:
     when the pair said DEGRADED and why, when the policy was applied, and when it
-    was PROTECTED again after the fault was lifted."""
+    was PROTECTED again after the fault was lifted. A fault the pair ends by itself
+    (`lifted=False`: a frozen secondary is killed by its own agent) has nothing to
+    lift: PROTECTED again counts from the fault."""
 
-    def __init__(self, fault_at: float, hold_s: float = PATH_FAULT_HOLD_S) -> None:
+    def __init__(
+        self, fault_at: float, hold_s: float = PATH_FAULT_HOLD_S, lifted: bool = True
+    ) -> None:
         self.fault_at = fault_at
         self.hold_s = hold_s
         self.healed_at: float | None = None
+        self.lifted = lifted
 
     def due(self, now: float) -> bool:
         """True once, when it is time to lift the fault."""
@@ -92,10 +97,15 @@ class PathWatch:
             or [e for e in applied if e.get("policy") != "alert"]
             or applied
         )
+        since = self.healed_at if self.lifted else self.fault_at
         again = [
             e
             for e in verdicts
-            if self.healed_at is not None and e["unix"] >= self.healed_at and not e.get("code")
+            if since is not None
+            and e["unix"] >= since
+            and not e.get("code")
+            and bad
+            and e["unix"] > bad[0]["unix"]
         ]
 
         def ms(e: dict[str, Any] | None, since: float | None) -> float | None:
@@ -107,7 +117,7 @@ class PathWatch:
             "reason": reason,
             "policy": None if first_applied is None else first_applied["policy"],
             "policy_applied_ms": ms(first_applied, self.fault_at),
-            "protected_again_ms": ms(again[0] if again else None, self.healed_at),
+            "protected_again_ms": ms(again[0] if again else None, since),
         }
 
 
