@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,9 +125,14 @@ def test_a_link_colo_cannot_do_without_makes_the_primary_run_alone(
         pair.wait_for(lambda s: pair_view("demo", s)["protected"], 20, "protection")
         time.sleep(3)
         fault_at = faults.inject(pair, fault)
-        views = pair.wait_for(
-            lambda s: (s.get("a") or {}).get("state") == "alone", 15, "the primary alone"
-        )
+
+        def alone(s: dict[str, Any]) -> bool:
+            a = s.get("a") or {}
+            done = (a.get("failover") or {}).get("done_unix")
+            return bool(a.get("state") == "alone" and done)
+
+        # Alone, and the failover's steps done: its policy event says "applied".
+        views = pair.wait_for(alone, 15, "the primary alone")
         view = pair_view("demo", views)
         assert view["phase"] == "unprotected" and view["code"] == "running-alone", view
         watch = PathWatch(fault_at)
