@@ -276,7 +276,7 @@ class Agent:
             peer_state=msg.get("state") if heard else None,
             intent=self.intent,
             give_up=self.give_up if self.state is State.PRIMARY else None,
-            reprotect=self._wanted() and self.backoff.ready(now),
+            reprotect=self._may_reprotect(now),
             protection_off=self.switch is False,
             peer_ready=heard and bool(msg.get("ready")) and msg.get("role") == Role.SECONDARY.value,
             reprotecting=self.reprotecting,
@@ -526,9 +526,11 @@ class Agent:
 
     # ---------------------------------------------------------------- re-protection
 
-    def _wanted(self) -> bool:
-        """Re-protection wanted: the operator's switch when set, else the spec."""
-        return self.spec.reprotect.auto if self.switch is None else self.switch
+    def _may_reprotect(self, now: float) -> bool:
+        """Re-protection wanted (the operator's switch when set, else the spec) and
+        its backoff over."""
+        wanted = self.spec.reprotect.auto if self.switch is None else self.switch
+        return wanted and self.backoff.ready(now)
 
     def _paced(self, before: State, now: float) -> None:
         """Count a re-protection (either side) as done or failed, for the backoff."""
@@ -1081,7 +1083,7 @@ class Agent:
             self.spec.primary.name,
             self.leader,
             peer_state,
-            rejoin=self._wanted() and self.backoff.ready(time.monotonic()),
+            rejoin=self._may_reprotect(time.monotonic()),
         )
         self.planned_role = role
         self.note("start", why)
