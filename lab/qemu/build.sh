@@ -64,7 +64,7 @@ mkdir -p "$src/build"
 cd "$src/build"
 ../configure --python="$work/venv/bin/python3" \
     --target-list=x86_64-softmmu --without-default-features \
-    --enable-tcg --enable-kvm --enable-replication --enable-colo-proxy \
+    --enable-tcg --enable-kvm --enable-replication --enable-colo-proxy --enable-gnutls \
     --disable-docs --disable-tools --disable-user --disable-werror \
     --disable-install-blobs >&2
 ninja -j"$(nproc)" qemu-system-x86_64 >&2

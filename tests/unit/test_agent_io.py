@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -211,6 +215,47 @@ def test_api_serves_status_and_intents_and_names_bad_requests(tmp_path: Path) ->
     assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(ColoftError, match="agent at"):
         api.call(tmp_path / "missing.sock", "GET", "/status")
+
+
+def test_the_api_answers_nobody_but_root_even_on_a_loosened_socket() -> None:
+    # pytest's tmp_path lies under a root-only directory: nobody could not reach it.
+    where = Path(tempfile.mkdtemp(prefix="coloft-api-"))
+    path = where / "agent.sock"
+    agent = StandIn()
+    request = b'POST /failover HTTP/1.1\r\nContent-Length: 15\r\n\r\n{"force": true}'
+
+    def as_nobody() -> bytes:
+        # A child that drops to user nobody and sends the intent.
+        code = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            f"s.sendall({request!r}); print(s.recv(4096).decode())\n"
+        )
+        done = subprocess.run(
+            ["/usr/bin/python3", "-c", code, str(path)], capture_output=True, timeout=20
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async def scenario() -> None:
+        server = await api.serve(path, agent)
+        try:
+            assert path.stat().st_mode & 0o777 == 0o600
+            os.chmod(where, 0o755)
+            os.chmod(path, 0o666)
+            reply = await asyncio.to_thread(as_nobody)
+            assert reply.startswith(b"HTTP/1.1 403") and b"only root" in reply, reply
+            assert agent.asked == []
+        finally:
+            server.close()
+
+    if os.geteuid() != 0:
+        pytest.fail("the lab and its tests run as root")
+    try:
+        asyncio.run(scenario())
+    finally:
+        shutil.rmtree(where)
 
 
 def agent_status(node: str, state: str, **extra: Any) -> dict[str, Any]:

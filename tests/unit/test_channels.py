@@ -87,6 +87,18 @@ def test_a_server_end_with_two_connections_holds_a_dead_one() -> None:
     ]
 
 
+def test_a_stranger_on_a_channel_port_is_not_part_of_the_channel() -> None:
+    # 203.0.113.9 (C97100CB) connected to the mirror port: the kernel holds the
+    # connection in QEMU's backlog; the channel itself is the one from the peer.
+    spec = load_spec(EXAMPLE)
+    wanted = endpoints(Role.PRIMARY, spec.primary, spec.secondary)
+    stranger = line("016433C6:2328", "097100CB:C000", "01")
+    found = assess(parse_proc_net_tcp(HEADER + MIRROR_OK + stranger + COMPARE_OK), wanted)
+    assert found["mirror"] == found["compare-in"] == "ok"
+    alone = assess(parse_proc_net_tcp(HEADER + stranger), wanted)
+    assert alone["mirror"] == "disconnected"
+
+
 def test_secondary_watches_its_own_ends() -> None:
     spec = load_spec(EXAMPLE)
     assert set(endpoints(Role.SECONDARY, spec.secondary, spec.primary)) == {"mirror", "compare-in"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,7 @@ def test_primary_order(steps: list[Step]) -> None:
         "add colo-compare comp0",
         "wait for secondary's sockets",
         "enable x-colo",
-        "set checkpoint interval and bandwidth",
+        "set migration parameters",
         "start migration",
         "wait for COLO",
         "wait for the guest to run",
@@ -77,8 +79,52 @@ def test_colo_compare_uses_tuning(steps: list[Step]) -> None:
     assert comp.arguments["compare_timeout"] == 3000
     assert comp.arguments["expired_scan_cycle"] == 1000
     assert comp.arguments["max_queue_size"] == 1024
-    delay = steps[index(steps, "a", "set checkpoint interval and bandwidth")]
-    assert delay.arguments == {"x-checkpoint-delay": 2000, "max-bandwidth": 1024 << 20}
+    delay = steps[index(steps, "a", "set migration parameters")]
+    assert delay.arguments["x-checkpoint-delay"] == 2000
+    assert delay.arguments["max-bandwidth"] == 1024 << 20
+
+
+def _tls_of(step: Step) -> str | None:
+    args = step.arguments
+    if step.command == "chardev-add":
+        creds: str | None = args["backend"]["data"].get("tls-creds")
+        return creds
+    if step.command == "human-monitor-command":
+        return "tls-client" if "file.tls-creds=tls-client" in args["command-line"] else None
+    return args.get("tls-creds")
+
+
+def test_every_replication_channel_is_tls_with_the_peer_allowed(steps: list[Step]) -> None:
+    want = {
+        ("b", "start NBD server"): "tls-server",
+        ("b", "add chardev red0"): "tls-client",
+        ("b", "add chardev red1"): "tls-client",
+        ("b", "require TLS on incoming migration"): "tls-server",
+        ("a", "add chardev mirror0"): "tls-server",
+        ("a", "add chardev compare1"): "tls-server",
+        ("a", "connect to secondary's disk"): "tls-client",
+        ("a", "attach replication child"): "tls-client",
+        ("a", "set migration parameters"): "tls-client",
+    }
+    for (node, name), creds in want.items():
+        step = steps[index(steps, node, name)]
+        assert _tls_of(step) == creds, step.describe()
+    for node, name in [("b", "start NBD server"), ("a", "add chardev mirror0")]:
+        step = steps[index(steps, node, name)]
+        data = step.arguments.get("backend", {}).get("data", step.arguments)
+        assert data["tls-authz"] == "tls-peers"
+    incoming = index(steps, "b", "require TLS on incoming migration")
+    assert incoming < index(steps, "b", "listen for migration")
+    # The loopback pairs inside the primary's host stay plain.
+    assert _tls_of(steps[index(steps, "a", "add chardev compare0-0")]) is None
+
+
+def test_no_tls_anywhere_when_replication_is_off() -> None:
+    spec = load_spec(EXAMPLE)
+    plain = replace(spec, security=replace(spec.security, replication="off"))
+    steps = choreography.bringup(plain)
+    assert all(_tls_of(s) is None for s in steps)
+    assert not [s for s in steps if s.name == "require TLS on incoming migration"]
 
 
 def test_replaying_a_prefix_is_accepted(steps: list[Step]) -> None:
@@ -137,10 +183,16 @@ def test_reprotect_copies_the_disk_while_the_guest_runs() -> None:
     copy = names.index("copy disk to secondary")
     # The secondary's sockets connect while the guest still runs.
     assert names[copy + 1 : copy + 3] == ["wait for secondary's sockets", "pause guest"]
-    assert all(n.startswith("add chardev") for n in names[:copy])
+    assert all(n.startswith("add chardev") for n in names[: copy - 1])
+    assert steps[copy].arguments["target"] == steps[copy - 1].arguments["node-name"]
     assert all(s.node == "b" for s in steps)
-    mirror = steps[copy].arguments
-    assert mirror["target"] == f"nbd://{spec.primary.replication_address}:{9000 + 4}/parent0"
+    target = steps[copy - 1].arguments
+    assert target["server"] == {
+        "type": "inet",
+        "host": spec.primary.replication_address,
+        "port": str(9000 + 4),
+    }
+    assert target["export"] == "parent0"
     # The tail is the first bring-up's, towards the other node.
     first = choreography.primary_bringup(spec, spec.primary, spec.secondary)
     assert names[copy + 3 :] == [s.name for s in first[copy + 2 :]]
@@ -164,3 +216,26 @@ def test_the_first_checkpoint_at_start_can_be_left_to_the_interval(tmp_path: Pat
     assert "take the first checkpoint now" in [
         s.name for s in choreography.bringup(load_spec(EXAMPLE))
     ]
+
+
+def test_plan_shows_tls_on_every_replication_listener_and_none_on_a_wildcard() -> None:
+    from click.testing import CliRunner
+
+    from coloft.cli.main import cli
+
+    done = CliRunner().invoke(cli, ["plan", "--json", str(EXAMPLE)])
+    assert done.exit_code == 0, done.output
+    plan = json.loads(done.output)
+    spec = load_spec(EXAMPLE)
+    address = {n.name: n.replication_address for n in spec.nodes}
+    channels = {(ls["node"], ls["channel"]) for ls in plan["listeners"]}
+    assert channels == {
+        ("b", "nbd"),
+        ("b", "migration"),
+        ("a", "chardev mirror0"),
+        ("a", "chardev compare1"),
+    }
+    for ls in plan["listeners"]:
+        assert ls["host"] == address[ls["node"]] and ls["tls"] == "tls-server", ls
+    assert "0.0.0.0" not in done.output
+    assert any("tls-creds-x509" in arg for arg in plan["commands"]["a"])

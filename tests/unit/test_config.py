@@ -193,6 +193,12 @@ def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
         ("[reprotect]\nbackoff_s = 10\nbackoff_max_s = 5\n", "5 s is below backoff_s 10 s"),
         ("[reprotect]\ndisk_mib_s = -1\n", "[reprotect].disk_mib_s: -1 is out of range"),
         ("[tuning]\nmigration_mib_s = 0\n", "[tuning].migration_mib_s: 0 MiB/s is out of range"),
+        (
+            "[security]\nreplication = 'opportunistic'\n",
+            "[security].replication: 'opportunistic' is not one of required, off",
+        ),
+        ("[security]\ncerts = ''\n", "[security].certs: path is empty"),
+        ("[security]\ntls = true\n", "[security]: unknown key 'tls'"),
     ],
 )
 def test_arbiter_and_heartbeat_errors(tmp_path: Path, table: str, words: str) -> None:
@@ -222,6 +228,13 @@ def test_reprotection_defaults_on_and_can_be_tuned(tmp_path: Path) -> None:
     assert (d.auto, d.backoff_s, d.backoff_max_s, d.disk_mib_s) == (True, 2.0, 60.0, 0)
     off = load_spec(write(tmp_path, GOOD + "[reprotect]\nauto = false\ndisk_mib_s = 50\n"))
     assert not off.reprotect.auto and off.reprotect.disk_mib_s == 50
+
+
+def test_replication_is_encrypted_unless_turned_off(tmp_path: Path) -> None:
+    d = load_spec(write(tmp_path, GOOD))
+    assert d.security.tls and d.certs_of(d.primary) == Path("/etc/coloft/tls/web/x")
+    off = load_spec(write(tmp_path, GOOD + "[security]\nreplication = 'off'\ncerts = 'tls'\n"))
+    assert not off.security.tls and off.certs_dir() == tmp_path / "tls"
 
 
 def test_the_two_hosts_example_loads() -> None:

@@ -51,8 +51,11 @@ def test_an_abandoned_reprotection_is_undone_from_any_point_and_the_guest_resume
     assert "does not have child" in steps[n.index("detach replication child")].accept
     assert "not found" in steps[n.index("delete replication node")].accept
     assert "not in COLO mode" in steps[n.index("leave COLO if it started")].accept
-    # The disk copy ends first, channels are yanked before anything flushes through them.
-    assert n[0] == "end disk copy" and steps[0].arguments["force"] is True
+    assert "Failed to find node" in steps[n.index("disconnect secondary's disk")].accept
+    # The disk copy ends first, its link yanked before the cancel flushes through it;
+    # the channels are yanked before anything flushes through them.
+    assert n[:2] == ["yank resync0", "end disk copy"] and steps[1].arguments["force"] is True
+    assert n.index("wait for disk copy to end") < n.index("disconnect secondary's disk")
     assert n.index("yank nbd0") < n.index("delete replication node")
     assert n.index("resume guest") < n.index("wait for the guest to run")
     assert steps[-1].command == "announce-self"

@@ -13,7 +13,8 @@
                             this agent does not lead
 
 Small on purpose: one request per connection, bounded header and body sizes,
-every read under a deadline. The CLI uses only this.
+every read under a deadline. Only root (or the agent's own user, checked by the
+peer's credentials) is answered. The CLI uses only this.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -204,11 +206,29 @@ async def _metrics_only(agent: Served, method: str, target: str, body: bytes) ->
     return await _route(agent, method, target, body)
 
 
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user id of the process at the other end of a UNIX socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
+
+
+def _authorized(writer: asyncio.StreamWriter) -> bool:
+    """Only root or the agent's own user may talk to the agent. The socket's mode
+    already says so; this holds even if someone loosens it."""
+    uid = _peer_uid(writer)
+    return uid is None or uid in (0, os.geteuid())
+
+
 def _handler(agent: Served, route: Route) -> Callable[..., Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(READ_DEADLINE_S):
                 method, target, body = await _read_request(reader)
+            if not _authorized(writer):
+                raise BadRequest(403, "only root may use the agent's API")
             status, payload = await route(agent, method, target, body)
         except BadRequest as e:
             payload, status = {"error": str(e)}, e.status
@@ -228,8 +248,12 @@ def _handler(agent: Served, route: Route) -> Callable[..., Awaitable[None]]:
 async def serve(path: Path, agent: Served) -> asyncio.Server:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(_handler(agent, _route), path, limit=MAX_HEAD)
-    os.chmod(path, 0o600)
+    # Created root-only: a chmod afterwards would leave a moment with the umask's mode.
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(_handler(agent, _route), path, limit=MAX_HEAD)
+    finally:
+        os.umask(old)
     return server
 
 

@@ -607,8 +607,9 @@ class Agent:
 
         problem = await self._export_unreachable()
         if problem is not None:
-            # drive-mirror would block QEMU's main loop on a blackholed connect. Nothing
-            # was started: the peer keeps its secondary, and the wait does not grow.
+            # Connecting the copy's target would block QEMU's main loop on a blackholed
+            # port. Nothing was started: the peer keeps its secondary, and the wait
+            # does not grow.
             record["error"] = problem
             self.progress = ""
             self.backoff = self.backoff.later(time.monotonic())

@@ -29,6 +29,9 @@ from coloft.model.spec import PairSpec
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0
+# How long every agent may sit in a dead end before a wait gives up early.
+HOPELESS_S = 5.0
+DEAD_ENDS = ("fenced", "down", "stopped")
 # Each agent's status by node; None where the agent did not answer.
 Statuses = dict[str, dict[str, Any] | None]
 
@@ -95,13 +98,24 @@ class LocalPair:
     def statuses(self) -> Statuses:
         return {n.name: self.status(n.name) for n in self.spec.nodes}
 
-    def wait_for(self, check: Callable[[Statuses], bool], timeout_s: float, what: str) -> Statuses:
-        """Poll both agents until check(statuses) is true; names what never happened."""
+    def wait_for(
+        self,
+        check: Callable[[Statuses], bool],
+        timeout_s: float,
+        what: str,
+        hopeless: Callable[[Statuses], bool] = lambda s: False,
+    ) -> Statuses:
+        """Poll both agents until check(statuses) is true; names what never happened,
+        at once when `hopeless` has held for HOPELESS_S."""
         end = time.monotonic() + timeout_s
+        since: float | None = None
         while True:
             s = self.statuses()
             if check(s):
                 return s
+            since = (since or time.monotonic()) if hopeless(s) else None
+            if since is not None and time.monotonic() - since > HOPELESS_S:
+                end = 0.0
             for node, proc in self.agents.items():
                 if proc.poll() is not None and not any(s.values()):
                     raise FatalError(
@@ -123,6 +137,7 @@ class LocalPair:
             lambda s: any(v and v["state"] == "primary" and v["protected"] for v in s.values()),
             timeout_s,
             "protection",
+            hopeless=_hopeless,
         )
 
     def log_tail(self, node: str, limit: int = 3000) -> str:
@@ -151,6 +166,14 @@ class LocalPair:
 
     def alive(self) -> bool:
         return any(p.poll() is None for p in self.agents.values())
+
+
+def _hopeless(s: Statuses) -> bool:
+    """An agent stopped its copy and none leads: nothing will start by itself (a QEMU
+    that refused the spec, say); the reasons say why."""
+    seen = [v for v in s.values() if v]
+    leads = any(v["state"] in ("primary", "alone") or v.get("epoch") is not None for v in seen)
+    return not leads and any(v["state"] in DEAD_ENDS for v in seen)
 
 
 def pid_file(spec: PairSpec) -> Path:

@@ -61,7 +61,8 @@ def cli(verbose: bool) -> None:
 @SPEC
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def plan(spec: Path, as_json: bool) -> None:
-    """Print each side's QEMU command line and the ordered bring-up steps; runs nothing."""
+    """Print each side's QEMU command line, the ordered bring-up steps and the
+    sockets QEMU will listen on (address, TLS credentials); runs nothing."""
     s = _load(spec)
     accel = s.vm.accel
     if accel is Accel.AUTO:
@@ -72,6 +73,7 @@ def plan(spec: Path, as_json: bool) -> None:
         for node, role in ((s.primary, Role.PRIMARY), (s.secondary, Role.SECONDARY))
     }
     steps = choreography.bringup(s)
+    listening = choreography.listeners(steps)
     if as_json:
         click.echo(
             json.dumps(
@@ -87,6 +89,7 @@ def plan(spec: Path, as_json: bool) -> None:
                         }
                         for st in steps
                     ],
+                    "listeners": listening,
                 },
                 indent=1,
             )
@@ -99,6 +102,10 @@ def plan(spec: Path, as_json: bool) -> None:
     for i, st in enumerate(steps, 1):
         args = json.dumps(st.arguments) if st.arguments else ""
         click.echo(f"{i:2}. [{st.node}] {st.name}: {st.command} {args}")
+    click.echo("\n# listening sockets")
+    for ls in listening:
+        tls = f"tls-creds={ls['tls']}" if ls["tls"] else "plain TCP"
+        click.echo(f"[{ls['node']}] {ls['channel']}: {ls['host']}:{ls['port']} {tls}")
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from coloft.model.spec import (
     Policy,
     PolicySpec,
     ReprotectSpec,
+    SecuritySpec,
     Tuning,
     VmSpec,
 )
@@ -335,6 +336,20 @@ def _reprotect(source: Path, table: Mapping[str, Any]) -> ReprotectSpec:
     return p
 
 
+def _security(source: Path, table: Mapping[str, Any]) -> SecuritySpec:
+    r = _Reader(source, "[security]", table)
+    d = SecuritySpec()
+    modes = ("required", "off")
+    p = SecuritySpec(
+        replication=r.checked(
+            "replication", lambda v: v in modes, "one of required, off", d.replication
+        ),
+        certs=r.path("certs"),
+    )
+    r.finish()
+    return p
+
+
 def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     """Validate an already-parsed TOML document."""
     top = _Reader(source, "spec", data)
@@ -369,6 +384,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     metrics = _Reader(source, "[metrics]", table("metrics", False))
     metrics_port = metrics.integer("port", default=0, low=0, high=65535)
     metrics.finish()
+    security = _security(source, table("security", False))
     qemu = _Reader(source, "[qemu]", table("qemu", False))
     binary = qemu.path("binary")
     qemu.finish()
@@ -385,6 +401,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
         policy=policy,
         reprotect=reprotect,
         metrics_port=metrics_port,
+        security=security,
     )
 
 

@@ -9,6 +9,7 @@ steps can later protect a VM that already runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ DISK_ID = "colo-disk0"
 SECONDARY_PARENT = "parent0"
 SECONDARY_CHILD = "childs0"
 NETDEV_ID = "hn0"
+# TLS objects every node has when replication is encrypted, whatever its role: a
+# secondary that takes over serves and connects the other way round.
+TLS_SERVER = "tls-server"
+TLS_CLIENT = "tls-client"
+TLS_PEERS = "tls-peers"
 FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu")
 
 
@@ -66,6 +72,27 @@ def tap_name(spec: PairSpec) -> str:
     return f"ct-{spec.vm.name}"[:15]
 
 
+def tls_objects(spec: PairSpec, node: NodeSpec) -> list[str]:
+    """Credentials for both ends and the allow-list of identities: the peer's
+    certificate name (its node name) only."""
+    d = spec.certs_of(node)
+    peer = spec.peer_of(node.name).name
+    peers = {
+        "qom-type": "authz-list",
+        "id": TLS_PEERS,
+        "policy": "deny",
+        "rules": [{"match": f"CN={peer}", "policy": "allow", "format": "exact"}],
+    }
+    return [
+        "-object",
+        f"tls-creds-x509,id={TLS_SERVER},endpoint=server,dir={d},verify-peer=on",
+        "-object",
+        f"tls-creds-x509,id={TLS_CLIENT},endpoint=client,dir={d},verify-peer=on",
+        "-object",
+        json.dumps(peers, separators=(",", ":")),
+    ]
+
+
 def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: Accel) -> list[str]:
     if accel is Accel.AUTO:
         raise ValueError("resolve the accelerator before building the command line")
@@ -106,6 +133,8 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
         "-pidfile",
         str(paths.pidfile),
     ]
+    if spec.security.tls:
+        argv += tls_objects(spec, node)
     # colo-compare tells some of its troubles only in trace events (core.compare_log).
     for event in TRACE_EVENTS:
         argv += ["-trace", f"enable={event}"]

@@ -71,18 +71,26 @@ def parse_proc_net_tcp(text: str) -> list[TcpSocket]:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A channel's socket on this host: identified by our port or by the peer's."""
+    """A channel's socket on this host: identified by our port (and the peer's
+    address: a stranger knocking on the port is not part of the channel) or by the
+    peer's address and port."""
 
     local_port: int | None = None
     remote: tuple[str, int] | None = None
+    peer: str | None = None
 
 
 def endpoints(role: Role, node: NodeSpec, peer: NodeSpec) -> dict[str, Endpoint]:
     """The channels whose sockets live on `node` in `role`."""
     if role is Role.PRIMARY:
         return {
-            "mirror": Endpoint(local_port=ports.port(node, ports.MIRROR)),
-            "compare-in": Endpoint(local_port=ports.port(node, ports.COMPARE_SECONDARY_IN)),
+            "mirror": Endpoint(
+                local_port=ports.port(node, ports.MIRROR), peer=peer.replication_address
+            ),
+            "compare-in": Endpoint(
+                local_port=ports.port(node, ports.COMPARE_SECONDARY_IN),
+                peer=peer.replication_address,
+            ),
             "migration": Endpoint(
                 remote=(peer.replication_address, ports.port(peer, ports.MIGRATION))
             ),
@@ -98,7 +106,7 @@ def endpoints(role: Role, node: NodeSpec, peer: NodeSpec) -> dict[str, Endpoint]
 
 def _matches(s: TcpSocket, e: Endpoint) -> bool:
     if e.local_port is not None:
-        return s.local[1] == e.local_port
+        return s.local[1] == e.local_port and e.peer in (None, s.remote[0])
     return s.remote == e.remote
 
 

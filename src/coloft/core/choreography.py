@@ -9,10 +9,18 @@ starts the migration that turns into COLO.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from coloft.core import ports
-from coloft.core.argv import DISK_ID, NETDEV_ID, SECONDARY_PARENT
+from coloft.core.argv import (
+    DISK_ID,
+    NETDEV_ID,
+    SECONDARY_PARENT,
+    TLS_CLIENT,
+    TLS_PEERS,
+    TLS_SERVER,
+)
 from coloft.model.spec import NodeSpec, PairSpec
 from coloft.model.steps import Step, Until
 
@@ -23,7 +31,11 @@ OBJECT_EXISTS = ("attempt to add duplicate property",)
 NBD_RUNNING = ("NBD server already running",)
 EXPORT_EXISTS = ("Block export id",)
 INCOMING_STARTED = ("incoming migration has already been started",)
+NODE_EXISTS = ("Duplicate nodes with node-name",)
+NO_JOB = ("not found", "No active block job")
+NO_NODE = ("Failed to find node",)
 REPLICATION_NODE = "replication0"
+RESYNC_TARGET = "resync0"
 NBD_NODE = "nbd0"
 RESYNC_JOB = "resync"
 # Reconnect period of the secondary's sockets towards the primary.
@@ -37,12 +49,18 @@ def _inet(host: str, port: int) -> dict[str, Any]:
     return {"type": "inet", "data": {"host": host, "port": str(port)}}
 
 
-def _socket_chardev(node: str, cid: str, host: str, port: int, server: bool) -> Step:
+def _socket_chardev(
+    node: str, cid: str, host: str, port: int, server: bool, tls: bool = False
+) -> Step:
     data: dict[str, Any] = {"addr": _inet(host, port), "server": server}
     if server:
         data["wait"] = False
     else:
         data["reconnect-ms"] = RECONNECT_MS
+    if tls and server:
+        data |= {"tls-creds": TLS_SERVER, "tls-authz": TLS_PEERS}
+    elif tls:
+        data["tls-creds"] = TLS_CLIENT
     return Step(
         node,
         f"add chardev {cid}",
@@ -52,19 +70,23 @@ def _socket_chardev(node: str, cid: str, host: str, port: int, server: bool) -> 
     )
 
 
-def _local_chardev_pair(node: str, server_id: str, client_id: str, port: int) -> list[Step]:
-    # The client end connects synchronously at once, so it has no reconnect.
-    client = {"addr": _inet("127.0.0.1", port), "server": False}
-    return [
-        _socket_chardev(node, server_id, "127.0.0.1", port, server=True),
-        Step(
+def _local_chardev_pair(node: str, server_id: str, client_id: str, path: Path) -> list[Step]:
+    """Two ends of a UNIX socket in the node's run directory: colo-compare's
+    connections inside one QEMU are nobody else's business (no TCP port)."""
+    addr = {"type": "unix", "data": {"path": str(path)}}
+
+    def end(cid: str, data: dict[str, Any]) -> Step:
+        backend = {"type": "socket", "data": {"addr": addr, **data}}
+        return Step(
             node,
-            f"add chardev {client_id}",
+            f"add chardev {cid}",
             "chardev-add",
-            {"id": client_id, "backend": {"type": "socket", "data": client}},
+            {"id": cid, "backend": backend},
             accept=CHARDEV_EXISTS,
-        ),
-    ]
+        )
+
+    # The client end connects synchronously at once, so it has no reconnect.
+    return [end(server_id, {"server": True, "wait": False}), end(client_id, {"server": False})]
 
 
 def _object(node: str, qom_type: str, oid: str, **props: Any) -> Step:
@@ -86,17 +108,28 @@ def _x_colo(node: str) -> Step:
     )
 
 
+def _server_tls(spec: PairSpec) -> dict[str, str]:
+    """What a listener of the secondary (NBD, incoming migration) checks."""
+    return {"tls-creds": TLS_SERVER, "tls-authz": TLS_PEERS} if spec.security.tls else {}
+
+
 def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> list[Step]:
     s = secondary.name
     here = secondary.replication_address
     there = primary.replication_address
+    tls = spec.security.tls
+    incoming_tls = (
+        [Step(s, "require TLS on incoming migration", "migrate-set-parameters", _server_tls(spec))]
+        if tls
+        else []
+    )
     return [
         _x_colo(s),
         Step(
             s,
             "start NBD server",
             "nbd-server-start",
-            {"addr": _inet(here, ports.port(secondary, ports.NBD))},
+            {"addr": _inet(here, ports.port(secondary, ports.NBD)), **_server_tls(spec)},
             accept=NBD_RUNNING,
         ),
         Step(
@@ -106,13 +139,14 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
             {"device": SECONDARY_PARENT, "writable": True},
             accept=EXPORT_EXISTS,
         ),
-        _socket_chardev(s, "red0", there, ports.port(primary, ports.MIRROR), server=False),
+        _socket_chardev(s, "red0", there, ports.port(primary, ports.MIRROR), False, tls),
         _socket_chardev(
-            s, "red1", there, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=False
+            s, "red1", there, ports.port(primary, ports.COMPARE_SECONDARY_IN), False, tls
         ),
         _object(s, "filter-redirector", "f1", netdev=NETDEV_ID, queue="tx", indev="red0"),
         _object(s, "filter-redirector", "f2", netdev=NETDEV_ID, queue="rx", outdev="red1"),
         _object(s, "filter-rewriter", "rew0", netdev=NETDEV_ID, queue="all"),
+        *incoming_tls,
         Step(
             s,
             "listen for migration",
@@ -123,27 +157,59 @@ def secondary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) ->
     ]
 
 
-def _disk_copy(p: str, there: str, nbd_port: int, mib_s: int = 0) -> list[Step]:
+def _disk_copy(p: str, there: str, nbd_port: int, tls: bool, mib_s: int = 0) -> list[Step]:
+    # The target is a node of its own (a known name to yank if its link dies), and
+    # only blockdev-add can give an NBD client TLS credentials.
+    target: dict[str, Any] = {
+        "node-name": RESYNC_TARGET,
+        "driver": "nbd",
+        "server": {"type": "inet", "host": there, "port": str(nbd_port)},
+        "export": SECONDARY_PARENT,
+    }
+    if tls:
+        target["tls-creds"] = TLS_CLIENT
     args: dict[str, Any] = {
         "device": DISK_ID,
         "job-id": RESYNC_JOB,
-        "target": f"nbd://{there}:{nbd_port}/{SECONDARY_PARENT}",
-        "mode": "existing",
-        "format": "raw",
+        "target": RESYNC_TARGET,
         "sync": "full",
     }
     if mib_s:
         args["speed"] = mib_s << 20
     return [
+        Step(p, "connect to secondary's disk", "blockdev-add", target, accept=NODE_EXISTS),
         Step(
             p,
             "copy disk to secondary",
-            "drive-mirror",
+            "blockdev-mirror",
             args,
             deadline_s=DISK_SYNC_DEADLINE_S,
             expect_event="BLOCK_JOB_READY",
             event_data={"device": RESYNC_JOB},
-        )
+        ),
+    ]
+
+
+def end_disk_copy(p: str, force: bool = False) -> list[Step]:
+    """Cancel the copy (in sync, it ends with both disks equal) and drop its target."""
+    cancel = {"device": RESYNC_JOB, **({"force": True} if force else {})}
+    return [
+        Step(p, "end disk copy", "block-job-cancel", cancel, accept=NO_JOB if force else ()),
+        Step(
+            p,
+            "wait for disk copy to end",
+            "query-block-jobs",
+            deadline_s=30.0,
+            until=Until.NO_BLOCK_JOB,
+            until_args=(RESYNC_JOB,),
+        ),
+        Step(
+            p,
+            "disconnect secondary's disk",
+            "blockdev-del",
+            {"node-name": RESYNC_TARGET},
+            accept=NO_NODE if force else (),
+        ),
     ]
 
 
@@ -154,23 +220,21 @@ def _filter(p: str, qom_type: str, oid: str, before: str | None, **props: Any) -
     return _object(p, qom_type, oid, netdev=NETDEV_ID, **where, **props)
 
 
-def _channels(primary: NodeSpec) -> list[Step]:
+def _channels(spec: PairSpec, primary: NodeSpec) -> list[Step]:
     """The primary's ends of the packet channels. Alone they change nothing for the
     guest, so a re-protection adds them while it runs: the secondary's sockets
     (reconnecting every RECONNECT_MS) are in by the time the guest pauses."""
     p = primary.name
     here = primary.replication_address
+    tls = spec.security.tls
+    run = spec.run_dir_of(primary)
     return [
-        _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), server=True),
+        _socket_chardev(p, "mirror0", here, ports.port(primary, ports.MIRROR), True, tls),
         _socket_chardev(
-            p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN), server=True
+            p, "compare1", here, ports.port(primary, ports.COMPARE_SECONDARY_IN), True, tls
         ),
-        *_local_chardev_pair(
-            p, "compare0", "compare0-0", ports.port(primary, ports.COMPARE_PRIMARY_IN)
-        ),
-        *_local_chardev_pair(
-            p, "compare_out", "compare_out0", ports.port(primary, ports.COMPARE_OUT)
-        ),
+        *_local_chardev_pair(p, "compare0", "compare0-0", run / "compare0.sock"),
+        *_local_chardev_pair(p, "compare_out", "compare_out0", run / "compare-out.sock"),
     ]
 
 
@@ -199,16 +263,16 @@ def _into_colo(
         f"node-name={REPLICATION_NODE},file.driver=nbd,file.node-name={NBD_NODE},"
         f"file.host={there},file.port={nbd_port},file.export={SECONDARY_PARENT}"
     )
+    migration: dict[str, Any] = {
+        "x-checkpoint-delay": t.checkpoint_interval_ms,
+        "max-bandwidth": t.migration_mib_s << 20,
+    }
+    if spec.security.tls:
+        replication += f",file.tls-creds={TLS_CLIENT}"
+        # A former secondary still has its server credentials set for migration.
+        migration |= {"tls-creds": TLS_CLIENT, "tls-hostname": there}
     return [
-        Step(p, "end disk copy", "block-job-cancel", {"device": RESYNC_JOB}),
-        Step(
-            p,
-            "wait for disk copy to end",
-            "query-block-jobs",
-            deadline_s=30.0,
-            until=Until.NO_BLOCK_JOB,
-            until_args=(RESYNC_JOB,),
-        ),
+        *end_disk_copy(p),
         Step(
             p,
             "attach replication child",
@@ -243,12 +307,9 @@ def _into_colo(
         _x_colo(p),
         Step(
             p,
-            "set checkpoint interval and bandwidth",
+            "set migration parameters",
             "migrate-set-parameters",
-            {
-                "x-checkpoint-delay": t.checkpoint_interval_ms,
-                "max-bandwidth": t.migration_mib_s << 20,
-            },
+            migration,
         ),
         Step(
             p,
@@ -296,8 +357,8 @@ def primary_bringup(spec: PairSpec, primary: NodeSpec, secondary: NodeSpec) -> l
     there = secondary.replication_address
     return [
         Step(p, "pause guest", "stop"),
-        *_channels(primary),
-        *_disk_copy(p, there, ports.port(secondary, ports.NBD)),
+        *_channels(spec, primary),
+        *_disk_copy(p, there, ports.port(secondary, ports.NBD), spec.security.tls),
         *_into_colo(spec, primary, secondary, before=None),
     ]
 
@@ -312,8 +373,14 @@ def primary_reprotect(
     p = primary.name
     there = secondary.replication_address
     return [
-        *_channels(primary),
-        *_disk_copy(p, there, ports.port(secondary, ports.NBD), spec.reprotect.disk_mib_s),
+        *_channels(spec, primary),
+        *_disk_copy(
+            p,
+            there,
+            ports.port(secondary, ports.NBD),
+            spec.security.tls,
+            spec.reprotect.disk_mib_s,
+        ),
         _sockets_connected(p),
         Step(p, "pause guest", "stop"),
         *_into_colo(spec, primary, secondary, before="rew0" if former_secondary else None),
@@ -337,6 +404,31 @@ def bringup(spec: PairSpec) -> list[Step]:
     """The whole bring-up, secondary first. Deterministic for a given spec."""
     p, s = spec.primary, spec.secondary
     return [*secondary_bringup(spec, p, s), *primary_bringup(spec, p, s), *confirm_secondary(s)]
+
+
+def listeners(steps: list[Step]) -> list[dict[str, Any]]:
+    """Every TCP socket the steps make QEMU listen on, with the credentials it
+    requires (None: plain TCP), in step order."""
+    found: list[dict[str, Any]] = []
+    migration_tls: dict[str, str | None] = {}
+    for st in steps:
+        a = st.arguments or {}
+        if st.command == "migrate-set-parameters" and "tls-creds" in a:
+            migration_tls[st.node] = a["tls-creds"] or None
+        data = a["backend"]["data"] if st.command == "chardev-add" else {}
+        if data.get("server") and data["addr"]["type"] == "inet":
+            where, creds = data["addr"]["data"], data.get("tls-creds")
+            found.append({"node": st.node, "channel": f"chardev {a['id']}", **where, "tls": creds})
+        elif st.command == "nbd-server-start":
+            where, creds = a["addr"]["data"], a.get("tls-creds")
+            found.append({"node": st.node, "channel": "nbd", **where, "tls": creds})
+        elif st.command == "migrate-incoming":
+            host, port = a["uri"].removeprefix("tcp:").rsplit(":", 1)
+            creds = migration_tls.get(st.node)
+            found.append(
+                {"node": st.node, "channel": "migration", "host": host, "port": port, "tls": creds}
+            )
+    return found
 
 
 def condition_met(until: Until, args: tuple[str, ...], reply: Any) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import Enum
 
 from coloft.core.argv import DISK_ID
-from coloft.core.choreography import NBD_NODE, REPLICATION_NODE, RESYNC_JOB
+from coloft.core.choreography import NBD_NODE, REPLICATION_NODE, RESYNC_TARGET, end_disk_copy
 from coloft.model.steps import Step, Until
 
 NOT_FOUND = ("not found", "does not exist", "No such", "not running")
@@ -127,13 +127,9 @@ def abandon_reprotect(node: str) -> list[Step]:
     Yanking the migration ends a first copy that is under way (the guest stays
     paused until `cont`); migrate_cancel would also break a COLO that did start."""
     return [
-        Step(
-            node,
-            "end disk copy",
-            "block-job-cancel",
-            {"device": RESYNC_JOB, "force": True},
-            accept=NOT_FOUND,
-        ),
+        # Cancelling flushes through the copy's NBD link: cut it first in case it hangs.
+        yank(node, {"type": "block-node", "node-name": RESYNC_TARGET}),
+        *end_disk_copy(node, force=True),
         *_drop_secondary(node, accept=(*NOT_FOUND, "does not have child")),
         Step(
             node,

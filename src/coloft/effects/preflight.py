@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coloft.core import ports
-from coloft.core.argv import FIRMWARE_DIRS
+from coloft.core.argv import FIRMWARE_DIRS, tls_objects
 from coloft.effects import qemu_binary
 from coloft.effects.process import launch, wait_started
 from coloft.effects.qmp import QmpSession
@@ -83,6 +83,68 @@ async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]
             if "x-colo" in values:
                 caps = values
     return commands, objects, drivers, caps
+
+
+async def _starts_with(binary: Path, extra: list[str]) -> None:
+    """Whether QEMU starts with these extra arguments (raises with its stderr)."""
+    with tempfile.TemporaryDirectory(prefix="coloft-check-") as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        argv = [str(binary), "-machine", "none", "-nodefaults", "-display", "none", *extra]
+        argv += ["-chardev", f"socket,id=m,path={sock},server=on,wait=off"]
+        proc = launch("check", [*argv, "-mon", "chardev=m,mode=control"], None, Path(tmp))
+        try:
+            await wait_started(proc, sock)
+        finally:
+            proc.kill()
+
+
+TLS_FILES = (
+    "ca-cert.pem",
+    "server-cert.pem",
+    "server-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+)
+
+
+def tls_checks(spec: PairSpec, binary: Path) -> list[Check]:
+    """The certificates of each node kept on this host load in QEMU. A real host
+    holds only its own node's directory; at least one must be here."""
+    here = [n for n in spec.nodes if spec.certs_of(n).is_dir()]
+    if not here:
+        return [
+            Check(
+                "tls certificates",
+                False,
+                f"no node directory under {spec.certs_dir()}",
+                f"run `coloft certs {spec.source}` and copy each node's directory to its host, "
+                'or set [security] replication = "off"',
+            )
+        ]
+    checks = []
+    for node in here:
+        d = spec.certs_of(node)
+        missing = [f for f in TLS_FILES if not (d / f).is_file()]
+        detail = f"{d}: " + (f"missing {', '.join(missing)}" if missing else "all files present")
+        if not missing:
+            try:
+                asyncio.run(_starts_with(binary, tls_objects(spec, node)))
+                detail += "; QEMU loads them"
+            except ColoftError as e:
+                missing = ["QEMU refused them"]
+                detail += f"; QEMU refused them: {e}"
+        checks.append(
+            Check(
+                f"tls {node.name}",
+                not missing,
+                detail,
+                ""
+                if not missing
+                else f"run `coloft certs {spec.source}` (keeps what exists); "
+                "QEMU must be built with GnuTLS (make setup)",
+            )
+        )
+    return checks
 
 
 def _version(binary: Path) -> str:
@@ -168,6 +230,8 @@ def run_checks(spec: PairSpec) -> list[Check]:
                 "build QEMU with --enable-replication --enable-colo-proxy" if missing else "",
             )
         )
+    if spec.security.tls:
+        checks += tls_checks(spec, choice.binary)
     firmware = [d for d in FIRMWARE_DIRS if not Path(d).is_dir()]
     checks.append(
         Check(

@@ -1,4 +1,5 @@
-"""`coloft lab up`: namespaces, the guest image and one disk copy per lab host.
+"""`coloft lab up`: namespaces, the guest image, one disk copy per lab host and the
+replication certificates.
 
 The files land at fixed paths under LAB_DIR so that examples/lab.toml works as is.
 """
@@ -11,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from coloft.config.load import load_spec
+from coloft.effects import certs
 from coloft.errors import FatalError
 from coloft.lab import guest, net
 from coloft.model.spec import PairSpec
@@ -50,6 +52,8 @@ def lab_up(fresh_disks: bool = False) -> Path:
     _link(image.disk_template, LAB_DIR / "disk.raw")
     if fresh_disks or not all((LAB_DIR / f"disk-{n}.raw").exists() for n in NODES):
         reset_disks(image)
+    spec = load_spec(EXAMPLE_SPEC)
+    certs.make(spec, spec.certs_dir())
     return EXAMPLE_SPEC
 
 
@@ -66,18 +70,21 @@ def lab_spec(
     memory_mib: int = 128,
     max_queue_size: int = 1024,
     checkpoint_at_start: bool = True,
+    tls: bool = True,
 ) -> PairSpec:
     """examples/lab.toml with the given checkpoint interval, re-protection on or off,
-    guest memory and colo-compare queue length, as a file of its own (agents read
+    guest memory, colo-compare queue length and TLS on or off, as a file of its own (agents read
     the spec from its file); the lab must be up to run it."""
     text = _set(EXAMPLE_SPEC.read_text(), "checkpoint_interval_ms", str(interval_ms))
     text = _set(text, "auto", "true" if reprotect else "false")
     text = _set(text, "memory_mib", str(memory_mib))
     text = _set(text, "max_queue_size", str(max_queue_size))
     text = _set(text, "checkpoint_at_start", "true" if checkpoint_at_start else "false")
+    text = _set(text, "replication", '"required"' if tls else '"off"')
     LAB_DIR.mkdir(parents=True, exist_ok=True)
     tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}"
     tag += ("" if reprotect else "-noreprotect") + ("" if checkpoint_at_start else "-late")
+    tag += "" if tls else "-plain"
     path = LAB_DIR / f"lab-{tag}.toml"
     path.write_text(text)
     return load_spec(path)

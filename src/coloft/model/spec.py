@@ -116,6 +116,22 @@ class ReprotectSpec:
 
 
 @dataclass(frozen=True)
+class SecuritySpec:
+    """TLS on the four replication channels (migration, NBD, mirror, compare-in)."""
+
+    # "required": x509 with peer verification and the peer's name as the only
+    # identity allowed; "off": plain TCP (a trusted, isolated replication network).
+    replication: str = "required"
+    # What `coloft certs` wrote: one directory per node under it (None: the
+    # default /etc/coloft/tls/<vm name>).
+    certs: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.replication == "required"
+
+
+@dataclass(frozen=True)
 class PairSpec:
     source: Path
     vm: VmSpec
@@ -128,6 +144,7 @@ class PairSpec:
     reprotect: ReprotectSpec = ReprotectSpec()
     # Each agent serves GET /metrics on its replication address at this port (0: off).
     metrics_port: int = 0
+    security: SecuritySpec = SecuritySpec()
 
     @property
     def primary(self) -> NodeSpec:
@@ -148,6 +165,13 @@ class PairSpec:
 
     def disk_of(self, node: NodeSpec) -> Path:
         return node.disk if node.disk is not None else self.vm.disk
+
+    def certs_dir(self) -> Path:
+        return self.security.certs or Path("/etc/coloft/tls") / self.vm.name
+
+    def certs_of(self, node: NodeSpec) -> Path:
+        """The directory QEMU's tls-creds-x509 objects read on `node`."""
+        return self.certs_dir() / node.name
 
     def run_dir_of(self, node: NodeSpec) -> Path:
         if node.run_dir is not None:
