@@ -111,3 +111,14 @@ def make(spec: PairSpec, out: Path) -> list[Path]:
         )
         made.append(d)
     return made
+
+
+def issue_client(ca_dir: Path, name: str, out: Path) -> Path:
+    """A client certificate for `name` from the CA in `ca_dir`, in a directory of its
+    own that QEMU's tls-creds-x509 (endpoint=client) reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    ca = ca_dir / "ca-cert.pem", ca_dir / "ca-key.pem"
+    (out / "ca-cert.pem").write_bytes(ca[0].read_bytes())
+    _issue(ca, name, "clientAuth", f"DNS:{name}", out / "client-cert.pem", out / "client-key.pem")
+    return out

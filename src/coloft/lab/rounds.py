@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,11 +218,15 @@ async def fault_round(
     out: Path,
     load_s: float = 24.0,
     fault_after_s: float = 8.0,
+    serving: Callable[[], None] | None = None,
 ) -> FaultRound:
-    """Run the round on a pair that is not started yet; the caller stops the pair."""
+    """Run the round on a pair that is not started yet; the caller stops the pair.
+    `serving` runs (in a thread) once the pair is protected and serving, before the load."""
     assert pair.spec.vm.service is not None
     target = "{}:{}".format(*pair.spec.vm.service)
     await up_and_serving(pair)
+    if serving is not None:
+        await asyncio.to_thread(serving)
     watch = FrameWatch({n.name: n.netns or "" for n in pair.spec.nodes}, tap_name(pair.spec))
     watcher = Watcher(pair)
     watch.start()
