@@ -1,6 +1,8 @@
-"""Steady state: the same guest and client, unprotected vs under COLO, in one run.
+"""Steady state: the same guest and client, unprotected vs under COLO, in one run;
+COLO both with TLS on the replication channels (the default) and in plain TCP.
 
-Prints a table of both and the ratios (COLO / unprotected); --json for machines.
+Prints a table of all three and the ratios (COLO / unprotected, TLS / plain TCP);
+--json for machines.
 Run as root after `make setup`:  .venv/bin/python bench/steady_state.py --duration 60
 """
 
@@ -105,20 +107,24 @@ ROWS = [
 ]
 
 
-def table(plain: dict[str, Any], colo: dict[str, Any]) -> str:
-    lines = ["| metric | unprotected | COLO | COLO / unprotected |", "|---|---:|---:|---:|"]
+def _ratio(a: Any, b: Any, key: str) -> str:
+    counts = ("requests_failed", "checkpoints")
+    if isinstance(a, int | float) and isinstance(b, int | float) and a and key not in counts:
+        return f"{b / a:.2f}"
+    return ""
+
+
+def table(plain: dict[str, Any], colo: dict[str, Any], clear: dict[str, Any]) -> str:
+    lines = [
+        "| metric | unprotected | COLO | COLO / unprotected | COLO, plain TCP | TLS / plain |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for key, label in ROWS:
-        a, b = plain.get(key), colo.get(key)
-        ratio = (
-            f"{b / a:.2f}"
-            if isinstance(a, int | float)
-            and isinstance(b, int | float)
-            and a
-            and key not in ("requests_failed", "checkpoints")
-            else ""
-        )
+        a, b, c = plain.get(key), colo.get(key), clear.get(key)
+        shown = ["-" if v is None else str(v) for v in (a, b, c)]
         lines.append(
-            f"| {label} | {'-' if a is None else a} | {'-' if b is None else b} | {ratio} |"
+            f"| {label} | {shown[0]} | {shown[1]} | {_ratio(a, b, key)} | {shown[2]} "
+            f"| {_ratio(c, b, key)} |"
         )
     return "\n".join(lines)
 
@@ -136,6 +142,10 @@ def main() -> int:
             plain = asyncio.run(unprotected(spec, args.duration, Path(a)))
             setup.reset_disks()
             colo = asyncio.run(protected(spec, args.duration, Path(b)))
+        with tempfile.TemporaryDirectory() as c:
+            setup.reset_disks()
+            clear_spec = setup.lab_spec(args.interval_ms, tls=False)
+            clear = asyncio.run(protected(clear_spec, args.duration, Path(c)))
     finally:
         net.lab_down()
     info = {
@@ -147,14 +157,14 @@ def main() -> int:
         "accel": qemu_binary.choose(spec.vm.accel, spec.qemu_binary).accel.value,
     }
     if args.json:
-        print(json.dumps({"info": info, "unprotected": plain, "colo": colo}))
+        print(json.dumps({"info": info, "unprotected": plain, "colo": colo, "colo_plain": clear}))
     else:
         print(
             f"steady state, {info['date']}, {info['cpus']} CPUs, {info['accel']}, "
             f"{args.duration:.0f} s "
-            f"per side, checkpoint interval {args.interval_ms} ms, 1 closed-loop client"
+            f"per run, checkpoint interval {args.interval_ms} ms, 1 closed-loop client"
         )
-        print(table(plain, colo))
+        print(table(plain, colo, clear))
     return 0
 
 

@@ -160,6 +160,35 @@ def test_cli_check_passes_in_the_lab(lab: None) -> None:
     assert done.returncode == 0 and report["ok"], failed
     names = {c["name"] for c in report["checks"]}
     assert {"qemu binary", "qemu features", "memory", "disk sizes", "ports a"} <= names
+    assert {"tls a", "tls b", "exposure a", "exposure b"} <= names
+
+
+def test_cli_check_names_missing_certificates_and_a_wildcard_listener(
+    tmp_path: Path, lab: None
+) -> None:
+    text = EXAMPLE.read_text().replace("/var/lib/coloft/lab/tls", str(tmp_path / "none"))
+    spec = tmp_path / "pair.toml"
+    spec.write_text(text)
+    # Something listens on a's mirror port on every address.
+    squatter = subprocess.Popen(
+        [
+            *net.netns_argv("coloft-a", ["/usr/bin/python3", "-c"]),
+            "import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen()\n"
+            "print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == b"up"
+        done = _coloft("check", str(spec))
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert done.returncode == 1
+    assert f"FAIL tls certificates: no node directory under {tmp_path / 'none'}" in done.stdout
+    assert f"fix: run `coloft certs {spec}`" in done.stdout, done.stdout
+    assert "FAIL exposure a: listening on every address: ports [9000]" in done.stdout, done.stdout
+    assert "ok   exposure b" in done.stdout, done.stdout
 
 
 def test_cli_check_names_a_missing_disk(tmp_path: Path, lab: None) -> None:

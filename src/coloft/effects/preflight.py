@@ -32,6 +32,7 @@ REQUIRED_TYPES = (
     "filter-rewriter",
     "iothread",
 )
+WILDCARDS = ("0.0.0.0", "*", "::")
 REQUIRED_DRIVERS = ("quorum", "replication", "nbd", "qcow2", "raw")
 
 
@@ -232,6 +233,15 @@ def run_checks(spec: PairSpec) -> list[Check]:
         )
     if spec.security.tls:
         checks += tls_checks(spec, choice.binary)
+    else:
+        checks.append(
+            Check(
+                "replication security",
+                True,
+                "off: migration, NBD and packet channels are plain TCP; anyone who reaches "
+                "a replication address can forge VM state or disk writes",
+            )
+        )
     firmware = [d for d in FIRMWARE_DIRS if not Path(d).is_dir()]
     checks.append(
         Check(
@@ -306,11 +316,24 @@ def run_checks(spec: PairSpec) -> list[Check]:
                 "" if bridge_ok else f"create bridge {node.bridge}",
             )
         )
+        listening = _listening_ports(node.netns)
+        ours = {*ports.all_ports(node), *([spec.metrics_port] if spec.metrics_port else [])}
+        exposed = sorted(p for addr, p in listening if p in ours and addr in WILDCARDS)
+        checks.append(
+            Check(
+                f"exposure {node.name}",
+                not exposed,
+                f"listening on every address: ports {exposed}"
+                if exposed
+                else f"nothing of ours listens beyond {node.replication_address}",
+                "" if not exposed else "find what listens there (ss -tlnp) and stop it",
+            )
+        )
         taken = sorted(
             p
-            for addr, p in _listening_ports(node.netns)
+            for addr, p in listening
             if p in ports.all_ports(node)
-            and addr in ("0.0.0.0", "*", "::", node.replication_address, "127.0.0.1")
+            and addr in (*WILDCARDS, node.replication_address, "127.0.0.1")
         )
         checks.append(
             Check(
