@@ -52,7 +52,11 @@ def _inet(host: str, port: int) -> dict[str, Any]:
 def _socket_chardev(
     node: str, cid: str, host: str, port: int, server: bool, tls: bool = False
 ) -> Step:
-    data: dict[str, Any] = {"addr": _inet(host, port), "server": server}
+    # colo-compare holds the client's packets until both copies are in, and each
+    # packet is written in two or three pieces: Nagle would hold the later pieces
+    # back for an acknowledgement (TLS records made that visible as miscompare
+    # checkpoints on TCP acks the secondary had not sent yet).
+    data: dict[str, Any] = {"addr": _inet(host, port), "server": server, "nodelay": True}
     if server:
         data["wait"] = False
     else:
