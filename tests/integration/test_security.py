@@ -85,6 +85,17 @@ def test_strangers_are_refused_everywhere_and_do_not_delay_a_failover(
         nbd_errors["peer"] = intruder.nbd_attempt(
             b.replication_address, ports.port(b, ports.NBD), peer
         )
+        # Heartbeats forged in a's name (no key) are turned away by b's agent.
+        intruder.forge_heartbeats(
+            b.replication_address, ports.port(b, ports.HEARTBEAT), spec.vm.name, a.name
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen = pair.status(b.name)
+            if seen is not None and seen["peer_health"]["rejected_heartbeats"] >= 20:
+                break
+            time.sleep(0.2)
+        assert seen is not None and seen["peer_health"]["rejected_heartbeats"] >= 20, seen
         # Strangers that stay connected to the secondary while the primary dies.
         for node, port in ((b, ports.NBD), (b, ports.MIGRATION)):
             held.append(intruder.hold(node.replication_address, ports.port(node, port)))

@@ -314,3 +314,50 @@ def test_one_line_shows_the_checkpoint_rate_and_the_time_unprotected() -> None:
     lead = agent_status("a", "alone", checkpoints={"count": 9, "per_min": 30.0}, unprotected_s=12.4)
     line = one_line(pair_view("web", {"a": lead, "b": None}))
     assert "| 30 checkpoints/min | unprotected 12 s so far --" in line, line
+
+
+def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_path() -> None:
+    from coloft.effects import heartbeat as hb
+
+    key = b"k" * 32
+    heard: list[str] = []
+    b = Heartbeat(
+        "p",
+        "b",
+        {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")},
+        (1, 2),
+        0.05,
+        lambda: {"state": "secondary"},
+        lambda: heard.append("x"),
+        key,
+    )
+
+    def datagram(seq: int, path: str, k: bytes | None = key) -> bytes:
+        body = {
+            "pair": "p",
+            "node": "a",
+            "seq": seq,
+            "boot": "b1",
+            "state": "primary",
+            "path": path,
+        }
+        return hb.seal(k, json.dumps(body).encode())
+
+    def deliver(path: str, data: bytes) -> None:
+        receiver = hb._Receiver(lambda m: b._received(path, m), key)
+        receiver.datagram_received(data, ("127.0.0.9", 1))
+        b._receivers.append(receiver)
+
+    deliver(REPLICATION, datagram(1, REPLICATION))
+    assert b.peer.paths[REPLICATION].count == 1 and heard == ["x"]
+    # Forged (no key, wrong key), replayed, and relayed from the other path: none counts.
+    deliver(REPLICATION, datagram(2, REPLICATION, None))
+    deliver(REPLICATION, datagram(3, REPLICATION, b"z" * 32))
+    deliver(REPLICATION, datagram(1, REPLICATION))
+    deliver(REPLICATION, datagram(4, LAN))
+    assert b.peer.paths[REPLICATION].count == 1 and b.peer.paths[LAN].count == 0
+    assert b.rejected == 2
+    deliver(LAN, datagram(4, LAN))
+    deliver(REPLICATION, datagram(5, REPLICATION))
+    assert (b.peer.paths[REPLICATION].count, b.peer.paths[LAN].count) == (2, 1)
+    assert b.peer.message is not None and b.peer.message["seq"] == 5

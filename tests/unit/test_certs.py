@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from coloft.config.load import load_spec
-from coloft.effects.certs import make
+from coloft.effects.certs import heartbeat_key, make
 from coloft.lab.setup import EXAMPLE_SPEC
 
 
@@ -26,9 +26,12 @@ def test_each_node_gets_a_server_and_a_client_certificate_from_one_ca(tmp_path: 
             "ca-cert.pem",
             "client-cert.pem",
             "client-key.pem",
+            "heartbeat.key",
             "server-cert.pem",
             "server-key.pem",
         ]
+        assert (d / "heartbeat.key").stat().st_mode & 0o077 == 0
+        assert len(heartbeat_key(d)) == 32
         for kind in ("server", "client"):
             cert = d / f"{kind}-cert.pem"
             assert "OK" in openssl("verify", "-CAfile", str(ca), str(cert))
@@ -38,5 +41,7 @@ def test_each_node_gets_a_server_and_a_client_certificate_from_one_ca(tmp_path: 
         assert f"CN = {node.name}" in text or f"CN={node.name}" in text
     # Run again: nothing is replaced.
     before = (dirs[0] / "server-cert.pem").read_bytes()
+    key = heartbeat_key(dirs[0])
     make(spec, tmp_path / "tls")
     assert (dirs[0] / "server-cert.pem").read_bytes() == before
+    assert heartbeat_key(dirs[0]) == heartbeat_key(dirs[1]) == key

@@ -31,7 +31,7 @@ from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, fi
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at
 from coloft.core.ports import HEARTBEAT, NBD, port
-from coloft.effects import link, sdnotify
+from coloft.effects import certs, link, sdnotify
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
@@ -158,6 +158,7 @@ class Agent:
             spec.heartbeat.interval_ms / 1000.0,
             self._heartbeat_state,
             self._peer_changed,
+            certs.heartbeat_key(spec.certs_of(self.node)) if spec.security.tls else None,
         )
 
     # ---------------------------------------------------------------- events
@@ -1271,6 +1272,7 @@ class Agent:
                     p: (None if (a := view.age(p, now)) is None else round(a * 1000, 1))
                     for p in view.paths
                 },
+                "rejected_heartbeats": self.heartbeat.rejected,
             },
             "phase": self.protection.phase,
             "protected": self.protection.protected,

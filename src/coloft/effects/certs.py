@@ -4,13 +4,15 @@ the openssl command line.
 Each node's directory holds what QEMU's tls-creds-x509 object reads (dir=): the CA
 certificate, a server certificate (the node's name and replication address, for the
 channels it serves: NBD, migration, the primary's packet-channel ends) and a client
-certificate (its name, for the channels it connects to). Keys are readable by root
-alone. Existing files are kept: running it again adds only what is missing.
+certificate (its name, for the channels it connects to), and the pair's shared
+heartbeat key. Keys are readable by root alone. Existing files are kept: running it
+again adds only what is missing.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,6 +21,8 @@ from coloft.errors import FatalError
 from coloft.model.spec import PairSpec
 
 DAYS = 825
+# The agents' shared key for authenticating heartbeats (effects.heartbeat).
+KEY_FILE = "heartbeat.key"
 
 
 def _openssl(*args: str) -> None:
@@ -93,12 +97,18 @@ def make(spec: PairSpec, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     ca = _ca(out)
+    key = out / KEY_FILE
+    if not key.exists():
+        key.write_text(secrets.token_hex(32) + "\n")
+        os.chmod(key, 0o600)
     made = []
     for node in spec.nodes:
         d = out / node.name
         d.mkdir(exist_ok=True)
         os.chmod(d, 0o700)
         (d / "ca-cert.pem").write_bytes(ca[0].read_bytes())
+        (d / KEY_FILE).write_bytes(key.read_bytes())
+        os.chmod(d / KEY_FILE, 0o600)
         san = f"DNS:{node.name},IP:{node.replication_address}"
         _issue(ca, node.name, "serverAuth", san, d / "server-cert.pem", d / "server-key.pem")
         _issue(
@@ -122,3 +132,13 @@ def issue_client(ca_dir: Path, name: str, out: Path) -> Path:
     (out / "ca-cert.pem").write_bytes(ca[0].read_bytes())
     _issue(ca, name, "clientAuth", f"DNS:{name}", out / "client-cert.pem", out / "client-key.pem")
     return out
+
+
+def heartbeat_key(node_dir: Path) -> bytes:
+    """The pair's heartbeat key from a node's directory."""
+    path = node_dir / KEY_FILE
+    try:
+        text = path.read_text().strip()
+        return bytes.fromhex(text)
+    except (OSError, ValueError) as e:
+        raise FatalError(f"{path}: no heartbeat key ({e}); run `coloft certs SPEC`") from e

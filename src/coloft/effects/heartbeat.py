@@ -5,12 +5,19 @@ from each of its addresses to the peer's matching address: the replication
 network and the client LAN. Which path a datagram came in on is known from the
 socket it arrived at, so losing one path (the replication link cut) is told apart
 from losing the peer (no path at all).
+
+With a pair key (replication security on), each datagram carries an HMAC-SHA256
+of its body, and the body names the path it was sent on: a forged datagram, one
+replayed from the other path, or an old one replayed on its own path never counts
+as the peer being heard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -21,6 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 4096
+MAC_LEN = 64  # hex SHA-256
 REPLICATION = "replication"
 LAN = "lan"
 
@@ -29,6 +37,8 @@ LAN = "lan"
 class PathState:
     last_at: float | None = None
     count: int = 0
+    # The newest (boot, seq) heard on this path: older ones are replays.
+    newest: tuple[str, int] | None = None
 
 
 @dataclass
@@ -50,13 +60,38 @@ class PeerView:
         return any(self.fresh(p, now, timeout_s) for p in self.paths)
 
 
+def seal(key: bytes | None, body: bytes) -> bytes:
+    if key is None:
+        return body
+    return hmac.new(key, body, hashlib.sha256).hexdigest().encode() + body
+
+
+def opened(key: bytes | None, data: bytes) -> bytes | None:
+    """The body of an authentic datagram, else None."""
+    if key is None:
+        return data
+    mac, body = data[:MAC_LEN], data[MAC_LEN:]
+    good = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+    return body if hmac.compare_digest(mac, good) else None
+
+
 class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, on_message: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], key: bytes | None) -> None:
         self.on_message = on_message
+        self.key = key
+        self.rejected = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        body = opened(self.key, data[: MAX_DATAGRAM + MAC_LEN])
+        if body is None:
+            self.rejected += 1
+            if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                log.warning(
+                    "heartbeat: %d unauthenticated datagrams, last from %s", self.rejected, addr[0]
+                )
+            return
         try:
-            message = json.loads(data[:MAX_DATAGRAM])
+            message = json.loads(body)
         except ValueError:
             log.warning("heartbeat: unreadable datagram from %s", addr[0])
             return
@@ -76,7 +111,9 @@ class Heartbeat:
         interval_s: float,
         state: Callable[[], dict[str, Any]],
         on_peer: Callable[[], None],
+        key: bytes | None = None,
     ) -> None:
+        self.key = key
         self.pair = pair
         self.node = node
         self.paths = paths
@@ -86,6 +123,7 @@ class Heartbeat:
         self.on_peer = on_peer
         self.peer = PeerView(paths={p: PathState() for p in paths})
         self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._receivers: list[_Receiver] = []
         self._seq = 0
         self._kick = asyncio.Event()
 
@@ -96,16 +134,33 @@ class Heartbeat:
             def receive(message: dict[str, Any], path: str = path) -> None:
                 self._received(path, message)
 
+            receiver = _Receiver(receive, self.key)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda receive=receive: _Receiver(receive),  # type: ignore[misc]
+                lambda receiver=receiver: receiver,  # type: ignore[misc]
                 local_addr=(here, self.port),
             )
             self._transports[path] = transport
+            self._receivers.append(receiver)
+
+    @property
+    def rejected(self) -> int:
+        """Datagrams turned away as unauthenticated, on all paths."""
+        return sum(r.rejected for r in self._receivers)
 
     def _received(self, path: str, message: dict[str, Any]) -> None:
         if message.get("pair") != self.pair or message.get("node") == self.node:
             return
         p = self.peer.paths[path]
+        if self.key is not None:
+            try:
+                stamp = (str(message["boot"]), int(message["seq"]))
+            except (KeyError, TypeError, ValueError):
+                return
+            if message.get("path") != path or (
+                p.newest is not None and p.newest[0] == stamp[0] and stamp[1] <= p.newest[1]
+            ):
+                return
+            p.newest = stamp
         p.last_at = time.monotonic()
         p.count += 1
         old = self.peer.message
@@ -125,9 +180,9 @@ class Heartbeat:
     def _send(self) -> None:
         self._seq += 1
         body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
-        data = json.dumps(body).encode()
         for path, transport in self._transports.items():
             _here, there = self.paths[path]
+            data = seal(self.key, json.dumps({**body, "path": path}).encode())
             try:
                 transport.sendto(data, (there, self.peer_port))
             except OSError as e:  # e.g. no route while a link is down: that is the signal

@@ -105,6 +105,7 @@ TLS_FILES = (
     "server-key.pem",
     "client-cert.pem",
     "client-key.pem",
+    "heartbeat.key",
 )
 
 

@@ -191,3 +191,18 @@ def listeners(ns: str) -> list[tuple[str, int]]:
         addr, _, port = line.split()[3].rpartition(":")
         found.append((addr.strip("[]"), int(port)))
     return found
+
+
+def forge_heartbeats(host: str, port: int, pair: str, node: str, count: int = 20) -> None:
+    """Datagrams from the witness that look like `node`'s heartbeats, without the key."""
+    body = {"pair": pair, "node": node, "seq": 10**9, "boot": "forged", "state": "primary"}
+    code = (
+        "import json, socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for path in ('replication', 'lan'):\n"
+        "    for i in range(int(sys.argv[3])):\n"
+        "        m = dict(json.loads(sys.argv[4]), path=path)\n"
+        "        s.sendto(json.dumps(m).encode(), (sys.argv[1], int(sys.argv[2])))\n"
+    )
+    argv = ["/usr/bin/python3", "-c", code, host, str(port), str(count), json.dumps(body)]
+    subprocess.run(net.netns_argv(net.WITNESS_NS, argv), check=True, timeout=30)
