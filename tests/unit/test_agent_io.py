@@ -361,3 +361,18 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
     deliver(REPLICATION, datagram(5, REPLICATION))
     assert (b.peer.paths[REPLICATION].count, b.peer.paths[LAN].count) == (2, 1)
     assert b.peer.message is not None and b.peer.message["seq"] == 5
+
+
+def test_a_wait_for_protection_gives_up_when_no_agent_can_start_anything() -> None:
+    from coloft.agent.launch import _hopeless
+
+    starting = {"state": "starting", "epoch": None}
+    assert not _hopeless({"a": starting, "b": starting})
+    assert not _hopeless({"a": None, "b": None})
+    # A QEMU that refused the spec: the leader stopped its copy, the other waits for it.
+    refused = {"state": "fenced", "epoch": None}
+    assert _hopeless({"a": refused, "b": starting})
+    assert _hopeless({"a": refused, "b": {"state": "down", "epoch": None}})
+    # Someone still leads: a rejoin or a takeover may come.
+    assert not _hopeless({"a": refused, "b": {"state": "alone", "epoch": 3}})
+    assert not _hopeless({"a": {"state": "starting", "epoch": 2}, "b": {"state": "down"}})

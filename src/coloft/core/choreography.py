@@ -32,7 +32,7 @@ NBD_RUNNING = ("NBD server already running",)
 EXPORT_EXISTS = ("Block export id",)
 INCOMING_STARTED = ("incoming migration has already been started",)
 NODE_EXISTS = ("Duplicate nodes with node-name",)
-NO_JOB = ("not found", "No active block job")
+NO_JOB = ("not found",)
 NO_NODE = ("Failed to find node",)
 REPLICATION_NODE = "replication0"
 RESYNC_TARGET = "resync0"
@@ -52,10 +52,9 @@ def _inet(host: str, port: int) -> dict[str, Any]:
 def _socket_chardev(
     node: str, cid: str, host: str, port: int, server: bool, tls: bool = False
 ) -> Step:
-    # colo-compare holds the client's packets until both copies are in, and each
-    # packet is written in two or three pieces: Nagle would hold the later pieces
-    # back for an acknowledgement (TLS records made that visible as miscompare
-    # checkpoints on TCP acks the secondary had not sent yet).
+    # Each packet is written in two or three pieces (length, header length, frame):
+    # Nagle would hold the later pieces back for an acknowledgement, and every
+    # delay here is time colo-compare holds the client's packet.
     data: dict[str, Any] = {"addr": _inet(host, port), "server": server, "nodelay": True}
     if server:
         data["wait"] = False
