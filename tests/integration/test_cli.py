@@ -147,6 +147,7 @@ def test_demo_json_contract(lab: None) -> None:
     assert done.returncode == 0, (summary, done.stderr[-2000:])
     assert summary["protected"] is True, summary
     assert summary["checkpoints"] >= 5 and summary["requests_failed"] == 0, summary
+    assert 0 <= summary["checkpoints_forced"] <= summary["checkpoints"], summary
     assert summary["acked_writes"] > 0 and summary["lost_acked_writes"] == 0, summary
     leftover = subprocess.run(
         ["pgrep", "-f", "qemu-system-x86_64 -name demo-"], capture_output=True, check=False

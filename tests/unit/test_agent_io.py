@@ -314,6 +314,9 @@ def test_one_line_shows_the_checkpoint_rate_and_the_time_unprotected() -> None:
     lead = agent_status("a", "alone", checkpoints={"count": 9, "per_min": 30.0}, unprotected_s=12.4)
     line = one_line(pair_view("web", {"a": lead, "b": None}))
     assert "| 30 checkpoints/min | unprotected 12 s so far --" in line, line
+    lead["checkpoints"]["forced"] = 3
+    line = one_line(pair_view("web", {"a": lead, "b": None}))
+    assert "| 30 checkpoints/min (33 % forced) |" in line, line
 
 
 def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_path() -> None:

@@ -67,3 +67,13 @@ def test_a_checkpoint_that_does_not_finish_is_degraded_within_a_second() -> None
     stuck = on_event(cp, "STOP", 11.0)
     v = verdict(P, S, stuck, 2000, 12.1)
     assert v.phase == "degraded" and "secondary stopped for 1.1 s" in v.reason
+
+
+def test_a_checkpoint_sooner_than_the_interval_counts_as_forced() -> None:
+    cp = Checkpoints()
+    # Timer-driven every 2 s, then two asked for by colo-compare in between.
+    for start in (0.0, 2.01, 4.02, 4.5, 5.0, 7.0):
+        cp = on_event(on_event(cp, "STOP", start, 2.0), "RESUME", start + 0.05, 2.0)
+    assert (cp.count, cp.forced) == (6, 2)
+    # Without an interval (callers that do not care) nothing is called forced.
+    assert on_event(on_event(Checkpoints(), "STOP", 0.0), "STOP", 0.1).forced == 0

@@ -58,9 +58,10 @@ def test_each_tick_adds_only_what_is_new() -> None:
     assert value(m, "coloft_protected") == 1.0
     assert value(m, "coloft_agent_state", state="primary") == 1.0
     assert value(m, "coloft_agent_state", state="alone") == 0.0
-    m.checkpoints_seen(3, [10.0, 20.0, 300.0])
-    m.checkpoints_seen(4, [10.0, 20.0, 300.0, 40.0])
+    m.checkpoints_seen(3, [10.0, 20.0, 300.0], 1)
+    m.checkpoints_seen(4, [10.0, 20.0, 300.0, 40.0], 2)
     assert value(m, "coloft_checkpoints_total") == 4
+    assert value(m, "coloft_forced_checkpoints_total") == 2
     assert value(m, "coloft_checkpoint_pause_seconds_count") == 4
     assert value(m, "coloft_checkpoint_pause_seconds_bucket", le="0.025") == 2
     # A new QEMU counts from zero: nothing is lost or counted twice.

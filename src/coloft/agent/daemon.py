@@ -395,7 +395,7 @@ class Agent:
             self.unprotected_s += dt
         q = self.qemu
         if q is not None:
-            m.checkpoints_seen(q.checkpoints.count, q.checkpoints.pauses_ms)
+            m.checkpoints_seen(q.checkpoints.count, q.checkpoints.pauses_ms, q.checkpoints.forced)
             if q.session is not None:
                 m.qmp_seen(q.session.calls_total, q.session.calls)
         if self.probe is not None:
@@ -1281,6 +1281,7 @@ class Agent:
             "unprotected_s": round(self.unprotected_s, 1),
             "checkpoints": {
                 "count": cp.count,
+                "forced": cp.forced,
                 "per_min": cp.per_minute(now),
                 "last_age_s": None if age is None else round(age, 3),
                 "last_pause_ms": None if cp.last_pause_ms is None else round(cp.last_pause_ms, 1),

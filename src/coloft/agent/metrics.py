@@ -43,6 +43,11 @@ class Metrics:
         self.checkpoints = counter(
             "coloft_checkpoints", "Checkpoints of this node's QEMU (a STOP/RESUME each)"
         )
+        self.forced = counter(
+            "coloft_forced_checkpoints",
+            "Checkpoints that began well before the interval was up: asked for by "
+            "colo-compare (miscompare or timeout) or an operator",
+        )
         self.pause = histogram(
             "coloft_checkpoint_pause_seconds",
             "How long the guest stood still per checkpoint",
@@ -98,7 +103,14 @@ class Metrics:
             "direction",
         )
         self._link: dict[str, int] = {}
-        self._seen = {"checkpoints": 0, "probe": 0, "qmp": 0, "timeouts": 0, "drops": 0}
+        self._seen = {
+            "checkpoints": 0,
+            "forced": 0,
+            "probe": 0,
+            "qmp": 0,
+            "timeouts": 0,
+            "drops": 0,
+        }
         for s in STATES:
             self.state.labels(**self.labels, state=s).set(0)
 
@@ -109,7 +121,11 @@ class Metrics:
         if leading and not protected and dt > 0:
             self.unprotected.labels(**self.labels).inc(dt)
 
-    def checkpoints_seen(self, count: int, pauses_ms: Iterable[float]) -> None:
+    def checkpoints_seen(self, count: int, pauses_ms: Iterable[float], forced: int = 0) -> None:
+        if forced < self._seen["forced"]:
+            self._seen["forced"] = 0
+        self.forced.labels(**self.labels).inc(forced - self._seen["forced"])
+        self._seen["forced"] = forced
         if count < self._seen["checkpoints"]:
             self._seen["checkpoints"] = 0  # a new QEMU counts from zero
         for p in _new(pauses_ms, count, self._seen["checkpoints"]):

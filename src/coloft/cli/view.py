@@ -120,7 +120,8 @@ def summary_text(s: dict[str, Any]) -> str:
     lines = [
         f"== coloft demo summary ({s['duration_s']} s) ==",
         f"protection at the end: {verdict}",
-        f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min), pause p50 "
+        f"checkpoints: {s['checkpoints']} ({s['checkpoints_per_min']}/min, "
+        f"{s.get('checkpoints_forced', 0)} forced), pause p50 "
         f"{_fmt(s['checkpoint_pause_ms_p50'], ' ms')}, p99 "
         f"{_fmt(s['checkpoint_pause_ms_p99'], ' ms')}",
         f"client requests: {s['requests_ok']} ok, {s['requests_failed']} failed; latency p50 "

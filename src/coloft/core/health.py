@@ -40,6 +40,9 @@ class Checkpoints:
     # When the last few checkpoints began (STOP): a probe reply that crossed one may
     # have been released by its flush rather than matched (effects.probe).
     starts: tuple[float, ...] = ()
+    # Checkpoints that began well before the timer was due: asked for by
+    # colo-compare (a miscompare or a compare timeout) or by an operator.
+    forced: int = 0
 
     def per_minute(self, now: float) -> float:
         return float(sum(1 for t in self.recent if now - t <= WINDOW_S))
@@ -48,9 +51,20 @@ class Checkpoints:
         return None if self.last_at is None else now - self.last_at
 
 
-def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
+# QEMU re-arms the checkpoint timer at each checkpoint's start, so one due by the
+# timer begins a full interval after the one before; a forced one sooner.
+FORCED_BEFORE = 0.8
+
+
+def on_event(cp: Checkpoints, kind: str, now: float, interval_s: float = 0.0) -> Checkpoints:
     if kind == "STOP":
-        return replace(cp, stopped_at=now, starts=(*cp.starts, now)[-MAX_STARTS:])
+        early = bool(cp.starts) and now - cp.starts[-1] < FORCED_BEFORE * interval_s
+        return replace(
+            cp,
+            stopped_at=now,
+            starts=(*cp.starts, now)[-MAX_STARTS:],
+            forced=cp.forced + early,
+        )
     if kind == "RESUME" and cp.stopped_at is not None:
         pause = (now - cp.stopped_at) * 1000.0
         recent = (*tuple(t for t in cp.recent if now - t <= WINDOW_S), now)
@@ -62,6 +76,7 @@ def on_event(cp: Checkpoints, kind: str, now: float) -> Checkpoints:
             recent=recent,
             pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:],
             starts=cp.starts,
+            forced=cp.forced,
         )
     return cp
 

@@ -88,7 +88,8 @@ class LocalQemu:
         return self.proc is not None and self.exited_at is None and self.proc.alive()
 
     def _on_event(self, kind: str, data: dict[str, object], now: float) -> None:
-        self.checkpoints = health.on_event(self.checkpoints, kind, now)
+        interval_s = self.spec.tuning.checkpoint_interval_ms / 1000.0
+        self.checkpoints = health.on_event(self.checkpoints, kind, now, interval_s)
         if kind == "SHUTDOWN" and data.get("guest"):
             self.guest_shutdown = True
         elif kind == "RESET" and data.get("guest"):

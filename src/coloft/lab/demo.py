@@ -39,6 +39,7 @@ def summarize(
         "reason": view["reason"],
         "checkpoints": c.get("count", 0),
         "checkpoints_per_min": c.get("per_min", 0.0),
+        "checkpoints_forced": c.get("forced", 0),
         "checkpoint_pause_ms_p50": c.get("pause_ms_p50"),
         "checkpoint_pause_ms_p99": c.get("pause_ms_p99"),
         "requests_ok": int(result.get("requests_ok", 0)),

@@ -94,7 +94,10 @@ def one_line(view: dict[str, Any]) -> str:
         parts.append(f"{n['node']} {n['state']}" + (f" [peer heard: {heard}]" if heard else ""))
     c = view.get("checkpoints") or {}
     if c.get("per_min") is not None:
-        parts.append(f"{c['per_min']:.0f} checkpoints/min")
+        share = ""
+        if c.get("count") and c.get("forced") is not None:
+            share = f" ({100 * c['forced'] / c['count']:.0f} % forced)"
+        parts.append(f"{c['per_min']:.0f} checkpoints/min{share}")
     if view.get("unprotected_s"):
         parts.append(f"unprotected {view['unprotected_s']:.0f} s so far")
     return " | ".join(parts) + f" -- {view['reason']}"
