@@ -173,13 +173,19 @@ def test_cli_check_names_missing_certificates_and_a_wildcard_listener(
     squatter = subprocess.Popen(
         [
             *net.netns_argv("coloft-a", ["/usr/bin/python3", "-c"]),
-            "import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen()\n"
+            # Reuse the address: an earlier test's mirror channel may linger in TIME_WAIT.
+            "import socket, time\ns = socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind(('0.0.0.0', 9000)); s.listen()\n"
             "print('up', flush=True); time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
-        assert squatter.stdout is not None and squatter.stdout.readline().strip() == b"up"
+        assert squatter.stdout is not None and squatter.stderr is not None
+        up = squatter.stdout.readline().strip()
+        assert up == b"up", squatter.stderr.read().decode()
         done = _coloft("check", str(spec))
     finally:
         squatter.kill()
