@@ -344,3 +344,25 @@ def test_etcd_restart_keeps_live_leader(etcd_server: EtcdServer, pair: str) -> N
             await arb.close()
 
     asyncio.run(scenario())
+
+
+def test_check_names_each_etcd_endpoint_that_answers_and_each_that_does_not(
+    etcd_server: EtcdServer, silent_port: int, tmp_path: Path
+) -> None:
+    from coloft.config.load import load_spec
+    from coloft.effects.preflight import arbiter_checks
+    from tests.unit.test_config import GOOD
+
+    dead = f"127.0.0.1:{_closed_port()}"
+    hung = f"127.0.0.1:{silent_port}"
+    live = etcd_server.endpoint
+    path = tmp_path / "pair.toml"
+    path.write_text(
+        GOOD + f'[arbiter]\nembedded = false\nendpoints = ["{live}", "{dead}", "{hung}"]\n'
+    )
+    checks = {c.name: c for c in arbiter_checks(load_spec(path))}
+    assert checks[f"arbiter {live}"].ok, checks
+    assert "leader of web: none" in checks[f"arbiter {live}"].detail
+    for endpoint in (dead, hung):
+        c = checks[f"arbiter {endpoint}"]
+        assert not c.ok and "no answer" in c.detail and "firewall" in c.fix, c

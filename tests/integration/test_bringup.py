@@ -160,7 +160,7 @@ def test_cli_check_passes_in_the_lab(lab: None) -> None:
     assert done.returncode == 0 and report["ok"], failed
     names = {c["name"] for c in report["checks"]}
     assert {"qemu binary", "qemu features", "memory", "disk sizes", "ports a"} <= names
-    assert {"tls a", "tls b", "exposure a", "exposure b"} <= names
+    assert {"tls a", "tls b", "exposure a", "exposure b", "arbiter"} <= names
 
 
 def test_cli_check_names_missing_certificates_and_a_wildcard_listener(

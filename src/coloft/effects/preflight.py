@@ -149,6 +149,47 @@ def tls_checks(spec: PairSpec, binary: Path) -> list[Check]:
     return checks
 
 
+ARBITER_DEADLINE_S = 2.0
+
+
+def arbiter_checks(spec: PairSpec) -> list[Check]:
+    """An existing etcd cluster answers on each endpoint (an embedded one is started
+    by `coloft up`, so there is nothing to reach yet: its binary must exist)."""
+    from coloft.arbiter.embedded import ETCD_BINARY
+    from coloft.arbiter.etcd import EtcdArbiter
+
+    a = spec.arbiter
+    if a.embedded_netns is not None:
+        ok = ETCD_BINARY.exists()
+        where = f"netns {a.embedded_netns}" if a.embedded_netns else "this host"
+        return [
+            Check(
+                "arbiter",
+                ok,
+                f"embedded etcd on {a.endpoints[0]} ({where}), started by coloft up",
+                "" if ok else "apt-get install etcd-server (or make setup)",
+            )
+        ]
+
+    async def ask(endpoint: str) -> tuple[bool, str]:
+        arbiter = EtcdArbiter([endpoint], deadline_s=ARBITER_DEADLINE_S)
+        try:
+            leader = await arbiter.leader(spec.vm.name)
+        except ColoftError as e:
+            return False, f"{endpoint}: no answer ({e})"
+        finally:
+            await arbiter.close()
+        who = "none" if leader is None else f"{leader.node} (epoch {leader.epoch})"
+        return True, f"etcd answers at {endpoint}; leader of {spec.vm.name}: {who}"
+
+    checks = []
+    for endpoint in a.endpoints:
+        ok, detail = asyncio.run(ask(endpoint))
+        fix = "check that etcd runs there and that firewalls on the way let TCP through"
+        checks.append(Check(f"arbiter {endpoint}", ok, detail, "" if ok else fix))
+    return checks
+
+
 def _version(binary: Path) -> str:
     done = subprocess.run(
         [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=10
@@ -243,6 +284,7 @@ def run_checks(spec: PairSpec) -> list[Check]:
                 "a replication address can forge VM state or disk writes",
             )
         )
+    checks += arbiter_checks(spec)
     firmware = [d for d in FIRMWARE_DIRS if not Path(d).is_dir()]
     checks.append(
         Check(
