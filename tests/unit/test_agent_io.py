@@ -379,3 +379,27 @@ def test_a_wait_for_protection_gives_up_when_no_agent_can_start_anything() -> No
     # Someone still leads: a rejoin or a takeover may come.
     assert not _hopeless({"a": refused, "b": {"state": "alone", "epoch": 3}})
     assert not _hopeless({"a": {"state": "starting", "epoch": 2}, "b": {"state": "down"}})
+
+
+def test_heartbeats_measure_the_peers_clock_and_the_line_warns_when_it_is_off() -> None:
+    from coloft.effects import heartbeat as hb
+
+    paths = {REPLICATION: ("127.0.0.3", "127.0.0.1")}
+    b = Heartbeat("p", "b", paths, (1, 2), 0.05, dict, lambda: None)
+    assert b.peer.clock_offset_s() is None
+    now = time.time()
+    for seq, lag in enumerate((3.2, 3.0, 3.4), 1):
+        body = {"pair": "p", "node": "a", "seq": seq, "boot": "x", "unix": now - lag}
+        b._received(REPLICATION, body)
+    offset = b.peer.clock_offset_s()
+    assert offset is not None and 2.9 < offset < 3.2, offset
+    assert hb.CLOCK_SAMPLES >= 3
+    ahead = agent_status("a", "primary")
+    ahead["peer_health"]["clock_offset_ms"] = 3000.0
+    line = one_line(pair_view("web", {"a": ahead, "b": agent_status("b", "secondary")}))
+    assert (
+        "a primary [peer heard: lan 14 ms, replication 12 ms] [clock +3.0 s from the peer's]"
+        in line
+    ), line
+    ahead["peer_health"]["clock_offset_ms"] = 20.0
+    assert "clock" not in one_line(pair_view("web", {"a": ahead, "b": None}))

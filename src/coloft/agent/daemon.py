@@ -1273,6 +1273,9 @@ class Agent:
                     for p in view.paths
                 },
                 "rejected_heartbeats": self.heartbeat.rejected,
+                "clock_offset_ms": None
+                if (off := view.clock_offset_s()) is None
+                else round(off * 1000, 1),
             },
             "phase": self.protection.phase,
             "protected": self.protection.protected,

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 4096
 MAC_LEN = 64  # hex SHA-256
+CLOCK_SAMPLES = 20
 REPLICATION = "replication"
 LAN = "lan"
 
@@ -47,6 +49,14 @@ class PeerView:
 
     message: dict[str, Any] | None = None
     paths: dict[str, PathState] = field(default_factory=dict)
+    # Our wall clock minus the peer's at sending, per recent datagram: the clock
+    # offset plus a one-way delay of a millisecond or so.
+    clock_gaps: deque[float] = field(default_factory=lambda: deque(maxlen=CLOCK_SAMPLES))
+
+    def clock_offset_s(self) -> float | None:
+        """How far our wall clock runs ahead of the peer's (the smallest recent gap,
+        the one with the least delay in it); None before any timestamped datagram."""
+        return min(self.clock_gaps, key=abs) if self.clock_gaps else None
 
     def age(self, path: str, now: float) -> float | None:
         p = self.paths.get(path)
@@ -163,6 +173,9 @@ class Heartbeat:
             p.newest = stamp
         p.last_at = time.monotonic()
         p.count += 1
+        sent = message.get("unix")
+        if isinstance(sent, int | float):
+            self.peer.clock_gaps.append(time.time() - float(sent))
         old = self.peer.message
         # Datagrams on two paths arrive out of order: keep the newest per sender boot.
         if (
@@ -182,7 +195,8 @@ class Heartbeat:
         body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
         for path, transport in self._transports.items():
             _here, there = self.paths[path]
-            data = seal(self.key, json.dumps({**body, "path": path}).encode())
+            stamped = {**body, "path": path, "unix": time.time()}
+            data = seal(self.key, json.dumps(stamped).encode())
             try:
                 transport.sendto(data, (there, self.peer_port))
             except OSError as e:  # e.g. no route while a link is down: that is the signal

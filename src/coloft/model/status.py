@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LEADING = ("primary", "alone")
+# Past this, the two agents' event times no longer order their events (coloft events).
+CLOCK_WARN_MS = 500.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ def pair_view(vm: str, agents: dict[str, dict[str, Any] | None]) -> dict[str, An
                 "colo_mode": q.get("colo_mode"),
                 "agent_pid": s["agent_pid"],
                 "peer_paths_ms": s["peer_health"]["paths_ms"],
+                "clock_offset_ms": s["peer_health"].get("clock_offset_ms"),
             }
         )
     if judge is None:
@@ -92,6 +95,9 @@ def one_line(view: dict[str, Any]) -> str:
             f"{p} {'-' if ms is None else f'{ms:.0f} ms'}" for p, ms in sorted(paths.items())
         )
         parts.append(f"{n['node']} {n['state']}" + (f" [peer heard: {heard}]" if heard else ""))
+        offset = n.get("clock_offset_ms")
+        if offset is not None and abs(offset) > CLOCK_WARN_MS:
+            parts[-1] += f" [clock {offset / 1000:+.1f} s from the peer's]"
     c = view.get("checkpoints") or {}
     if c.get("per_min") is not None:
         share = ""
