@@ -335,15 +335,11 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
         key,
     )
 
-    def datagram(seq: int, path: str, k: bytes | None = key) -> bytes:
-        body = {
-            "pair": "p",
-            "node": "a",
-            "seq": seq,
-            "boot": "b1",
-            "state": "primary",
-            "path": path,
-        }
+    def datagram(
+        seq: int, path: str, k: bytes | None = key, boot: str = "b1", unix: float = 0.0
+    ) -> bytes:
+        body = {"pair": "p", "node": "a", "seq": seq, "boot": boot, "state": "primary"}
+        body |= {"path": path, "unix": unix or 1000.0 + seq}
         return hb.seal(k, json.dumps(body).encode())
 
     def deliver(path: str, data: bytes) -> None:
@@ -364,6 +360,12 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
     deliver(REPLICATION, datagram(5, REPLICATION))
     assert (b.peer.paths[REPLICATION].count, b.peer.paths[LAN].count) == (2, 1)
     assert b.peer.message is not None and b.peer.message["seq"] == 5
+    # A datagram of an earlier run of the peer's agent is older by its clock: a replay.
+    deliver(REPLICATION, datagram(900, REPLICATION, boot="b0", unix=500.0))
+    assert b.peer.paths[REPLICATION].count == 2
+    # A restarted agent starts its sequence again, later by its clock.
+    deliver(REPLICATION, datagram(1, REPLICATION, boot="b2", unix=2000.0))
+    assert b.peer.paths[REPLICATION].count == 3
 
 
 def test_a_wait_for_protection_gives_up_when_no_agent_can_start_anything() -> None:

@@ -8,8 +8,8 @@ from losing the peer (no path at all).
 
 With a pair key (replication security on), each datagram carries an HMAC-SHA256
 of its body, and the body names the path it was sent on: a forged datagram, one
-replayed from the other path, or an old one replayed on its own path never counts
-as the peer being heard.
+replayed from the other path, or an old one replayed on its own path (also one of
+an earlier run of the peer's agent) never counts as the peer being heard.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ LAN = "lan"
 class PathState:
     last_at: float | None = None
     count: int = 0
-    # The newest (boot, seq) heard on this path: older ones are replays.
-    newest: tuple[str, int] | None = None
+    # The newest (boot, seq, sender's unix time) heard on this path: older ones are
+    # replays; a datagram of another boot must also be newer by the sender's clock.
+    newest: tuple[str, int, float] | None = None
 
 
 @dataclass
@@ -163,12 +164,10 @@ class Heartbeat:
         p = self.peer.paths[path]
         if self.key is not None:
             try:
-                stamp = (str(message["boot"]), int(message["seq"]))
+                stamp = (str(message["boot"]), int(message["seq"]), float(message["unix"]))
             except (KeyError, TypeError, ValueError):
                 return
-            if message.get("path") != path or (
-                p.newest is not None and p.newest[0] == stamp[0] and stamp[1] <= p.newest[1]
-            ):
+            if message.get("path") != path or not _newer(stamp, p.newest):
                 return
             p.newest = stamp
         p.last_at = time.monotonic()
@@ -213,6 +212,14 @@ class Heartbeat:
         for t in self._transports.values():
             t.close()
         self._transports.clear()
+
+
+def _newer(stamp: tuple[str, int, float], newest: tuple[str, int, float] | None) -> bool:
+    if newest is None:
+        return True
+    if stamp[0] == newest[0]:
+        return stamp[1] > newest[1]
+    return stamp[2] > newest[2]
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
