@@ -256,7 +256,9 @@ def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
 def certs(spec: Path, out: Path | None) -> None:
     """A small CA and, per node, the server and client certificates QEMU's
     tls-creds-x509 reads (CA, server cert with the node's name and replication
-    address, client cert). Keeps what exists; keys readable by root alone."""
+    address, client cert), and the pair's heartbeat key. Default directory:
+    /etc/coloft/tls/VM, what [security] certs defaults to; copy each node's
+    directory to its host. Keeps what exists; keys readable by root alone."""
     from coloft.effects import certs as made
 
     s = _load(spec)
