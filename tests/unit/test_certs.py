@@ -45,3 +45,17 @@ def test_each_node_gets_a_server_and_a_client_certificate_from_one_ca(tmp_path: 
     make(spec, tmp_path / "tls")
     assert (dirs[0] / "server-cert.pem").read_bytes() == before
     assert heartbeat_key(dirs[0]) == heartbeat_key(dirs[1]) == key
+
+
+def test_the_cli_writes_where_the_spec_reads(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from coloft.cli.main import cli
+    from tests.unit.test_config import GOOD
+
+    spec = tmp_path / "pair.toml"
+    spec.write_text(GOOD + '[security]\ncerts = "tls"\n')
+    done = CliRunner().invoke(cli, ["certs", str(spec)])
+    assert done.exit_code == 0, done.output
+    assert f"x: {tmp_path / 'tls' / 'x'}" in done.output
+    assert len(heartbeat_key(load_spec(spec).certs_of(load_spec(spec).primary))) == 32

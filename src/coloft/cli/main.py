@@ -251,18 +251,18 @@ def _report(result: dict[str, Any], as_json: bool, text: str) -> None:
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    help="Directory for the CA and one directory per node (default /etc/coloft/tls/VM).",
+    help="Directory for the CA and one directory per node (default: the spec's [security] certs).",
 )
 def certs(spec: Path, out: Path | None) -> None:
     """A small CA and, per node, the server and client certificates QEMU's
     tls-creds-x509 reads (CA, server cert with the node's name and replication
-    address, client cert), and the pair's heartbeat key. Default directory:
-    /etc/coloft/tls/VM, what [security] certs defaults to; copy each node's
+    address, client cert), and the pair's heartbeat key, in the spec's
+    [security] certs directory (default /etc/coloft/tls/VM); copy each node's
     directory to its host. Keeps what exists; keys readable by root alone."""
     from coloft.effects import certs as made
 
     s = _load(spec)
-    target = out or Path("/etc/coloft/tls") / s.vm.name
+    target = out or s.certs_dir()
     try:
         dirs = made.make(s, target)
     except ColoftError as e:
