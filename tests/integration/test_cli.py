@@ -128,7 +128,9 @@ def test_bad_spec_is_rejected_by_every_command(tmp_path: Any) -> None:
 def demo_summary(*args: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     """Run `coloft demo --json ARGS`; its last stdout line is the summary."""
     done = coloft("demo", "--duration", "20", "--json", *args, timeout=300)
-    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"no summary (exit {done.returncode}): {done.stderr[-3000:]}"
+    summary: dict[str, Any] = json.loads(lines[-1])
     return summary, done
 
 
@@ -197,6 +199,9 @@ def test_demo_channel_fault_json_contract(lab: None, fault: str, named: str, pol
         assert summary["protected"] is True and summary["requests_failed"] == 0, summary
     else:
         # Ran alone; once the fault was lifted, the secondary's host was re-protected.
-        assert protection["reason"] in ("migration-unacknowledged", "nbd-unacknowledged")
+        # The link is named when its socket shows the loss by then; a checkpoint held
+        # past the stall limit first is the same fault seen from the guest's side.
+        reasons = ("migration-unacknowledged", "nbd-unacknowledged", "checkpoint-stalled")
+        assert protection["reason"] in reasons, protection
         assert protection["protected_again_ms"] is not None, protection
         assert summary["protected"] is True and summary["requests_failed"] == 0, summary
