@@ -85,6 +85,14 @@ def test_strangers_are_refused_everywhere_and_do_not_delay_a_failover(
         nbd_errors["peer"] = intruder.nbd_attempt(
             b.replication_address, ports.port(b, ports.NBD), peer
         )
+        # The agent API is a UNIX socket; the one TCP door, the metrics port, serves a
+        # stranger GET /metrics and nothing else (no intent, no status).
+        for request in ("POST /failover", "GET /status", "POST /protection"):
+            answer = intruder.http(a.replication_address, spec.metrics_port, request)
+            assert answer.startswith("HTTP/1.1 404"), (request, answer)
+        assert intruder.http(a.replication_address, spec.metrics_port, "GET /metrics").startswith(
+            "HTTP/1.1 200"
+        )
         # Heartbeats forged in a's name (no key) are turned away by b's agent.
         intruder.forge_heartbeats(
             b.replication_address, ports.port(b, ports.HEARTBEAT), spec.vm.name, a.name

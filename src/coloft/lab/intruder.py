@@ -206,3 +206,20 @@ def forge_heartbeats(host: str, port: int, pair: str, node: str, count: int = 20
     )
     argv = ["/usr/bin/python3", "-c", code, host, str(port), str(count), json.dumps(body)]
     subprocess.run(net.netns_argv(net.WITNESS_NS, argv), check=True, timeout=30)
+
+
+def http(host: str, port: int, request: str) -> str:
+    """One HTTP request line sent from the witness; the answer's status line."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+        'body = b\'{"force": true, "on": false}\'\n'
+        "s.sendall(sys.argv[3].encode() + b' HTTP/1.1\\r\\nContent-Length: '"
+        " + str(len(body)).encode() + b'\\r\\n\\r\\n' + body)\n"
+        "print(s.makefile('rb').readline().decode().strip())\n"
+    )
+    argv = ["/usr/bin/python3", "-c", code, host, str(port), request]
+    done = subprocess.run(
+        net.netns_argv(net.WITNESS_NS, argv), capture_output=True, text=True, timeout=30, check=True
+    )
+    return done.stdout.strip()
