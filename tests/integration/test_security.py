@@ -16,6 +16,7 @@ from coloft.agent.launch import LocalPair
 from coloft.core import ports
 from coloft.core.argv import tls_objects
 from coloft.effects import qemu_binary
+from coloft.effects.preflight import listening_ports
 from coloft.effects.process import launch, wait_started
 from coloft.effects.qmp import QmpSession
 from coloft.lab import intruder
@@ -42,7 +43,7 @@ def test_strangers_are_refused_everywhere_and_do_not_delay_a_failover(
         # Every TCP listener of each host is on its replication address.
         for node in spec.nodes:
             assert node.netns is not None
-            found = intruder.listeners(node.netns)
+            found = listening_ports(node.netns)
             assert found and {addr for addr, _ in found} == {node.replication_address}, found
         # QEMU's packet-channel and migration ports: nobody is served.
         tries = [

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,32 +45,32 @@ class Check:
     fix: str = ""
 
 
-async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]:
-    """Commands, QOM types, block drivers and migration capabilities QEMU offers."""
+@contextlib.asynccontextmanager
+async def _bare_qemu(binary: Path, extra: list[str]) -> AsyncIterator[Path]:
+    """A QEMU with no machine and these extra arguments, up to its QMP socket (a QEMU
+    that refuses them raises with its stderr); killed on leaving."""
     with tempfile.TemporaryDirectory(prefix="coloft-check-") as tmp:
         sock = Path(tmp) / "qmp.sock"
-        argv = [
-            str(binary),
-            "-machine",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-chardev",
-            f"socket,id=m,path={sock},server=on,wait=off",
-            "-mon",
-            "chardev=m,mode=control",
-        ]
-        proc = launch("check", argv, None, Path(tmp))
-        session = QmpSession("check", sock)
+        argv = [str(binary), "-machine", "none", "-nodefaults", "-display", "none", *extra]
+        argv += ["-chardev", f"socket,id=m,path={sock},server=on,wait=off"]
+        proc = launch("check", [*argv, "-mon", "chardev=m,mode=control"], None, Path(tmp))
         try:
             await wait_started(proc, sock)
+            yield sock
+        finally:
+            proc.kill()
+
+
+async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]:
+    """Commands, QOM types, block drivers and migration capabilities QEMU offers."""
+    async with _bare_qemu(binary, []) as sock:
+        session = QmpSession("check", sock)
+        try:
             await session.connect()
             schema = await session.execute("query-qmp-schema", deadline_s=10)
             types = await session.execute("qom-list-types", deadline_s=5)
         finally:
             await session.close()
-            proc.kill()
     commands = {e["name"] for e in schema if e.get("meta-type") == "command"}
     objects = {str(t["name"]) for t in types}
     # Type names in the introspected schema are mangled, so find enums by their values.
@@ -87,16 +88,9 @@ async def _schema(binary: Path) -> tuple[set[str], set[str], set[str], set[str]]
 
 
 async def _starts_with(binary: Path, extra: list[str]) -> None:
-    """Whether QEMU starts with these extra arguments (raises with its stderr)."""
-    with tempfile.TemporaryDirectory(prefix="coloft-check-") as tmp:
-        sock = Path(tmp) / "qmp.sock"
-        argv = [str(binary), "-machine", "none", "-nodefaults", "-display", "none", *extra]
-        argv += ["-chardev", f"socket,id=m,path={sock},server=on,wait=off"]
-        proc = launch("check", [*argv, "-mon", "chardev=m,mode=control"], None, Path(tmp))
-        try:
-            await wait_started(proc, sock)
-        finally:
-            proc.kill()
+    """QEMU starts with these extra arguments (else raises with its stderr)."""
+    async with _bare_qemu(binary, extra):
+        pass
 
 
 TLS_FILES = (
@@ -204,7 +198,7 @@ def _mem_available_mib() -> int:
     return 0
 
 
-def _listening_ports(netns: str | None) -> set[tuple[str, int]]:
+def listening_ports(netns: str | None) -> set[tuple[str, int]]:
     argv = (["ip", "netns", "exec", netns] if netns else []) + ["ss", "-Htln"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     found: set[tuple[str, int]] = set()
@@ -359,7 +353,7 @@ def run_checks(spec: PairSpec) -> list[Check]:
                 "" if bridge_ok else f"create bridge {node.bridge}",
             )
         )
-        listening = _listening_ports(node.netns)
+        listening = listening_ports(node.netns)
         ours = {*ports.all_ports(node), *([spec.metrics_port] if spec.metrics_port else [])}
         exposed = sorted(p for addr, p in listening if p in ours and addr in WILDCARDS)
         checks.append(

@@ -181,18 +181,6 @@ def hold(host: str, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def listeners(ns: str) -> list[tuple[str, int]]:
-    """Listening TCP sockets in a namespace, as (address, port)."""
-    done = subprocess.run(
-        ["ip", "netns", "exec", ns, "ss", "-Htln"], capture_output=True, text=True, check=True
-    )
-    found = []
-    for line in done.stdout.splitlines():
-        addr, _, port = line.split()[3].rpartition(":")
-        found.append((addr.strip("[]"), int(port)))
-    return found
-
-
 def forge_heartbeats(host: str, port: int, pair: str, node: str, count: int = 20) -> None:
     """Datagrams from the witness that look like `node`'s heartbeats, without the key."""
     body = {"pair": pair, "node": node, "seq": 10**9, "boot": "forged", "state": "primary"}
