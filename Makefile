@@ -28,6 +28,7 @@ qemu: apt
 
 guest: venv
 	@$(BIN)/python -m coloft.lab.guest >/dev/null
+	@$(BIN)/python -m coloft.lab.guest --spec examples/guests/redis.toml >/dev/null
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from coloft.effects.qemu_binary import lab_qemu
-from coloft.lab.guest import SERVICE_PORT, GuestImage, build_guest, guest_append
+from coloft.lab.guest import (
+    SERVICE_PORT,
+    GuestImage,
+    build_guest,
+    guest_append,
+    load_guest_spec,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -33,6 +39,7 @@ FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu")
 BOOT_TIMEOUT = 45.0
 READY = "coloft-guest: service up"
 ERROR = "coloft-guest: ERROR"
+REDIS_GUEST = Path(__file__).resolve().parents[2] / "examples" / "guests" / "redis.toml"
 IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"
 
 # Runs inside the namespace: argv[1] = number of connections; stdin lines are
@@ -150,11 +157,12 @@ class Guest:
 @pytest.fixture
 def boot(
     qemu: Path, image: GuestImage, netns: str, tmp_path: Path
-) -> Iterator[Callable[[Path], Guest]]:
+) -> Iterator[Callable[..., Guest]]:
     guests: list[Guest] = []
 
-    def start(disk: Path) -> Guest:
-        guest = Guest(qemu, image, netns, disk, tmp_path / f"console-{len(guests)}.log")
+    def start(disk: Path, other: GuestImage | None = None) -> Guest:
+        log = tmp_path / f"console-{len(guests)}.log"
+        guest = Guest(qemu, other or image, netns, disk, log)
         guests.append(guest)
         return guest
 
@@ -183,7 +191,7 @@ def talk(netns: str, requests: Sequence[tuple[int, str]], connections: int = 1) 
 
 
 def test_guest_serves_and_survives_sigkill(
-    boot: Callable[[Path], Guest], image: GuestImage, netns: str, tmp_path: Path
+    boot: Callable[..., Guest], image: GuestImage, netns: str, tmp_path: Path
 ) -> None:
     disk = tmp_path / "disk.raw"
     shutil.copyfile(image.disk_template, disk)
@@ -216,7 +224,7 @@ def test_guest_serves_and_survives_sigkill(
 
 
 def test_guest_reports_unmountable_disk_and_does_not_serve(
-    boot: Callable[[Path], Guest], tmp_path: Path, netns: str
+    boot: Callable[..., Guest], tmp_path: Path, netns: str
 ) -> None:
     disk = tmp_path / "blank.raw"
     with disk.open("wb") as f:
@@ -228,3 +236,46 @@ def test_guest_reports_unmountable_disk_and_does_not_serve(
     assert "mount" in status
     assert READY not in guest.console()
     assert talk(netns, [(0, "PING")]) == ["REFUSED"]
+
+
+def redis_cli(netns: str, *commands: str) -> list[str]:
+    """Debian's redis-cli, one connection, commands on stdin: one reply line each."""
+    done = subprocess.run(
+        [IP, "netns", "exec", netns, "redis-cli", "-h", GUEST_IP, "-p", "6379"],
+        input="".join(f"{c}\n" for c in commands),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"redis-cli failed: {done.stdout} {done.stderr}"
+    return done.stdout.splitlines()
+
+
+def test_redis_guest_from_debian_packages_keeps_acknowledged_writes(
+    boot: Callable[..., Guest], image: GuestImage, netns: str, tmp_path: Path
+) -> None:
+    """The guest built from `packages = ["redis-server"]` runs Debian's Redis with its
+    append-only file on the disk; a write it acknowledged survives a hard kill."""
+    redis = build_guest(extra=load_guest_spec(REDIS_GUEST))
+    assert redis.initrd != image.initrd
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(redis.disk_template, disk)
+
+    first = boot(disk, redis)
+    assert first.wait_status() == READY
+    sets = [f"SET key:{i} value-{i}" for i in range(50)]
+    assert redis_cli(netns, "PING", *sets, "CONFIG GET appendfsync") == [
+        "PONG",
+        *["OK"] * 50,
+        "appendfsync",
+        "always",
+    ]
+    assert talk(netns, [(0, "PING")]) == ["PONG"]  # the lab's own service runs beside it
+    first.kill()
+
+    second = boot(disk, redis)
+    assert second.wait_status() == READY
+    assert redis_cli(netns, *(f"GET key:{i}" for i in range(50))) == [
+        f"value-{i}" for i in range(50)
+    ]

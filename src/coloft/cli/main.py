@@ -419,6 +419,22 @@ def lab_up() -> None:
     click.echo(f"lab up; spec: {paths}")
 
 
+@lab.command("image")
+@click.argument("guest_file", type=click.Path(path_type=Path), required=False)
+def lab_image(guest_file: Path | None) -> None:
+    """Build (or find cached) the lab guest, with GUEST_FILE's Debian packages and
+    services when given (examples/guests/redis.toml); prints the paths as JSON."""
+    from coloft.lab import guest
+
+    try:
+        extra = None if guest_file is None else guest.load_guest_spec(guest_file)
+        image = guest.build_guest(extra=extra)
+    except guest.GuestBuildError as e:
+        _fail(str(e))
+    paths = {k: str(v) for k, v in image.__dict__.items()}
+    click.echo(json.dumps(paths, indent=1))
+
+
 @lab.command("down")
 def lab_down() -> None:
     """Remove every lab namespace and link, even after a crash; idempotent."""
@@ -458,15 +474,36 @@ def lab_status(as_json: bool) -> None:
     "was killed) and be re-protected as the new secondary; the summary gains a `reprotect` "
     "object {protected_again_ms, synced_bytes, ...}.",
 )
+@click.option(
+    "--workload",
+    "workload_name",
+    type=click.Choice(["redis"]),
+    help="Run the guest of examples/guests/NAME.toml (Debian's Redis) and drive it with "
+    "Debian's redis-benchmark and redis-cli from the client host; the summary gains a "
+    "`workload` object {name, client, requests, errors, resets, latency_ms_p50, "
+    "latency_ms_p99, lost_acked_writes}.",
+)
 def demo(
-    duration: float, as_json: bool, interval_ms: int, fault: str | None, reprotect: bool
+    duration: float,
+    as_json: bool,
+    interval_ms: int,
+    fault: str | None,
+    reprotect: bool,
+    workload_name: str | None,
 ) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
     from coloft.lab.demo import run_demo
 
     try:
         summary = asyncio.run(
-            run_demo(duration, interval_ms, live=not as_json, fault=fault, reprotect=reprotect)
+            run_demo(
+                duration,
+                interval_ms,
+                live=not as_json,
+                fault=fault,
+                reprotect=reprotect,
+                workload_name=workload_name,
+            )
         )
     except ColoftError as e:
         _fail(str(e))
@@ -485,6 +522,9 @@ def demo(
         if "reprotect" in summary:
             held = held and summary["reprotect"]["protected_again_ms"] is not None
     ok = not summary["lost_acked_writes"] and held
+    w = summary.get("workload")
+    if w is not None:
+        ok = ok and not w["errors"] and not w["lost_acked_writes"]
     sys.exit(0 if ok else 1)
 
 

@@ -147,4 +147,13 @@ def summary_text(s: dict[str, Any]) -> str:
             f"{'-' if synced is None else f'{synced / (1 << 20):.0f} MiB'} synced, guest paused "
             f"{_fmt(r['guest_paused_ms'], ' ms')}" + (f", ERROR {r['error']}" if r["error"] else "")
         )
+    w = s.get("workload")
+    if w is not None:
+        lines.append(
+            f"{w['name']} ({w['client']}): {w['requests']} requests, {w['errors']} errors, "
+            f"{w['resets']} resets; latency p50 {_fmt(w['latency_ms_p50'], ' ms')}, p99 "
+            f"{_fmt(w['latency_ms_p99'], ' ms')}; acknowledged writes {w['acked_writes']}, "
+            f"lost {w['lost_acked_writes']}"
+            + "".join(f"\n  client error: {e}" for e in w["error_lines"])
+        )
     return "\n".join(lines)

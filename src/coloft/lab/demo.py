@@ -18,8 +18,9 @@ from typing import Any
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.core.argv import tap_name
-from coloft.lab import faults, net, setup, workload
+from coloft.lab import faults, guest, net, setup, workload
 from coloft.lab.oracle import FrameWatch
+from coloft.lab.redis_load import RedisRun
 from coloft.lab.rounds import PathWatch, Watcher, detected_ms, settled, up_and_serving
 
 TICK_S = 0.3
@@ -117,14 +118,19 @@ async def run_demo(
     live: bool,
     fault: str | None = None,
     reprotect: bool = False,
+    workload_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; with a fault, inject it into the protected pair mid-workload.
 
     Re-protection is on for the comparison-path faults (the fault is lifted after
     a few seconds) and, with `reprotect`, for the failover faults: the failed side
-    comes back as the new secondary."""
+    comes back as the new secondary. With `workload_name` ("redis") the guest of
+    examples/guests/NAME.toml runs and Debian's own clients drive it besides the
+    lab's client; the summary gains a `workload` object."""
     setup.lab_up(fresh_disks=True)
-    spec = setup.lab_spec(interval_ms, reprotect=reprotect or fault in faults.PATH_FAULTS)
+    spec = setup.lab_spec(
+        interval_ms, reprotect=reprotect or fault in faults.PATH_FAULTS, guest=workload_name
+    )
     assert spec.vm.service is not None
     target = "{}:{}".format(*spec.vm.service)
     pair = LocalPair(spec)
@@ -134,8 +140,13 @@ async def run_demo(
     view_ui = None
     watch = FrameWatch({n.name: n.netns or "" for n in spec.nodes}, tap_name(spec))
     fault_at: float | None = None
+    redis: RedisRun | None = None
     try:
         await up_and_serving(pair)
+        if workload_name is not None:
+            port = guest.load_guest_spec(setup.guest_file(workload_name)).services[0].port
+            redis = RedisRun(net.CLIENT_NS, spec.vm.service[0], port, out / "redis")
+            await asyncio.to_thread(redis.start, duration)
         started = time.monotonic()
         watch.start()
         client = workload.start_workload(net.CLIENT_NS, target, out, duration)
@@ -162,6 +173,9 @@ async def run_demo(
             if client.poll() is not None:
                 break
             await asyncio.sleep(TICK_S)
+        if redis is not None:
+            # Its own clock: it ends when its requests are done (sized for `duration`).
+            redis_summary = await asyncio.to_thread(redis.finish, max(60.0, duration * 2))
         result = await asyncio.to_thread(workload.stop_workload, client, out)
         checked = await asyncio.to_thread(
             workload.verify, net.CLIENT_NS, target, out / "acked.jsonl"
@@ -169,6 +183,8 @@ async def run_demo(
         watch.stop()
         view = await asyncio.to_thread(watcher.poll)
         summary = summarize(view, result, checked, time.monotonic() - started)
+        if redis is not None:
+            summary["workload"] = redis_summary
         if fault in faults.PATH_FAULTS:
             summary["protection"] = (
                 path.summary(watcher.events())
@@ -195,6 +211,8 @@ async def run_demo(
         if client is not None and client.poll() is None:
             client.kill()
             client.wait()
+        if redis is not None:
+            redis.kill()
         await asyncio.to_thread(pair.stop)
         shutil.rmtree(api.run_root(spec), ignore_errors=True)
         with contextlib.suppress(Exception):

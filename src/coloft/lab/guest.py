@@ -37,16 +37,20 @@ import logging
 import lzma
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from coloft.lab import packages as debs
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,96 @@ class _StaleAptLists(GuestBuildError):
 
 
 @dataclass(frozen=True)
+class GuestService:
+    """A program the guest's /init starts once the replicated disk is mounted."""
+
+    name: str
+    port: int
+    run: str
+    dirs: tuple[str, ...] = ()
+    ready: str = ""
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What a guest adds to the lab's base image: Debian packages and services."""
+
+    name: str
+    packages: tuple[str, ...]
+    services: tuple[GuestService, ...]
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+
+def load_guest_spec(path: Path) -> GuestSpec:
+    """Read a guest file (examples/guests/redis.toml); GuestBuildError names the
+    file and the field that is wrong."""
+
+    def bad(what: str) -> GuestBuildError:
+        return GuestBuildError(f"{path}: {what}")
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"not valid TOML: {exc}") from exc
+    unknown = set(doc) - {"name", "packages", "service"}
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(sorted(unknown))} (allowed: name, packages, service)")
+    name = doc.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise bad("name must be 1-32 of a-z, 0-9 and '-', e.g. name = \"redis\"")
+    pkgs = doc.get("packages", [])
+    if not isinstance(pkgs, list) or not all(
+        isinstance(p, str) and _PACKAGE.fullmatch(p) for p in pkgs
+    ):
+        raise bad('packages must be a list of Debian package names, e.g. ["redis-server"]')
+    raw = doc.get("service", [])
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise bad("service must be an array of tables ([[service]])")
+    services = tuple(_service(t, i, bad) for i, t in enumerate(raw))
+    names = [s.name for s in services]
+    ports = [s.port for s in services] + [SERVICE_PORT]
+    if len(set(names)) != len(names) or len(set(ports)) != len(ports):
+        raise bad(f"services need distinct names and ports (port {SERVICE_PORT} is the lab's own)")
+    return GuestSpec(name, tuple(pkgs), services)
+
+
+def _service(t: dict[str, object], i: int, bad: Callable[[str], GuestBuildError]) -> GuestService:
+    where = f"service[{i}]"
+    unknown = set(t) - {"name", "port", "run", "dirs", "ready"}
+    if unknown:
+        raise bad(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    name, port, run, dirs = t.get("name"), t.get("port"), t.get("run"), t.get("dirs", [])
+    ready = t.get("ready", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise bad(f"{where}.name must be 1-32 of a-z, 0-9 and '-'")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise bad(f"{where}.port must be a TCP port number (1-65535)")
+    if not isinstance(run, str) or not run.strip() or "\n" in run:
+        raise bad(f"{where}.run must be one shell command line")
+    if not isinstance(dirs, list) or not all(
+        isinstance(d, str) and d.startswith("/") and "\n" not in d for d in dirs
+    ):
+        raise bad(f"{where}.dirs must be a list of absolute paths")
+    if not isinstance(ready, str) or "\n" in ready:
+        raise bad(f"{where}.ready must be one shell command line")
+    return GuestService(name, port, run, tuple(dirs), ready)
+
+
+def services_script(services: Sequence[GuestService]) -> str:
+    """The lines /init runs to start the services (see start_service in guest_files/init)."""
+    lines = ["# Written by coloft.lab.guest: start_service NAME PORT DIRS COMMAND READY"]
+    for s in services:
+        args = [s.name, str(s.port), " ".join(s.dirs), s.run, s.ready]
+        lines.append("start_service " + " ".join(shlex.quote(a) for a in args))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
 class GuestImage:
     """The built guest: boot it with ``-kernel``/``-initrd`` and a copy of the disk."""
 
@@ -138,18 +232,19 @@ def guest_append(ip_cidr: str, gateway: str | None = None) -> str:
     return " ".join(parts)
 
 
-def build_guest(cache_dir: Path = DEFAULT_CACHE_DIR) -> GuestImage:
-    """Build the guest (or return the cached build) under ``cache_dir/guest``.
+def build_guest(cache_dir: Path = DEFAULT_CACHE_DIR, extra: GuestSpec | None = None) -> GuestImage:
+    """Build the guest (or return the cached build) under ``cache_dir/guest``: the
+    lab's base image, plus `extra`'s packages and services when given.
 
     Idempotent and safe to call from concurrent processes.  Raises
     :class:`GuestBuildError` naming the failed step.
     """
     try:
-        return _build_guest(cache_dir)
+        return _build_guest(cache_dir, extra)
     except _StaleAptLists as exc:
         log.info("package download failed (%s); refreshing apt lists and retrying", exc)
         _apt_update()
-        return _build_guest(cache_dir)
+        return _build_guest(cache_dir, extra)
 
 
 # --------------------------------------------------------------------------- build
@@ -161,6 +256,7 @@ class _Packages:
     kernel_version: str
     busybox_version: str
     e2fsck_version: str
+    extra: tuple[debs.Package, ...] = ()
 
 
 def _image_in(directory: Path) -> GuestImage:
@@ -176,10 +272,10 @@ def _is_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in names)
 
 
-def _build_guest(cache_dir: Path) -> GuestImage:
+def _build_guest(cache_dir: Path, extra: GuestSpec | None) -> GuestImage:
     started = time.monotonic()
-    packages = _resolve_packages()
-    key = _cache_key(packages)
+    packages = _resolve_packages(extra)
+    key = _cache_key(packages, extra)
     root = cache_dir / "guest"
     final = root / key
     image = _image_in(final)
@@ -197,7 +293,7 @@ def _build_guest(cache_dir: Path) -> GuestImage:
         _remove_stale(root, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
         try:
-            _build_into(tmp, packages, key)
+            _build_into(tmp, packages, key, extra)
             tmp.chmod(0o755)
             os.rename(tmp, final)
             _fsync_dir(root)
@@ -239,7 +335,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _cache_key(packages: _Packages) -> str:
+def _cache_key(packages: _Packages, extra: GuestSpec | None = None) -> str:
     h = hashlib.sha256()
 
     def feed(label: str, data: bytes) -> None:
@@ -247,12 +343,17 @@ def _cache_key(packages: _Packages) -> str:
         h.update(data)
 
     feed("builder", Path(__file__).read_bytes())
+    feed("packages", Path(debs.__file__).read_bytes())
     for name in ASSET_FILES:
         feed(f"asset:{name}", _asset(name))
     feed("kernel", f"{packages.kernel_package}={packages.kernel_version}".encode())
     feed("busybox", f"{BUSYBOX_PACKAGE}={packages.busybox_version}".encode())
     feed("e2fsck", f"{E2FSCK_PACKAGE}={packages.e2fsck_version}".encode())
     feed("disk", str(DISK_SIZE_MIB).encode())
+    if extra is not None:
+        feed("extra", repr(extra).encode())
+        for p in packages.extra:
+            feed("package", f"{p.name}={p.version}".encode())
     return h.hexdigest()[:16]
 
 
@@ -264,7 +365,7 @@ def _asset(name: str) -> bytes:
         raise GuestBuildError(f"read asset: {path}: {exc}") from exc
 
 
-def _build_into(out: Path, packages: _Packages, key: str) -> None:
+def _build_into(out: Path, packages: _Packages, key: str, extra: GuestSpec | None) -> None:
     work = out / "work"
     work.mkdir()
     debs = work / "debs"
@@ -296,14 +397,18 @@ def _build_into(out: Path, packages: _Packages, key: str) -> None:
     if not e2fsck.is_file():
         raise GuestBuildError(f"extract e2fsck package: no sbin/e2fsck.static in {e2fsck_deb.name}")
 
+    added = _Added(work / "extra", (), "")
+    if extra is not None:
+        added = _unpack_extra(work, packages.extra, extra)
+
     log.info("writing initramfs (%d modules, %d applets)", len(modules), len(applets))
-    _write_initramfs(out / INITRD_NAME, busybox, e2fsck, applets, modules)
+    _write_initramfs(out / INITRD_NAME, busybox, e2fsck, applets, modules, added)
 
     log.info("formatting %d MiB ext4 disk template", DISK_SIZE_MIB)
     _make_disk(out / DISK_NAME, DISK_SIZE_MIB)
 
     shutil.rmtree(work)
-    manifest = {
+    manifest: dict[str, object] = {
         "key": key,
         "kernel_package": f"{packages.kernel_package}={packages.kernel_version}",
         "kernel_release": moddir.name,
@@ -314,12 +419,52 @@ def _build_into(out: Path, packages: _Packages, key: str) -> None:
         "disk_size_mib": DISK_SIZE_MIB,
         "service_port": SERVICE_PORT,
     }
+    if extra is not None:
+        manifest["guest"] = extra.name
+        manifest["packages"] = [f"{p.name}={p.version}" for p in packages.extra]
+        manifest["files"] = list(added.paths)
+        manifest["services"] = [s.__dict__ for s in extra.services]
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     for path in out.iterdir():
         path.chmod(0o644)
         with path.open("rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(out)
+
+
+@dataclass(frozen=True)
+class _Added:
+    """Files taken from the guest's packages: paths relative to `root`."""
+
+    root: Path
+    paths: tuple[str, ...]
+    services: str
+
+
+def _unpack_extra(work: Path, extra: Sequence[debs.Package], spec: GuestSpec) -> _Added:
+    """Download and unpack the guest's packages; pick out the named packages'
+    programs and everything they load."""
+    folder = work / "extra-debs"
+    folder.mkdir()
+    files = _download_all(folder, extra)
+    root = work / "extra"
+    named = []
+    for p, deb in zip(extra, files, strict=True):
+        _run(f"extract {p.name}", ["dpkg-deb", "-x", str(deb), str(root)])
+        if p.name in spec.packages:
+            tree = work / "named" / p.name
+            tree.mkdir(parents=True)
+            _run(f"extract {p.name}", ["dpkg-deb", "-x", str(deb), str(tree)])
+            named.append(tree)
+    programs = debs.programs(named)
+    if spec.packages and not programs:
+        raise GuestBuildError(f"{spec.name}: packages {list(spec.packages)} ship no programs")
+    try:
+        paths = debs.needed_files(root, programs)
+    except debs.PackageError as exc:
+        raise GuestBuildError(f"collect programs of {list(spec.packages)}: {exc}") from exc
+    log.info("guest %s: %d programs, %d files in all", spec.name, len(programs), len(paths))
+    return _Added(root, tuple(paths), services_script(spec.services))
 
 
 def _single(directory: Path, pattern: str, what: str) -> Path:
@@ -471,15 +616,22 @@ def _write_initramfs(
     e2fsck: Path,
     applets: Sequence[str],
     modules: Sequence[tuple[str, bytes]],
+    added: _Added,
 ) -> None:
     cpio = _Cpio()
     dirs = {"dev", "proc", "sys", "tmp", "data", "etc", "bin", "lib", "lib/modules"}
     dirs.add("lib/modules/coloft")
-    for applet in applets:
-        parent = applet.rsplit("/", 1)[0]
+    links = {p for p in added.paths if (added.root / p).is_symlink()}
+    # A package's program wins over a busybox applet of the same path.
+    applets = [a for a in applets if a not in added.paths]
+    for entry in [*applets, *added.paths]:
+        parent = entry.rsplit("/", 1)[0] if "/" in entry else ""
         while parent:
             dirs.add(parent)
             parent = parent.rpartition("/")[0]
+    clash = dirs & links
+    if clash:
+        raise GuestBuildError(f"write initramfs: {sorted(clash)} would be a directory and a link")
     for name in sorted(dirs):
         cpio.directory(name)
     cpio.char_device("dev/console", 5, 1)
@@ -496,6 +648,14 @@ def _write_initramfs(
     for name, data in modules:
         cpio.file(f"lib/modules/coloft/{name}.ko", data)
     cpio.file("etc/coloft-modules", "".join(f"{name}\n" for name, _ in modules).encode())
+    for entry in added.paths:
+        host = added.root / entry
+        if entry in links:
+            cpio.symlink(entry, os.readlink(host))
+        else:
+            cpio.file(entry, host.read_bytes(), 0o755 if os.access(host, os.X_OK) else 0o644)
+    if added.services:
+        cpio.file("etc/coloft-services", added.services.encode())
     data = cpio.finish()
     with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(data)
@@ -533,13 +693,42 @@ def _apt_env() -> dict[str, str]:
     return env
 
 
-def _resolve_packages() -> _Packages:
+def _resolve_packages(extra: GuestSpec | None = None) -> _Packages:
     try:
-        return _lookup_packages()
+        found = _lookup_packages()
     except GuestBuildError as exc:
         log.info("apt lookup failed (%s); running apt-get update", exc)
         _apt_update()
-        return _lookup_packages()
+        found = _lookup_packages()
+    if extra is None or not extra.packages:
+        return found
+    try:
+        closure = debs.closure(extra.packages, _show)
+    except debs.PackageError as exc:
+        raise GuestBuildError(f"guest {extra.name}: {exc}") from exc
+    return _Packages(
+        found.kernel_package,
+        found.kernel_version,
+        found.busybox_version,
+        found.e2fsck_version,
+        tuple(sorted(closure, key=lambda p: p.name)),
+    )
+
+
+def _show(names: Sequence[str]) -> dict[str, debs.Package]:
+    """The candidate version of each name apt knows (virtual names are left out)."""
+    if not names:
+        return {}
+    argv = ["apt-cache", "show", "--no-all-versions", *names]
+    try:
+        return debs.parse_stanzas(_run("look up guest packages", argv))
+    except GuestBuildError:
+        if len(names) == 1:
+            return {}
+        found: dict[str, debs.Package] = {}
+        for name in names:  # one of them is virtual or unknown: ask one by one
+            found.update(_show([name]))
+        return found
 
 
 def _apt_update() -> None:
@@ -618,6 +807,23 @@ def _download(directory: Path, package: str, version: str) -> Path:
     return found[0]
 
 
+def _download_all(directory: Path, packages: Sequence[debs.Package]) -> list[Path]:
+    log.info("downloading %d packages", len(packages))
+    argv = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download"]
+    argv += [f"{p.name}={p.version}" for p in packages]
+    try:
+        _run("download guest packages", argv, cwd=directory)
+    except GuestBuildError as exc:
+        raise _StaleAptLists(str(exc)) from exc
+    files = []
+    for p in packages:
+        found = sorted(directory.glob(f"{p.name}_*.deb"))
+        if len(found) != 1:
+            raise GuestBuildError(f"download {p.name}: expected one .deb, found {found}")
+        files.append(found[0])
+    return files
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -659,6 +865,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build (or find cached) the coloft lab guest and print its paths as JSON.",
     )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument(
+        "--spec", type=Path, help="a guest file (packages, services): examples/guests/*.toml"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -667,7 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        image = build_guest(args.cache_dir)
+        extra = None if args.spec is None else load_guest_spec(args.spec)
+        image = build_guest(args.cache_dir, extra)
     except GuestBuildError as exc:
         print(f"guest build failed: {exc}", file=sys.stderr)
         return 1

@@ -18,8 +18,27 @@ from coloft.lab import guest, net
 from coloft.model.spec import PairSpec
 
 LAB_DIR = Path(os.environ.get("COLOFT_LAB_DIR", "/var/lib/coloft/lab"))
-EXAMPLE_SPEC = Path(__file__).resolve().parents[3] / "examples" / "lab.toml"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLE_SPEC = EXAMPLES / "lab.toml"
 NODES = ("a", "b")
+
+
+def guest_file(name: str) -> Path:
+    """examples/guests/NAME.toml: a guest with packages and services of its own."""
+    return EXAMPLES / "guests" / f"{name}.toml"
+
+
+def guest_image(name: str) -> guest.GuestImage:
+    """Build (or find) the lab guest with `name`'s packages; its kernel and initrd are
+    linked as LAB_DIR/vmlinuz-NAME and initrd-NAME.gz for lab_spec(guest=NAME)."""
+    try:
+        image = guest.build_guest(extra=guest.load_guest_spec(guest_file(name)))
+    except guest.GuestBuildError as e:
+        raise FatalError(str(e)) from e
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    _link(image.kernel, LAB_DIR / f"vmlinuz-{name}")
+    _link(image.initrd, LAB_DIR / f"initrd-{name}.gz")
+    return image
 
 
 def _link(target: Path, link: Path) -> None:
@@ -71,18 +90,25 @@ def lab_spec(
     max_queue_size: int = 1024,
     checkpoint_at_start: bool = True,
     tls: bool = True,
+    guest: str | None = None,
 ) -> PairSpec:
     """examples/lab.toml with the given checkpoint interval, re-protection on or off,
-    guest memory, colo-compare queue length and TLS on or off, as a file of its own (agents read
-    the spec from its file); the lab must be up to run it."""
+    guest memory, colo-compare queue length and TLS on or off, and the guest of
+    examples/guests/GUEST.toml instead of the plain one, as a file of its own (agents
+    read the spec from its file); the lab must be up to run it."""
     text = _set(EXAMPLE_SPEC.read_text(), "checkpoint_interval_ms", str(interval_ms))
     text = _set(text, "auto", "true" if reprotect else "false")
     text = _set(text, "memory_mib", str(memory_mib))
     text = _set(text, "max_queue_size", str(max_queue_size))
     text = _set(text, "checkpoint_at_start", "true" if checkpoint_at_start else "false")
     text = _set(text, "replication", '"required"' if tls else '"off"')
+    if guest is not None:
+        guest_image(guest)
+        text = _set(text, "kernel", f'"{LAB_DIR}/vmlinuz-{guest}"')
+        text = _set(text, "initrd", f'"{LAB_DIR}/initrd-{guest}.gz"')
     LAB_DIR.mkdir(parents=True, exist_ok=True)
     tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}"
+    tag += "" if guest is None else f"-{guest}"
     tag += ("" if reprotect else "-noreprotect") + ("" if checkpoint_at_start else "-late")
     tag += "" if tls else "-plain"
     path = LAB_DIR / f"lab-{tag}.toml"
