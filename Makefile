@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection bench-reprotect clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection bench-reprotect bench-workload clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -64,6 +64,9 @@ bench-detection: setup
 
 bench-reprotect: setup
 	$(BIN)/python bench/reprotect.py --rounds 10 --memory 128 256
+
+bench-workload: setup
+	$(BIN)/python bench/workload.py --duration 60
 
 clean:
 	-coloft lab down

@@ -18,7 +18,7 @@ from coloft.lab.guest import (
     load_guest_spec,
     services_script,
 )
-from coloft.lab.redis_load import RedisLoadError, benchmark_report, resets, summary
+from coloft.lab.redis_load import RedisLoadError, benchmark_report, combine, resets, summary
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "guests"
 
@@ -182,8 +182,23 @@ def test_redis_benchmark_report_and_summary() -> None:
     assert report["rps"] == 512.3 and report["p99_latency_ms"] == 88.0
     with pytest.raises(RedisLoadError, match="no SET row"):
         benchmark_report('"test","rps"\n"GET","1"\n')
-    bench = {"requests": 1000, "errors": [], "seconds": 2.0, "report": report}
-    writer = {"sent": 10, "acked": 9, "errors": ["Error: Connection reset by peer"]}
-    s = summary(bench, writer, lost=0)
-    assert (s["requests"], s["errors"], s["resets"], s["latency_ms_p50"]) == (1000, 1, 1, 5.3)
+    slow = {**report, "p50_latency_ms": 40.0, "p99_latency_ms": 900.0}
+    runs = [
+        {"requests": 1000, "errors": [], "report": report, "start": 0.0, "end": 2.0},
+        {"requests": 0, "errors": ["Error: Connection reset by peer"], "start": 2.0, "end": 3.0},
+        {"requests": 400, "errors": [], "report": slow, "start": 3.0, "end": 5.0},
+    ]
+    bench = combine(runs)
+    # Weighted median of the medians, the worst p99, the rate over the finished runs.
+    assert (bench["requests"], bench["latency_ms_p50"], bench["latency_ms_p99"]) == (
+        1400,
+        5.3,
+        900.0,
+    )
+    assert bench["requests_per_s"] == 350.0 and bench["runs"] == 3
+    writer = {"sent": 10, "acked": 9, "errors": []}
+    s = summary(bench, writer, lost=0, fault_at=4.0)
+    assert (s["errors"], s["resets"], s["fault_inside_a_run"]) == (1, 1, True)
+    assert s["gap_ms"] == 301.5 and s["latency_ms_max"] == 301.5
+    assert not summary(bench, writer, lost=0, fault_at=2.5)["fault_inside_a_run"]
     assert resets(["Error: Server closed the connection"]) == 0

@@ -145,8 +145,9 @@ async def run_demo(
         await up_and_serving(pair)
         if workload_name is not None:
             port = guest.load_guest_spec(setup.guest_file(workload_name)).services[0].port
-            redis = RedisRun(net.CLIENT_NS, spec.vm.service[0], port, out / "redis")
-            await asyncio.to_thread(redis.start, duration)
+            redis = RedisRun(net.CLIENT_NS, spec.vm.service[0], port)
+            # Its processes must be started from this (long-lived) thread: they die with it.
+            redis.start()
         started = time.monotonic()
         watch.start()
         client = workload.start_workload(net.CLIENT_NS, target, out, duration)
@@ -174,8 +175,7 @@ async def run_demo(
                 break
             await asyncio.sleep(TICK_S)
         if redis is not None:
-            # Its own clock: it ends when its requests are done (sized for `duration`).
-            redis_summary = await asyncio.to_thread(redis.finish, max(60.0, duration * 2))
+            redis_summary = await asyncio.to_thread(redis.finish, fault_at)
         result = await asyncio.to_thread(workload.stop_workload, client, out)
         checked = await asyncio.to_thread(
             workload.verify, net.CLIENT_NS, target, out / "acked.jsonl"

@@ -5,8 +5,8 @@ Both run in the client namespace, unmodified:
 - ``redis-benchmark``: SET requests from a few connections, pipelining off. It never
   reconnects: any read or write error ends it with ``Error: ...`` on stderr and a
   non-zero exit, so a run that finishes proves none of its connections failed. Its
-  own CSV report gives the request rate and latency percentiles. Its length is a
-  request count, sized from a short calibration run against the same pair.
+  own CSV report gives the request rate and latency percentiles. One run after the
+  other, each a request count sized from a calibration run to take about RUN_S.
 - ``redis-cli``: the acknowledged writes. One long-running redis-cli gets a write
   typed into it every :data:`WRITE_EVERY_S`; each write is a SET that answers with
   its own number (a one-line Lua script), so every answer names the write it
@@ -25,13 +25,15 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from coloft.effects.process import die_with_parent, netns_argv
 
 WRITE_EVERY_S = 0.05
 CLIENTS = 4
+RUN_S = 5.0
+# A run stalled this long has failed (a failover takes a second or two).
+RUN_TIMEOUT_S = 120.0
 VALUE_BYTES = 16
 # A SET that returns its value: the reply line itself says which write it acknowledges.
 _ACKED_SET = "EVAL \"redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]\" 1 w:{n} {n}"
@@ -59,13 +61,15 @@ def resets(lines: list[str]) -> int:
 
 
 class Benchmark:
-    """redis-benchmark from namespace `ns` against `host:port`."""
+    """redis-benchmark from namespace `ns` against `host:port`, run after run of
+    RUN_S each until stopped (each run opens its connections anew, as every
+    redis-benchmark test does)."""
 
-    def __init__(self, ns: str | None, host: str, port: int, out: Path) -> None:
-        self.ns, self.host, self.port, self.out = ns, host, port, out
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.requests = 0
-        self.started = 0.0
+    def __init__(self, ns: str | None, host: str, port: int) -> None:
+        self.ns, self.host, self.port = ns, host, port
+        self.runs: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _argv(self, requests: int) -> list[str]:
         argv = ["redis-benchmark", "-h", self.host, "-p", str(self.port), "-c", str(CLIENTS)]
@@ -73,72 +77,89 @@ class Benchmark:
         argv += ["-P", "1", "--csv"]
         return netns_argv(self.ns, argv)
 
-    def calibrate(self, requests: int = 200, timeout: float = 120.0) -> float:
-        """Requests per second of a short run."""
+    def run_once(self, requests: int, timeout: float) -> dict[str, Any]:
+        """One run: its report, or the error lines it died with."""
+        started = time.time()
         try:
             done = subprocess.run(
-                self._argv(requests), capture_output=True, text=True, timeout=timeout, check=False
+                self._argv(requests),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         except FileNotFoundError as exc:
             raise RedisLoadError("redis-benchmark not found (Debian package redis-tools)") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise RedisLoadError(f"redis-benchmark calibration took over {timeout:g} s") from exc
-        if done.returncode != 0:
-            raise RedisLoadError(
-                f"redis-benchmark calibration failed (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()[:300]}"
-            )
-        return benchmark_report(done.stdout)["rps"]
-
-    def start(self, requests: int) -> None:
-        self.requests = requests
-        self.started = time.monotonic()
-        with (
-            (self.out / "benchmark.csv").open("wb") as o,
-            (self.out / "benchmark.err").open("wb") as e,
-        ):
-            self.proc = subprocess.Popen(
-                self._argv(requests),
-                stdin=subprocess.DEVNULL,
-                stdout=o,
-                stderr=e,
-                preexec_fn=die_with_parent(signal.SIGTERM),
-            )
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def finish(self, timeout: float) -> dict[str, Any]:
-        """Wait for the run to end (killed after `timeout`) and summarize it."""
-        assert self.proc is not None
-        killed = False
-        try:
-            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            killed = True
-        err = (self.out / "benchmark.err").read_text(errors="replace").splitlines()
-        errors = [line for line in err if line.strip()]
-        if killed:
-            errors.append(f"redis-benchmark still running after {timeout:g} s: killed")
+            errors = [f"redis-benchmark did not finish {requests} requests in {timeout:g} s"]
+            return {"requests": 0, "errors": errors, "start": started, "end": time.time()}
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
         report: dict[str, float] = {}
-        if self.proc.returncode == 0:
-            report = benchmark_report((self.out / "benchmark.csv").read_text(errors="replace"))
+        if done.returncode == 0:
+            report = benchmark_report(done.stdout)
         elif not errors:
-            errors.append(f"redis-benchmark exited with {self.proc.returncode}")
+            errors = [f"redis-benchmark exited with {done.returncode}"]
         return {
-            "requests": self.requests if report else 0,
+            "requests": requests if report else 0,
             "errors": errors,
-            "seconds": round(time.monotonic() - self.started, 1),
             "report": report,
+            "start": started,
+            "end": time.time(),
         }
 
-    def kill(self) -> None:
-        if self.running():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
+    def calibrate(self, requests: int = 200) -> float:
+        """Requests per second of a short run."""
+        run = self.run_once(requests, 120.0)
+        if run["errors"]:
+            raise RedisLoadError(f"redis-benchmark calibration failed: {run['errors'][:3]}")
+        rps: float = run["report"]["rps"]
+        return rps
+
+    def start(self, requests: int) -> None:
+        """Runs of `requests` each, one after the other, until finish()."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.runs.append(self.run_once(requests, RUN_TIMEOUT_S))
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def finish(self) -> dict[str, Any]:
+        """Let the current run end, then summarize all of them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(RUN_TIMEOUT_S + 10)
+        return combine(self.runs)
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs -> requests, errors, rate and latency. The p50 is the request-weighted
+    median of the runs' medians, the p99 the highest of their p99s (an upper bound:
+    redis-benchmark's CSV report gives percentiles, not the samples)."""
+    done = [r for r in runs if r["requests"]]
+    requests = sum(r["requests"] for r in done)
+    p50 = None
+    if done:
+        ordered = sorted(done, key=lambda r: r["report"]["p50_latency_ms"])
+        seen = 0
+        for r in ordered:
+            seen += r["requests"]
+            if seen * 2 >= requests:
+                p50 = r["report"]["p50_latency_ms"]
+                break
+    seconds = sum(r["end"] - r["start"] for r in done)
+    return {
+        "runs": len(runs),
+        "requests": requests,
+        "errors": [e for r in runs for e in r["errors"]],
+        "latency_ms_p50": p50,
+        "latency_ms_p99": max((r["report"]["p99_latency_ms"] for r in done), default=None),
+        "requests_per_s": round(requests / seconds, 1) if seconds else None,
+        "latency_ms_max": max((r["report"]["max_latency_ms"] for r in done), default=None),
+        "spans": [(r["start"], r["end"], r["report"]["max_latency_ms"]) for r in done],
+    }
 
 
 @dataclass
@@ -231,49 +252,52 @@ def lost_writes(ns: str | None, host: str, port: int, acked: list[int]) -> list[
     return [n for n, value in zip(acked, lines, strict=True) if value.strip() != str(n)]
 
 
-def summary(bench: dict[str, Any], writer: dict[str, Any], lost: int) -> dict[str, Any]:
-    """The demo's `workload` object."""
+def summary(
+    bench: dict[str, Any], writer: dict[str, Any], lost: int, fault_at: float | None = None
+) -> dict[str, Any]:
+    """The demo's `workload` object; `fault_inside_a_run` says whether a redis-benchmark
+    run that finished cleanly was under way when the fault came, `gap_ms` is that
+    run's longest wait for an answer."""
     errors = [*bench["errors"], *writer["errors"]]
-    report = bench["report"]
+    spanning = [m for a, b, m in bench["spans"] if fault_at is not None and a <= fault_at <= b]
     return {
         "name": "redis",
         "client": "redis-benchmark",
         "requests": bench["requests"],
         "errors": len(errors),
         "resets": resets(errors),
-        "latency_ms_p50": report.get("p50_latency_ms"),
-        "latency_ms_p99": report.get("p99_latency_ms"),
+        "latency_ms_p50": bench["latency_ms_p50"],
+        "latency_ms_p99": bench["latency_ms_p99"],
         "lost_acked_writes": lost,
-        "requests_per_s": report.get("rps"),
-        "seconds": bench["seconds"],
+        "requests_per_s": bench["requests_per_s"],
+        "runs": bench["runs"],
+        "latency_ms_max": bench["latency_ms_max"],
+        "fault_inside_a_run": bool(spanning),
+        "gap_ms": max(spanning, default=None),
         "acked_writes": writer["acked"],
         "error_lines": errors[:5],
     }
 
 
 class RedisRun:
-    """redis-benchmark sized to last about `duration` s, with the acknowledged writer."""
+    """redis-benchmark runs of about RUN_S each, and the acknowledged writer, until finish()."""
 
-    def __init__(self, ns: str | None, host: str, port: int, out: Path) -> None:
+    def __init__(self, ns: str | None, host: str, port: int) -> None:
         self.ns, self.host, self.port = ns, host, port
-        out.mkdir(parents=True, exist_ok=True)
-        self.bench = Benchmark(ns, host, port, out)
+        self.bench = Benchmark(ns, host, port)
         self.writer = AckedWriter(ns, host, port)
 
-    def start(self, duration: float) -> None:
+    def start(self) -> None:
         rps = self.bench.calibrate()
-        self.bench.start(max(1000, int(rps * duration)))
+        self.bench.start(max(200, int(rps * RUN_S)))
         self.writer.start()
 
-    def running(self) -> bool:
-        return self.bench.running()
-
-    def finish(self, timeout: float) -> dict[str, Any]:
-        bench = self.bench.finish(timeout)
+    def finish(self, fault_at: float | None = None) -> dict[str, Any]:
+        bench = self.bench.finish()
         writer = self.writer.stop()
         lost = lost_writes(self.ns, self.host, self.port, self.writer.acked)
-        return summary(bench, writer, len(lost))
+        return summary(bench, writer, len(lost), fault_at)
 
     def kill(self) -> None:
-        self.bench.kill()
+        self.bench._stop.set()
         self.writer.stop(timeout=1.0)
