@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coloft.config.load import load_spec
+from coloft.config.load import check_together, load_spec
 from coloft.errors import ConfigError
-from coloft.model.spec import Accel, Policy
+from coloft.model.spec import Accel, PairSpec, Policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
 
@@ -254,3 +254,50 @@ def test_the_systemd_unit_kills_a_hung_agent_before_its_lease_can_pass() -> None
     watchdog = float(service["WatchdogSec"].removesuffix("s"))
     spec = load_spec(EXAMPLE)
     assert watchdog < spec.arbiter.ttl_s - spec.arbiter.fence_margin_s
+
+
+def variant(tmp_path: Path, name: str, replace: dict[str, str]) -> PairSpec:
+    text = EXAMPLE.read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def test_pairs_of_one_host_need_their_own_names_and_ports(tmp_path: Path) -> None:
+    one = load_spec(EXAMPLE)
+    two = variant(
+        tmp_path, "two", {'name = "demo"': 'name = "web"', "port_base = 9000": "port_base = 9100"}
+    )
+    check_together([one, two], "a")  # the metrics port is shared on purpose
+    same_name = variant(tmp_path, "same", {"port_base = 9000": "port_base = 9100"})
+    with pytest.raises(ConfigError, match="VM name 'demo' is also"):
+        check_together([one, same_name], "a")
+    close = variant(
+        tmp_path, "close", {'name = "demo"': 'name = "web"', "port_base = 9000": "port_base = 9004"}
+    )
+    with pytest.raises(
+        ConfigError, match=r"port 9004 on 198\.51\.100\.1 is also used by pair 'demo'"
+    ):
+        check_together([one, close], "a")
+    with pytest.raises(ConfigError, match="no node 'c'"):
+        check_together([one], "c")
+    taps = variant(
+        tmp_path,
+        "taps",
+        {'name = "demo"': 'name = "databases-primary-1"', "port_base = 9000": "port_base = 9100"},
+    )
+    taps2 = variant(
+        tmp_path,
+        "taps2",
+        {'name = "demo"': 'name = "databases-primary-2"', "port_base = 9000": "port_base = 9200"},
+    )
+    with pytest.raises(ConfigError, match="same TAP device 'ct-databases-pr'"):
+        check_together([taps, taps2], "a")
+    on_metrics = variant(
+        tmp_path, "m", {'name = "demo"': 'name = "web"', "port_base = 9000": "port_base = 9466"}
+    )
+    with pytest.raises(ConfigError, match="metrics port 9470"):
+        check_together([one, on_metrics], "a")

@@ -6,7 +6,7 @@ from collections import deque
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from coloft.agent.metrics import Metrics
+from coloft.agent.metrics import Families, Metrics
 
 
 def families(m: Metrics) -> dict[str, object]:
@@ -95,3 +95,22 @@ def test_link_counters_count_on_when_the_interface_starts_over() -> None:
     assert value(m, "coloft_replication_link_bytes_total", direction="rx") == 700
     assert value(m, "coloft_replication_link_bytes_total", direction="tx") == 250
     assert value(m, "coloft_replication_link_dropped_packets_total", direction="rx") == 2
+
+
+def test_pairs_of_one_agent_share_the_families() -> None:
+    families = Families()
+    web, db = Metrics("web", "a", families), Metrics("db", "a", families)
+    web.checkpoints_seen(3, [10.0, 20.0, 30.0])
+    db.checkpoints_seen(1, [5.0])
+    web.failover("secondary-takes-over", "qemu-died")
+    text = db.render().decode()
+    assert text == web.render().decode()
+    found = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {
+        s.labels["pair"]: s.value
+        for s in found["coloft_checkpoints"].samples
+        if s.name == "coloft_checkpoints_total"
+    }
+    assert counts == {"web": 3.0, "db": 1.0}
+    # One HELP/TYPE per family, however many pairs.
+    assert text.count("# TYPE coloft_checkpoints_total counter") == 1

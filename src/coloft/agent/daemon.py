@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from coloft.agent import api, journal
-from coloft.agent.metrics import Metrics
+from coloft.agent.metrics import Families, Metrics
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
@@ -80,7 +80,14 @@ def lease_timing(spec: PairSpec) -> LeaseTiming:
 
 
 class Agent:
-    def __init__(self, spec: PairSpec, node: str, arbiter: Arbiter, choice: QemuChoice) -> None:
+    def __init__(
+        self,
+        spec: PairSpec,
+        node: str,
+        arbiter: Arbiter,
+        choice: QemuChoice,
+        families: Families | None = None,
+    ) -> None:
         self.spec = spec
         self.pair = spec.vm.name
         self.node = spec.node(node)
@@ -118,7 +125,7 @@ class Agent:
         self.peer_news = asyncio.Event()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
-        self.metrics = Metrics(self.pair, self.node.name)
+        self.metrics = Metrics(self.pair, self.node.name, families)
         self.metrics_at: float | None = None
         self.notifier = sdnotify.Notifier()
         self.unprotected_s = 0.0  # time this agent led the pair without protection
@@ -1168,10 +1175,6 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         await self.heartbeat.open()
         server = await api.serve(api.socket_path(self.spec, self.node.name), self)
-        scrape = None
-        if self.spec.metrics_port:
-            address = self.node.replication_address
-            scrape = await api.serve_metrics(address, self.spec.metrics_port, self)
         self.notifier.ready()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -1186,8 +1189,6 @@ class Agent:
                     t.cancel()
         finally:
             server.close()
-            if scrape is not None:
-                scrape.close()
             self.notifier.stopping()
             await self.shutdown()
 

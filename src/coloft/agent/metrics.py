@@ -26,10 +26,12 @@ def _new(values: Iterable[float], total: int, seen: int) -> list[float]:
     return window[len(window) - fresh :] if fresh else []
 
 
-class Metrics:
-    def __init__(self, pair: str, node: str) -> None:
+class Families:
+    """Every metric of an agent process, in one registry: the pairs it runs share them,
+    told apart by their `pair` label, so one scrape shows the whole host."""
+
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.labels = {"pair": pair, "node": node}
 
         def counter(name: str, text: str, *extra: str) -> Counter:
             return Counter(name, text, (*LABELS, *extra), registry=r)
@@ -102,6 +104,33 @@ class Metrics:
             "Packets this host's replication-link interface dropped, by direction",
             "direction",
         )
+
+
+class Metrics:
+    """One pair's view of the process's metric families."""
+
+    def __init__(self, pair: str, node: str, families: Families | None = None) -> None:
+        f = families or Families()
+        self.registry = f.registry
+        self.labels = {"pair": pair, "node": node}
+        self.checkpoints = f.checkpoints
+        self.forced = f.forced
+        self.pause = f.pause
+        self.protected = f.protected
+        self.state = f.state
+        self.unprotected = f.unprotected
+        self.failovers = f.failovers
+        self.detection = f.detection
+        self.reprotections = f.reprotections
+        self.resync_bytes = f.resync_bytes
+        self.resync_progress = f.resync_progress
+        self.probe = f.probe
+        self.qmp = f.qmp
+        self.qmp_errors = f.qmp_errors
+        self.compare_timeouts = f.compare_timeouts
+        self.compare_drops = f.compare_drops
+        self.link_bytes = f.link_bytes
+        self.link_dropped = f.link_dropped
         self._link: dict[str, int] = {}
         self._seen = {
             "checkpoints": 0,

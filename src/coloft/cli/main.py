@@ -128,18 +128,23 @@ def check(spec: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@SPEC
-@click.option("--node", required=True, help="This host's node name in the spec.")
-def agent(spec: Path, node: str) -> None:
-    """Run the agent of one node: owns its QEMU, holds or waits for the pair's lease,
-    fails over on its own. One per host (systemd); QEMU dies with it."""
-    from coloft.agent.run import run_agent
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--node", required=True, help="This host's node name in every spec.")
+def agent(specs: tuple[Path, ...], node: str) -> None:
+    """Run this host's agent for every pair SPEC places on it: owns their QEMUs, holds
+    or waits for each pair's lease, fails over on its own. One per host (systemd);
+    the QEMUs die with it. Pairs on one host need distinct VM names and port ranges."""
+    from coloft.agent.run import run_agents
+    from coloft.config.load import check_together
 
-    s = _load(spec)
-    if node not in {n.name for n in s.nodes}:
-        _fail(f"--node {node!r} is not a node of {spec} ({', '.join(n.name for n in s.nodes)})", 2)
+    loaded = [_load(spec) for spec in specs]
+    for spec, s in zip(specs, loaded, strict=True):
+        if node not in {n.name for n in s.nodes}:
+            names = ", ".join(n.name for n in s.nodes)
+            _fail(f"--node {node!r} is not a node of {spec} ({names})", 2)
     try:
-        asyncio.run(run_agent(s, node, echo=lambda line: click.echo(line, err=True)))
+        check_together(loaded, node)
+        asyncio.run(run_agents(loaded, node, echo=lambda line: click.echo(line, err=True)))
     except ColoftError as e:
         _fail(str(e))
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from coloft.arbiter.base import parse_endpoint
+from coloft.core.argv import tap_name
 from coloft.core.lease import LeaseTiming, problems
+from coloft.core.ports import HEARTBEAT, all_ports, port
 from coloft.errors import ConfigError
 from coloft.model.spec import (
     Accel,
@@ -435,3 +437,48 @@ def load_spec(path: Path) -> PairSpec:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return parse_spec(path.resolve(), data)
+
+
+def check_together(specs: Sequence[PairSpec], node: str) -> None:
+    """Pairs one agent runs on host `node`: each has that node, names and TAP devices
+    differ, and no port of one pair is a port of another on the same address (the
+    metrics port alone is shared: one endpoint serves every pair)."""
+    seen: dict[str, Path] = {}
+    taps: dict[str, str] = {}
+    used: dict[tuple[str, int], str] = {}
+    for spec in specs:
+        names = [n.name for n in spec.nodes]
+        if node not in names:
+            raise ConfigError(f"{spec.source}: no node {node!r} (nodes: {', '.join(names)})")
+        if spec.vm.name in seen:
+            raise ConfigError(
+                f"{spec.source}: VM name {spec.vm.name!r} is also the name in "
+                f"{seen[spec.vm.name]}; each pair needs its own"
+            )
+        seen[spec.vm.name] = spec.source
+        tap = tap_name(spec)
+        if tap in taps:
+            raise ConfigError(
+                f"{spec.source}: VM names {taps[tap]!r} and {spec.vm.name!r} give the same "
+                f"TAP device {tap!r} (its first 12 characters); make them differ there"
+            )
+        taps[tap] = spec.vm.name
+        n = spec.node(node)
+        # Channels listen on the replication address, heartbeats on both.
+        taken = [(n.replication_address, p) for p in [*all_ports(n), port(n, HEARTBEAT)]]
+        if n.lan_address:
+            taken.append((n.lan_address, port(n, HEARTBEAT)))
+        for address, p in taken:
+            other = used.get((address, p))
+            if other is not None:
+                raise ConfigError(
+                    f"{spec.source}: port {p} on {address} is also used by pair "
+                    f"{other!r}; give the pairs port_base values at least "
+                    f"{HEARTBEAT + 1} apart"
+                )
+            used[(address, p)] = spec.vm.name
+    metrics = {(s.node(node).replication_address, s.metrics_port) for s in specs if s.metrics_port}
+    for address, p in metrics:
+        other = used.get((address, p))
+        if other is not None:
+            raise ConfigError(f"metrics port {p} on {address} is a channel port of pair {other!r}")
