@@ -64,18 +64,25 @@ class LocalPair:
                     peer_url=f"http://{host}:{port + 1}",
                     netns=a.embedded_netns or None,
                 )
-            for node in self.spec.nodes:
-                self.start_agent(node.name)
+            for node in self.nodes():
+                self.start_agent(node)
         except BaseException:
             self.stop()
             raise
 
+    def nodes(self) -> list[str]:
+        return [n.name for n in self.spec.nodes]
+
+    def specs_of(self, node: str) -> list[PairSpec]:
+        return [self.spec]
+
     def start_agent(self, node: str) -> None:
-        n = self.spec.node(node)
+        mine = self.specs_of(node)
+        n = mine[0].node(node)
         argv = [sys.executable, "-m", "coloft.cli"]
         if self.verbose:
             argv.append("-v")
-        argv += ["agent", str(self.spec.source), "--node", node]
+        argv += ["agent", *(str(s.source) for s in mine), "--node", node]
         with self.log_path(node).open("ab") as out:
             self.agents[node] = subprocess.Popen(
                 netns_argv(n.netns, argv),
@@ -186,3 +193,32 @@ def running_launcher(spec: PairSpec) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if pid_alive(pid) else None
+
+
+class LocalFleet(LocalPair):
+    """Several pairs on the same hosts and etcd: one agent per host runs every pair
+    placed on it (`coloft agent SPEC... --node NAME`), as on real hosts."""
+
+    def __init__(self, specs: list[PairSpec], verbose: bool = True) -> None:
+        super().__init__(specs[0], verbose)
+        self.specs = specs
+        for s in specs[1:]:
+            if s.arbiter.endpoints != self.spec.arbiter.endpoints:
+                raise FatalError(f"{s.source}: a fleet shares one etcd; endpoints differ")
+
+    def nodes(self) -> list[str]:
+        return list(dict.fromkeys(n.name for s in self.specs for n in s.nodes))
+
+    def specs_of(self, node: str) -> list[PairSpec]:
+        return [s for s in self.specs if node in {n.name for n in s.nodes}]
+
+    def log_path(self, node: str) -> Path:
+        return api.run_root(self.spec).parent / f"fleet-agent-{node}.log"
+
+    def start(self) -> None:
+        for s in self.specs:
+            api.run_root(s).mkdir(parents=True, exist_ok=True)
+        super().start()
+
+    def statuses_of(self, spec: PairSpec) -> Statuses:
+        return {n.name: api.status_or_none(api.socket_path(spec, n.name)) for n in spec.nodes}

@@ -114,3 +114,46 @@ def lab_spec(
     path = LAB_DIR / f"lab-{tag}.toml"
     path.write_text(text)
     return load_spec(path)
+
+
+def fleet_specs(count: int, interval_ms: int = 2000, memory_mib: int = 128) -> list[PairSpec]:
+    """`count` pairs on the lab's hosts, primaries alternating between them: pair i is
+    VM "vmI" at 192.0.2.(20+i) with ports from 9000 + 10*i and disks of its own."""
+    if not 1 <= count <= 9:
+        raise FatalError(f"a lab fleet has 1 to 9 pairs, not {count}")
+    base = EXAMPLE_SPEC.read_text()
+    specs = []
+    for i in range(count):
+        ip = f"192.0.2.{20 + i}"
+        text = base
+        for old, new in (
+            ('name = "demo"', f'name = "vm{i}"'),
+            ("coloft.ip=192.0.2.10/24", f"coloft.ip={ip}/24"),
+            ('mac = "52:54:00:c0:10:0a"', f'mac = "52:54:00:c0:10:{0x20 + i:02x}"'),
+            ('service = "192.0.2.10:7000"', f'service = "{ip}:7000"'),
+            ("port_base = 9000", f"port_base = {9000 + 10 * i}"),
+            ('primary = "a"', f'primary = "{NODES[i % 2]}"'),
+        ):
+            if old not in text:
+                raise FatalError(f"{EXAMPLE_SPEC}: no {old!r} to change for the fleet")
+            text = text.replace(old, new)
+        for node in NODES:
+            disk = LAB_DIR / f"disk-{node}-vm{i}.raw"
+            text = text.replace(f'"{LAB_DIR}/disk-{node}.raw"', f'"{disk}"')
+            if not disk.exists():
+                shutil.copyfile(LAB_DIR / "disk.raw", disk)
+        text = _set(text, "checkpoint_interval_ms", str(interval_ms))
+        text = _set(text, "memory_mib", str(memory_mib))
+        path = LAB_DIR / f"fleet-vm{i}.toml"
+        path.write_text(text)
+        specs.append(load_spec(path))
+    return specs
+
+
+def reset_fleet_disks(specs: list[PairSpec]) -> None:
+    for spec in specs:
+        for node in spec.nodes:
+            disk = spec.disk_of(node)
+            tmp = disk.with_suffix(".tmp")
+            shutil.copyfile(LAB_DIR / "disk.raw", tmp)
+            tmp.replace(disk)
