@@ -7,9 +7,15 @@ Layout (only TEST-NET addresses, no default routes, no NAT)::
     coloft-lan      to-client --[lan0 bridge, no IP]-- to-a, to-b
                                                        |     |
     coloft-a        br0 192.0.2.1/24 -- uplink --------'     |
-                    repl 198.51.100.1/24 ----------.         |
-    coloft-b        br0 192.0.2.2/24 -- uplink ----|---------'
-                    repl 198.51.100.2/24 ----------'
+                    repl 198.51.100.1/24 -- to-a -.          |
+    coloft-b        br0 192.0.2.2/24 -- uplink ---|----------'
+                    repl 198.51.100.2/24 -- to-b -+--[repl0 bridge in coloft-rs]
+    coloft-c        br0 192.0.2.3/24 -- uplink (to-c on lan0)
+                    repl 198.51.100.3/24 -- to-c -'
+
+Hosts a and b run the pair of examples/lab.toml; c is a third host for fleets of
+pairs and spare nodes. The witness ``coloft-w`` (203.0.113.3) has a management link
+to each host (a .1, b .2, c .4).
 
 The VM's tap joins ``br0`` later (:func:`coloft.effects.tap.ensure_tap`); ``lo`` is up everywhere.
 
@@ -142,19 +148,23 @@ HOST_IFACES = ("uplink", "repl", "mgmt")
 #: The topology. Each link (veth pair) is declared once, by one of its two hosts.
 HOSTS: dict[str, Host] = {
     "lan": Host(ns="coloft-lan", bridges=(Bridge("lan0"),)),
-    "a": Host(
-        ns="coloft-a",
-        bridges=(Bridge(VM_BRIDGE, ("192.0.2.1/24",)),),
-        links=(Veth("uplink", master=VM_BRIDGE, peer=Peer("lan", "to-a", master="lan0")),),
-    ),
-    "b": Host(
-        ns="coloft-b",
-        bridges=(Bridge(VM_BRIDGE, ("192.0.2.2/24",)),),
-        links=(
-            Veth("uplink", master=VM_BRIDGE, peer=Peer("lan", "to-b", master="lan0")),
-            Veth("repl", addrs=("198.51.100.2/24",), peer=Peer("a", "repl", ("198.51.100.1/24",))),
-        ),
-    ),
+    # The replication network: a switch of its own, so that any two hosts can pair.
+    "rs": Host(ns="coloft-rs", bridges=(Bridge("repl0"),)),
+    **{
+        key: Host(
+            ns=f"coloft-{key}",
+            bridges=(Bridge(VM_BRIDGE, (f"192.0.2.{i}/24",)),),
+            links=(
+                Veth("uplink", master=VM_BRIDGE, peer=Peer("lan", f"to-{key}", master="lan0")),
+                Veth(
+                    "repl",
+                    addrs=(f"198.51.100.{i}/24",),
+                    peer=Peer("rs", f"to-{key}", master="repl0"),
+                ),
+            ),
+        )
+        for i, key in enumerate(("a", "b", "c"), start=1)
+    },
     "client": Host(
         ns=CLIENT_NS,
         links=(
@@ -168,12 +178,13 @@ HOSTS: dict[str, Host] = {
         links=(
             Veth("to-a", master="mgmt0", peer=Peer("a", "mgmt", ("203.0.113.1/24",))),
             Veth("to-b", master="mgmt0", peer=Peer("b", "mgmt", ("203.0.113.2/24",))),
+            Veth("to-c", master="mgmt0", peer=Peer("c", "mgmt", ("203.0.113.4/24",))),
         ),
     ),
 }
 
-HOST_NS: dict[str, str] = {"a": HOSTS["a"].ns, "b": HOSTS["b"].ns}
-REPLICATION_IP: dict[str, str] = {"a": "198.51.100.1", "b": "198.51.100.2"}
+HOST_NS: dict[str, str] = {k: HOSTS[k].ns for k in ("a", "b", "c")}
+REPLICATION_IP: dict[str, str] = {"a": "198.51.100.1", "b": "198.51.100.2", "c": "198.51.100.3"}
 
 _CMD_TIMEOUT_S = 30.0
 _FAULT_TABLE = "coloft_fault"

@@ -116,37 +116,57 @@ def lab_spec(
     return load_spec(path)
 
 
-def fleet_specs(count: int, interval_ms: int = 2000, memory_mib: int = 128) -> list[PairSpec]:
-    """`count` pairs on the lab's hosts, primaries alternating between them: pair i is
-    VM "vmI" at 192.0.2.(20+i) with ports from 9000 + 10*i and disks of its own."""
-    if not 1 <= count <= 9:
-        raise FatalError(f"a lab fleet has 1 to 9 pairs, not {count}")
+def _node_table(host: str, port_base: int, disk: Path) -> str:
+    i = "abc".index(host) + 1
+    return (
+        f"[nodes.{host}]\n"
+        f'netns = "{net.HOST_NS[host]}"\n'
+        f'replication_address = "{net.REPLICATION_IP[host]}"\n'
+        f'bridge = "{net.VM_BRIDGE}"\n'
+        f"port_base = {port_base}\n"
+        f'disk = "{disk}"\n'
+        f'lan_address = "192.0.2.{i}"\n\n'
+    )
+
+
+def fleet_specs(
+    count: int, hosts: tuple[str, ...] = ("a", "b"), interval_ms: int = 2000, memory_mib: int = 128
+) -> list[PairSpec]:
+    """`count` pairs on the lab's `hosts`, placed around them as a ring: pair i is VM
+    "vmI" at 192.0.2.(20+i), primary on hosts[i] and secondary on the next host, with
+    ports from 9000 + 10*i and disks of its own. With three pairs on three hosts each
+    host is primary of one pair and secondary of another."""
+    if not 1 <= count <= 9 or len(hosts) < 2 or not set(hosts) <= set(net.HOST_NS):
+        raise FatalError(f"a lab fleet has 1 to 9 pairs on 2 or 3 of a, b, c: {count} on {hosts}")
     base = EXAMPLE_SPEC.read_text()
+    head, rest = base.split("[nodes.a]", 1)
+    tail = rest[rest.index("[tuning]") :]
     specs = []
     for i in range(count):
         ip = f"192.0.2.{20 + i}"
-        text = base
+        text = head
         for old, new in (
             ('name = "demo"', f'name = "vm{i}"'),
             ("coloft.ip=192.0.2.10/24", f"coloft.ip={ip}/24"),
             ('mac = "52:54:00:c0:10:0a"', f'mac = "52:54:00:c0:10:{0x20 + i:02x}"'),
             ('service = "192.0.2.10:7000"', f'service = "{ip}:7000"'),
-            ("port_base = 9000", f"port_base = {9000 + 10 * i}"),
-            ('primary = "a"', f'primary = "{NODES[i % 2]}"'),
+            ('primary = "a"', f'primary = "{hosts[i % len(hosts)]}"'),
         ):
             if old not in text:
                 raise FatalError(f"{EXAMPLE_SPEC}: no {old!r} to change for the fleet")
             text = text.replace(old, new)
-        for node in NODES:
-            disk = LAB_DIR / f"disk-{node}-vm{i}.raw"
-            text = text.replace(f'"{LAB_DIR}/disk-{node}.raw"', f'"{disk}"')
+        for host in (hosts[i % len(hosts)], hosts[(i + 1) % len(hosts)]):
+            disk = LAB_DIR / f"disk-{host}-vm{i}.raw"
             if not disk.exists():
                 shutil.copyfile(LAB_DIR / "disk.raw", disk)
-        text = _set(text, "checkpoint_interval_ms", str(interval_ms))
+            text += _node_table(host, 9000 + 10 * i, disk)
+        text = _set(text + tail, "checkpoint_interval_ms", str(interval_ms))
         text = _set(text, "memory_mib", str(memory_mib))
         path = LAB_DIR / f"fleet-vm{i}.toml"
         path.write_text(text)
-        specs.append(load_spec(path))
+        spec = load_spec(path)
+        certs.make(spec, spec.certs_dir())
+        specs.append(spec)
     return specs
 
 
