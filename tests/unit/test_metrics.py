@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coloft.agent.metrics import Families, Metrics
+from coloft.lab.fleet_demo import failovers_by_pair
 
 
 def families(m: Metrics) -> dict[str, object]:
@@ -114,3 +116,13 @@ def test_pairs_of_one_agent_share_the_families() -> None:
     assert counts == {"web": 3.0, "db": 1.0}
     # One HELP/TYPE per family, however many pairs.
     assert text.count("# TYPE coloft_checkpoints_total counter") == 1
+
+
+def test_the_fleet_demo_reads_failovers_per_pair_from_a_scrape() -> None:
+    families = Families()
+    Metrics("db", "b", families)
+    web = Metrics("web", "b", families)
+    web.failover("secondary-takes-over", "peer-lost")
+    assert failovers_by_pair(web.render().decode()) == {"web": 1.0}
+    with pytest.raises(ValueError):
+        failovers_by_pair("coloft_failovers_total{pair=web 1\n")

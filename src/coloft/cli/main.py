@@ -467,7 +467,7 @@ def lab_status(as_json: bool) -> None:
 @click.option("--interval-ms", default=2000, show_default=True, help="Checkpoint interval.")
 @click.option(
     "--fault",
-    type=click.Choice(sorted(FAULT_NAMES)),
+    type=click.Choice(sorted([*FAULT_NAMES, "kill-host"])),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
     "gains a `failover` object, or for a comparison-path fault (drop-/reset-mirror|compare, "
     "drop-replication, freeze-secondary; lifted after 5 s) a `protection` object.",
@@ -488,6 +488,14 @@ def lab_status(as_json: bool) -> None:
     "`workload` object {name, client, requests, errors, resets, latency_ms_p50, "
     "latency_ms_p99, lost_acked_writes}.",
 )
+@click.option(
+    "--pairs",
+    type=click.IntRange(1, 9),
+    help="Run this many pairs around the lab's hosts (three hosts from 3 pairs on), one "
+    "agent per host for all of them; with --fault kill-host the primary host of the first "
+    "pair is killed. Prints `pairs: [{name, state, gap_ms, lost_acked_writes, ...}]` and "
+    "`metrics_ok`.",
+)
 def demo(
     duration: float,
     as_json: bool,
@@ -495,10 +503,15 @@ def demo(
     fault: str | None,
     reprotect: bool,
     workload_name: str | None,
+    pairs: int | None,
 ) -> None:
     """Lab up, a protected pair, client load with a live view, then a summary; cleans up."""
     from coloft.lab.demo import run_demo
 
+    if pairs is not None:
+        _fleet_demo(pairs, duration, interval_ms, fault, as_json, reprotect or workload_name)
+    if fault == "kill-host":
+        _fail("--fault kill-host needs --pairs N (one agent per host running several pairs)", 2)
     try:
         summary = asyncio.run(
             run_demo(
@@ -530,6 +543,46 @@ def demo(
     w = summary.get("workload")
     if w is not None:
         ok = ok and not w["errors"] and not w["lost_acked_writes"]
+    sys.exit(0 if ok else 1)
+
+
+def _fleet_demo(
+    pairs: int,
+    duration: float,
+    interval_ms: int,
+    fault: str | None,
+    as_json: bool,
+    other: object,
+) -> None:
+    from coloft.lab.fleet_demo import run_fleet_demo
+
+    if other:
+        _fail("--pairs runs the lab's own client on each pair: no --reprotect or --workload", 2)
+    if fault not in (None, "kill-host"):
+        _fail(f"with --pairs the only fault is kill-host, not {fault}", 2)
+    try:
+        summary = asyncio.run(run_fleet_demo(pairs, duration, interval_ms, fault))
+    except (ColoftError, TimeoutError) as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        for r in summary["pairs"]:
+            click.echo(
+                f"{r['name']} on {'+'.join(r['hosts'])}: {r['state']} (leader {r['leader']}), "
+                f"gap {r['gap_ms']} ms, {r['requests_failed']} failed, "
+                f"{r['lost_acked_writes']} acknowledged writes lost"
+            )
+        click.echo(f"metrics ok: {summary['metrics_ok']} {summary['metrics_errors']}")
+    ok = summary["metrics_ok"] and all(
+        r["lost_acked_writes"] == 0 and r["requests_failed"] == 0 for r in summary["pairs"]
+    )
+    if fault:
+        ok = ok and all(
+            r["leader"] != summary["killed_host"]
+            and (r["affected"] or (r["state"] == "PROTECTED" and not r["ever_unprotected"]))
+            for r in summary["pairs"]
+        )
     sys.exit(0 if ok else 1)
 
 
