@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection bench-reprotect bench-workload clean
+.PHONY: setup apt venv qemu guest check lint types unit test contract integration demo bench bench-failover bench-detection bench-reprotect bench-workload bench-fleet clean
 
 setup: apt venv qemu guest
 	@ln -sf "$(CURDIR)/$(BIN)/coloft" /usr/local/bin/coloft
@@ -67,6 +67,9 @@ bench-reprotect: setup
 
 bench-workload: setup
 	$(BIN)/python bench/workload.py --duration 60
+
+bench-fleet: setup
+	$(BIN)/python bench/fleet.py --pairs 1 2 3
 
 clean:
 	-coloft lab down

@@ -130,12 +130,17 @@ def _node_table(host: str, port_base: int, disk: Path) -> str:
 
 
 def fleet_specs(
-    count: int, hosts: tuple[str, ...] = ("a", "b"), interval_ms: int = 2000, memory_mib: int = 128
+    count: int,
+    hosts: tuple[str, ...] = ("a", "b"),
+    interval_ms: int = 2000,
+    memory_mib: int = 128,
+    stacked: bool = False,
 ) -> list[PairSpec]:
     """`count` pairs on the lab's `hosts`, placed around them as a ring: pair i is VM
     "vmI" at 192.0.2.(20+i), primary on hosts[i] and secondary on the next host, with
     ports from 9000 + 10*i and disks of its own. With three pairs on three hosts each
-    host is primary of one pair and secondary of another."""
+    host is primary of one pair and secondary of another. `stacked`: every pair has
+    its primary on hosts[0] and its secondary on hosts[1]."""
     if not 1 <= count <= 9 or len(hosts) < 2 or not set(hosts) <= set(net.HOST_NS):
         raise FatalError(f"a lab fleet has 1 to 9 pairs on 2 or 3 of a, b, c: {count} on {hosts}")
     base = EXAMPLE_SPEC.read_text()
@@ -144,18 +149,20 @@ def fleet_specs(
     specs = []
     for i in range(count):
         ip = f"192.0.2.{20 + i}"
+        first = 0 if stacked else i % len(hosts)
+        place = (hosts[first], hosts[(first + 1) % len(hosts)])
         text = head
         for old, new in (
             ('name = "demo"', f'name = "vm{i}"'),
             ("coloft.ip=192.0.2.10/24", f"coloft.ip={ip}/24"),
             ('mac = "52:54:00:c0:10:0a"', f'mac = "52:54:00:c0:10:{0x20 + i:02x}"'),
             ('service = "192.0.2.10:7000"', f'service = "{ip}:7000"'),
-            ('primary = "a"', f'primary = "{hosts[i % len(hosts)]}"'),
+            ('primary = "a"', f'primary = "{place[0]}"'),
         ):
             if old not in text:
                 raise FatalError(f"{EXAMPLE_SPEC}: no {old!r} to change for the fleet")
             text = text.replace(old, new)
-        for host in (hosts[i % len(hosts)], hosts[(i + 1) % len(hosts)]):
+        for host in place:
             disk = LAB_DIR / f"disk-{host}-vm{i}.raw"
             if not disk.exists():
                 shutil.copyfile(LAB_DIR / "disk.raw", disk)
