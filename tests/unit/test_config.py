@@ -243,12 +243,13 @@ def test_the_two_hosts_example_loads() -> None:
     assert spec.arbiter.embedded_netns is None and spec.metrics_port == 9470
 
 
-def test_the_systemd_unit_kills_a_hung_agent_before_its_lease_can_pass() -> None:
+@pytest.mark.parametrize("name", ["coloft-agent@.service", "coloft-agent.service"])
+def test_the_systemd_units_kill_a_hung_agent_before_its_lease_can_pass(name: str) -> None:
     import configparser
 
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read(EXAMPLE.parents[1] / "deploy" / "coloft-agent@.service")
+    assert unit.read(EXAMPLE.parents[1] / "deploy" / name)
     service = unit["Service"]
     assert service["Type"] == "notify" and service["KillMode"] == "control-group"
     watchdog = float(service["WatchdogSec"].removesuffix("s"))

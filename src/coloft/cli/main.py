@@ -131,12 +131,16 @@ def check(spec: Path, as_json: bool) -> None:
 @click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--node", required=True, help="This host's node name in every spec.")
 def agent(specs: tuple[Path, ...], node: str) -> None:
-    """Run this host's agent for every pair SPEC places on it: owns their QEMUs, holds
-    or waits for each pair's lease, fails over on its own. One per host (systemd);
-    the QEMUs die with it. Pairs on one host need distinct VM names and port ranges."""
+    """Run this host's agent for every pair SPEC places on it (a directory: every *.toml
+    in it): owns their QEMUs, holds or waits for each pair's lease, fails over on its
+    own. One per host (systemd); the QEMUs die with it. Pairs on one host need distinct
+    VM names and port ranges."""
     from coloft.agent.run import run_agents
     from coloft.config.load import check_together
 
+    specs = tuple(f for p in specs for f in (sorted(p.glob("*.toml")) if p.is_dir() else [p]))
+    if not specs:
+        _fail("no pair spec (*.toml) in the given directories", 2)
     loaded = [_load(spec) for spec in specs]
     for spec, s in zip(specs, loaded, strict=True):
         if node not in {n.name for n in s.nodes}:
