@@ -138,14 +138,19 @@ def agent(specs: tuple[Path, ...], node: str) -> None:
     from coloft.agent.run import run_agents
     from coloft.config.load import check_together
 
-    specs = tuple(f for p in specs for f in (sorted(p.glob("*.toml")) if p.is_dir() else [p]))
-    if not specs:
-        _fail("no pair spec (*.toml) in the given directories", 2)
-    loaded = [_load(spec) for spec in specs]
-    for spec, s in zip(specs, loaded, strict=True):
+    loaded = []
+    for path in specs:
+        if path.is_dir():  # the pairs of a cluster: this host runs those that name it
+            found = [_load(f) for f in sorted(path.glob("*.toml"))]
+            loaded += [s for s in found if node in {n.name for n in s.nodes}]
+            continue
+        s = _load(path)
         if node not in {n.name for n in s.nodes}:
             names = ", ".join(n.name for n in s.nodes)
-            _fail(f"--node {node!r} is not a node of {spec} ({names})", 2)
+            _fail(f"--node {node!r} is not a node of {path} ({names})", 2)
+        loaded.append(s)
+    if not loaded:
+        _fail(f"no pair spec names node {node!r} in {', '.join(map(str, specs))}", 2)
     try:
         check_together(loaded, node)
         asyncio.run(run_agents(loaded, node, echo=lambda line: click.echo(line, err=True)))
