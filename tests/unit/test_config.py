@@ -258,6 +258,8 @@ def test_the_systemd_units_kill_a_hung_agent_before_its_lease_can_pass(name: str
 
 
 def variant(tmp_path: Path, name: str, replace: dict[str, str]) -> PairSpec:
+    """The example with `replace` done, and disks of its own unless `replace` says."""
+    replace = {"disk-a.raw": f"disk-a-{name}.raw", "disk-b.raw": f"disk-b-{name}.raw", **replace}
     text = EXAMPLE.read_text()
     for old, new in replace.items():
         assert old in text, old
@@ -283,6 +285,18 @@ def test_pairs_of_one_host_need_their_own_names_and_ports(tmp_path: Path) -> Non
         ConfigError, match=r"port 9004 on 198\.51\.100\.1 is also used by pair 'demo'"
     ):
         check_together([one, close], "a")
+    same_disk = variant(
+        tmp_path,
+        "disk",
+        {
+            'name = "demo"': 'name = "db"',
+            "port_base = 9000": "port_base = 9100",
+            "disk-b.raw": "disk-b.raw",
+        },
+    )
+    check_together([one, same_disk], "a")  # b's disk is not on a
+    with pytest.raises(ConfigError, match=r"disk-b\.raw on node 'b' is also pair 'demo'"):
+        check_together([one, same_disk], "b")
     with pytest.raises(ConfigError, match="no node 'c'"):
         check_together([one], "c")
     taps = variant(

@@ -37,7 +37,17 @@ Depends: passwd
 Package: libssl3
 Version: 3.0.22
 Pre-Depends: libc6 (>= 2.34)
-Depends: libzz
+Depends: libzz, zlib1g
+
+Package: zlib1g
+Version: 1:1.2.13
+Section: libs
+Depends: libc6
+
+Package: passwd
+Version: 1:4.13
+Section: admin
+Depends: libpam0g
 
 Package: libc6
 Version: 2.36
@@ -55,7 +65,8 @@ Version: 11.6
 def test_depends_fields_give_the_first_alternative_without_versions() -> None:
     assert debs.first_choices("libc6 (>= 2.34), a | b, perl:any, ") == ["libc6", "a", "perl"]
     found = debs.parse_stanzas(SHOW)
-    assert found["libssl3"].depends == ("libc6", "libzz")
+    assert found["libssl3"].depends == ("libc6", "libzz", "zlib1g")
+    assert found["zlib1g"].library and not found["passwd"].library
     assert found["redis-tools"].version == "5:7.0.15-1"
 
 
@@ -73,10 +84,18 @@ def test_closure_takes_direct_dependencies_and_libraries_only() -> None:
     asked: list[list[str]] = []
     got = debs.closure(["redis-server"], fake_show(asked))
     names = sorted(p.name for p in got)
-    # adduser (a dependency of a dependency) and gcc-12-base are not libraries;
-    # libzz is unknown (virtual) and skipped.
-    assert names == ["libc6", "libgcc-s1", "libssl3", "lsb-base", "redis-server", "redis-tools"]
-    assert not any("passwd" in names for names in asked)  # never even looked up
+    # adduser and passwd (dependencies of dependencies) and gcc-12-base are not
+    # libraries; zlib1g is, by its section; libzz is unknown (virtual) and skipped.
+    assert names == [
+        "libc6",
+        "libgcc-s1",
+        "libssl3",
+        "lsb-base",
+        "redis-server",
+        "redis-tools",
+        "zlib1g",
+    ]
+    assert not any("libpam0g" in names for names in asked)  # passwd's deps: not followed
 
 
 def test_closure_names_an_unknown_package() -> None:

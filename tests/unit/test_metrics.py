@@ -123,6 +123,6 @@ def test_the_fleet_demo_reads_failovers_per_pair_from_a_scrape() -> None:
     Metrics("db", "b", families)
     web = Metrics("web", "b", families)
     web.failover("secondary-takes-over", "peer-lost")
-    assert failovers_by_pair(web.render().decode()) == {"web": 1.0}
+    assert failovers_by_pair(web.render().decode()) == {"web": {"secondary-takes-over": 1.0}}
     with pytest.raises(ValueError):
         failovers_by_pair("coloft_failovers_total{pair=web 1\n")

@@ -1176,6 +1176,7 @@ class Agent:
         await self.heartbeat.open()
         server = await api.serve(api.socket_path(self.spec, self.node.name), self)
         self.notifier.ready()
+        crashed = False
         try:
             async with asyncio.TaskGroup() as tg:
                 helpers = [
@@ -1187,10 +1188,32 @@ class Agent:
                 await self._tick_loop(stop)
                 for t in helpers:
                     t.cancel()
+        except Exception:
+            crashed = True
+            raise
         finally:
             server.close()
-            self.notifier.stopping()
-            await self.shutdown()
+            if crashed:
+                await self.crash_stop()
+            else:
+                if stop.is_set():
+                    self.notifier.stopping()
+                await self.shutdown()
+
+    async def crash_stop(self) -> None:
+        """The loop failed: stop our QEMU as a dead agent's would stop, but leave the
+        lease and the sync record, so that an in-sync peer takes over as from any
+        agent death."""
+        for task in (self.busy, self.probe_task, self.yanking, self.joining):
+            if task is not None:
+                task.cancel()
+        if self.qemu is not None:
+            with contextlib.suppress(Exception):
+                await self.qemu.close()
+            self.qemu.cleanup()
+        self.heartbeat.close()
+        api.socket_path(self.spec, self.node.name).unlink(missing_ok=True)
+        self.note("stop", "agent loop failed: QEMU stopped, lease left to expire", logging.ERROR)
 
     async def shutdown(self) -> None:
         """Stop on purpose: the secondary must not take over, so clear sync first."""

@@ -24,25 +24,32 @@ log = logging.getLogger(__name__)
 
 # Heartbeats and lease renewals must not starve behind two TCG QEMUs on a small host.
 AGENT_NICE = -10
+# After one pair's loop failed, the wait before it starts again (systemd's RestartSec).
+RESTART_S = 2.0
 
 
 async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str], None]) -> None:
     """The agent of host `node` for every pair placed on it: one loop per pair in one
-    TaskGroup, one arbiter client per etcd cluster, one metrics endpoint per address.
-    A pair whose loop fails stops alone (its peer takes over); the others go on."""
+    TaskGroup, one metrics endpoint per address. A pair whose loop fails stops its QEMU
+    as a dead agent would (its peer takes over) and starts again after RESTART_S; the
+    other pairs go on."""
     check_together(specs, node)
     with contextlib.suppress(PermissionError):
         os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     families = Families()
-    arbiters: dict[tuple[str, ...], EtcdArbiter] = {}
-    agents = []
-    for spec in specs:
+    # One etcd client per pair: a call that times out drops its client's channel, and
+    # that must not cancel the other pairs' renewals.
+    arbiters: list[EtcdArbiter] = []
+
+    def make(spec: PairSpec) -> Agent:
         choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
-        echo(f"{spec.vm.name}/{node}: {choice.binary} ({choice.why})")
-        key = tuple(spec.arbiter.endpoints)
-        if key not in arbiters:
-            arbiters[key] = EtcdArbiter(key, deadline_s=spec.arbiter.call_deadline_s)
-        agents.append(Agent(spec, node, arbiters[key], choice, families))
+        arbiter = EtcdArbiter(spec.arbiter.endpoints, deadline_s=spec.arbiter.call_deadline_s)
+        arbiters.append(arbiter)
+        return Agent(spec, node, arbiter, choice, families)
+
+    agents = [make(spec) for spec in specs]
+    for a in agents:
+        echo(f"{a.pair}/{node}: {a.choice.binary} ({a.choice.why})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,28 +64,36 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
         if len(agents) == 1:
             await agents[0].run(stop)  # its failure is the process's: systemd restarts it
             return
-        failed: list[BaseException] = []
         async with asyncio.TaskGroup() as tg:
             for a in agents:
-                tg.create_task(_guarded(a, stop, echo, failed))
-        if len(failed) == len(agents):
-            raise failed[0]
+                tg.create_task(_restarting(a, make, stop, echo))
     finally:
         for server in scrapes:
             server.close()
-        for arbiter in arbiters.values():
+        for arbiter in arbiters:
             await arbiter.close()
 
 
-async def _guarded(
-    agent: Agent, stop: asyncio.Event, echo: Callable[[str], None], failed: list[BaseException]
+async def _restarting(
+    agent: Agent,
+    make: Callable[[PairSpec], Agent],
+    stop: asyncio.Event,
+    echo: Callable[[str], None],
 ) -> None:
-    try:
-        await agent.run(stop)
-    except Exception as e:  # one pair's failure must not take the host's other pairs
-        log.exception("%s: agent loop failed", agent.pair)
-        echo(f"{agent.pair}/{agent.node.name}: agent loop failed: {e!r}; this pair is stopped")
-        failed.append(e)
+    while True:
+        try:
+            await agent.run(stop)
+            return
+        except Exception as e:  # one pair's failure must not take the host's other pairs
+            log.exception("%s: agent loop failed", agent.pair)
+            where = f"{agent.pair}/{agent.node.name}"
+            echo(f"{where}: agent loop failed: {e!r}; starting it again in {RESTART_S:g} s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RESTART_S)
+        if stop.is_set():
+            return
+        await agent.arbiter.close()
+        agent = make(agent.spec)
 
 
 def _node_line(status: dict[str, object] | None, node: str) -> str:

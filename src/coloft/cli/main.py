@@ -136,12 +136,21 @@ def agent(specs: tuple[Path, ...], node: str) -> None:
     own. One per host (systemd); the QEMUs die with it. Pairs on one host need distinct
     VM names and port ranges."""
     from coloft.agent.run import run_agents
-    from coloft.config.load import check_together
+    from coloft.config.load import check_together, load_spec
 
     loaded = []
     for path in specs:
         if path.is_dir():  # the pairs of a cluster: this host runs those that name it
-            found = [_load(f) for f in sorted(path.glob("*.toml"))]
+            found = []
+            for f in sorted(path.glob("*.toml")):
+                try:
+                    found.append(load_spec(f))
+                except ColoftError as e:  # another host's pair must not stop this one
+                    click.echo(f"coloft: skipping {f}: {e}", err=True)
+            vms = [s.vm.name for s in found]
+            twice = sorted({n for n in vms if vms.count(n) > 1})
+            if twice:
+                _fail(f"{path}: VM name(s) {', '.join(twice)} in more than one spec", 2)
             loaded += [s for s in found if node in {n.name for n in s.nodes}]
             continue
         s = _load(path)

@@ -445,6 +445,7 @@ def check_together(specs: Sequence[PairSpec], node: str) -> None:
     metrics port alone is shared: one endpoint serves every pair)."""
     seen: dict[str, Path] = {}
     taps: dict[str, str] = {}
+    disks: dict[Path, str] = {}
     used: dict[tuple[str, int], str] = {}
     for spec in specs:
         names = [n.name for n in spec.nodes]
@@ -464,6 +465,12 @@ def check_together(specs: Sequence[PairSpec], node: str) -> None:
             )
         taps[tap] = spec.vm.name
         n = spec.node(node)
+        disk = spec.disk_of(n).resolve()
+        if disk in disks:
+            raise ConfigError(
+                f"{spec.source}: disk {disk} on node {node!r} is also pair {disks[disk]!r}'s"
+            )
+        disks[disk] = spec.vm.name
         # Channels listen on the replication address, heartbeats on both.
         taken = [(n.replication_address, p) for p in [*all_ports(n), port(n, HEARTBEAT)]]
         if n.lan_address:

@@ -49,40 +49,40 @@ def scrape(spec: PairSpec, node: str) -> str:
     return done.stdout
 
 
-def failovers_by_pair(text: str) -> dict[str, float]:
-    """coloft_failovers_total summed per pair; raises ValueError on a malformed text."""
-    found: dict[str, float] = {}
+def failovers_by_pair(text: str) -> dict[str, dict[str, float]]:
+    """coloft_failovers_total per pair and action; raises ValueError on a malformed text."""
+    found: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "coloft_failovers_total":
-                pair = s.labels["pair"]
-                found[pair] = found.get(pair, 0.0) + s.value
+            if s.name == "coloft_failovers_total" and s.value:
+                actions = found.setdefault(s.labels["pair"], {})
+                actions[s.labels["action"]] = actions.get(s.labels["action"], 0.0) + s.value
     return found
 
 
 def check_metrics(
-    specs: list[PairSpec], alive: list[str], failed_over: list[str]
+    specs: list[PairSpec], alive: list[str], expected: dict[str, str]
 ) -> dict[str, Any]:
-    """Each surviving host's endpoint parses cleanly; together they count a failover
-    for every pair that failed over, and none for the others."""
-    counted: dict[str, float] = {}
+    """Each surviving host's endpoint parses cleanly; together they count the expected
+    failover action for every pair the dead host had a part in, and none for the others."""
+    counted: dict[str, dict[str, float]] = {}
     errors = []
     for host in alive:
         spec = next((s for s in specs if host in {n.name for n in s.nodes}), None)
         if spec is None or not spec.metrics_port:
             continue
         try:
-            for pair, n in failovers_by_pair(scrape(spec, host)).items():
-                counted[pair] = counted.get(pair, 0.0) + n
+            for pair, actions in failovers_by_pair(scrape(spec, host)).items():
+                for action, n in actions.items():
+                    mine = counted.setdefault(pair, {})
+                    mine[action] = mine.get(action, 0.0) + n
         except (RuntimeError, ValueError) as e:
             errors.append(f"{host}: {e}")
     for s in specs:
-        want = s.vm.name in failed_over
-        if (counted.get(s.vm.name, 0.0) > 0) != want:
-            errors.append(
-                f"{s.vm.name}: {counted.get(s.vm.name, 0.0):g} failovers counted, "
-                f"{'one' if want else 'none'} expected"
-            )
+        got = sorted(counted.get(s.vm.name, {}))
+        want = [expected[s.vm.name]] if s.vm.name in expected else []
+        if got != want:
+            errors.append(f"{s.vm.name}: failovers counted {got}, expected {want}")
     return {"ok": not errors, "errors": errors, "failovers": counted}
 
 
@@ -137,9 +137,14 @@ async def run_fleet_demo(
             await asyncio.sleep(TICK_S)
         views = await asyncio.to_thread(_views, fleet)
         placed = {s.vm.name: (s.primary.name, s.secondary.name) for s in specs}
-        failed_over = [k for k, (p, _) in placed.items() if fault and p == victim]
+        expected = {}
+        for k, (p, sec) in placed.items():
+            if fault and victim == p:
+                expected[k] = "secondary-takes-over"
+            elif fault and victim == sec:
+                expected[k] = "primary-continues-alone"
         alive = [h for h in fleet.nodes() if h != victim or not fault]
-        metrics = await asyncio.to_thread(check_metrics, specs, alive, failed_over)
+        metrics = await asyncio.to_thread(check_metrics, specs, alive, expected)
         rows = []
         for s in specs:
             name = s.vm.name

@@ -444,10 +444,12 @@ class _Added:
 def _unpack_extra(work: Path, extra: Sequence[debs.Package], spec: GuestSpec) -> _Added:
     """Download and unpack the guest's packages; pick out the named packages'
     programs and everything they load."""
+    root = work / "extra"
+    if not extra:  # services of busybox alone
+        return _Added(root, (), services_script(spec.services))
     folder = work / "extra-debs"
     folder.mkdir()
     files = _download_all(folder, extra)
-    root = work / "extra"
     named = []
     for p, deb in zip(extra, files, strict=True):
         _run(f"extract {p.name}", ["dpkg-deb", "-x", str(deb), str(root)])

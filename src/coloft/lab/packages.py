@@ -3,11 +3,12 @@
 A guest names packages (``redis-server``); the builder downloads each with its
 direct dependencies (a program may be a symlink into one: ``redis-server`` points
 at ``redis-check-rdb`` in ``redis-tools``) and, transitively, every library package
-(``lib*``) they depend on. Maintainer-script helpers (``adduser``, ``lsb-base``)
-come along only as direct dependencies and are never copied unless a program
-needs them. From the unpacked tree it takes the named packages' programs and the
-closure of their ELF interpreter and ``DT_NEEDED`` libraries, found the way the
-dynamic loader finds them; a library no package ships is a build error naming it.
+(``lib*`` or in section ``libs``, like ``zlib1g``) they depend on.
+Maintainer-script helpers (``adduser``, ``lsb-base``) come along only as direct
+dependencies and are never copied unless a program needs them. From the unpacked
+tree it takes the named packages' programs and the closure of their ELF interpreter
+and ``DT_NEEDED`` libraries, found the way the dynamic loader finds them; a library
+no package ships is a build error naming it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class Package:
     name: str
     version: str
     depends: tuple[str, ...]
+    section: str = ""
+
+    @property
+    def library(self) -> bool:
+        # zlib1g is a library outside the lib* names; its section says so.
+        return self.name.startswith("lib") or self.section.rsplit("/", 1)[-1] in (
+            "libs",
+            "oldlibs",
+        )
 
 
 def parse_stanzas(text: str) -> dict[str, Package]:
@@ -51,7 +61,8 @@ def parse_stanzas(text: str) -> dict[str, Package]:
         if not name or not version or name in found:
             continue
         deps = ", ".join(f for f in (fields.get("Pre-Depends"), fields.get("Depends")) if f)
-        found[name] = Package(name, version, tuple(first_choices(deps)))
+        section = fields.get("Section", "")
+        found[name] = Package(name, version, tuple(first_choices(deps)), section)
     return found
 
 
@@ -79,11 +90,15 @@ def closure(
         raise PackageError(f"no such package in the apt sources: {', '.join(missing)}")
     chosen: dict[str, Package] = {n: known[n] for n in named}
     level = {d for n in named for d in known[n].depends}
+    direct = True
     while level:
         fresh = sorted(d for d in level if d not in chosen)
         found = show(fresh) if fresh else {}
+        if not direct:
+            found = {n: p for n, p in found.items() if p.library}
+        direct = False
         chosen.update(found)
-        level = {d for p in found.values() for d in p.depends if d.startswith("lib")}
+        level = {d for p in found.values() for d in p.depends}
     return list(chosen.values())
 
 

@@ -68,6 +68,7 @@ class Benchmark:
     def __init__(self, ns: str | None, host: str, port: int) -> None:
         self.ns, self.host, self.port = ns, host, port
         self.runs: list[dict[str, Any]] = []
+        self._proc: subprocess.Popen[str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,25 +82,30 @@ class Benchmark:
         """One run: its report, or the error lines it died with."""
         started = time.time()
         try:
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 self._argv(requests),
-                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=timeout,
-                check=False,
                 preexec_fn=die_with_parent(signal.SIGKILL),
             )
         except FileNotFoundError as exc:
             raise RedisLoadError("redis-benchmark not found (Debian package redis-tools)") from exc
+        self._proc = proc
+        try:
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             errors = [f"redis-benchmark did not finish {requests} requests in {timeout:g} s"]
             return {"requests": 0, "errors": errors, "start": started, "end": time.time()}
-        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line for line in err.splitlines() if line.strip()]
         report: dict[str, float] = {}
-        if done.returncode == 0:
-            report = benchmark_report(done.stdout)
+        if proc.returncode == 0:
+            report = benchmark_report(out)
         elif not errors:
-            errors = [f"redis-benchmark exited with {done.returncode}"]
+            errors = [f"redis-benchmark exited with {proc.returncode}"]
         return {
             "requests": requests if report else 0,
             "errors": errors,
@@ -121,10 +127,21 @@ class Benchmark:
 
         def loop() -> None:
             while not self._stop.is_set():
-                self.runs.append(self.run_once(requests, RUN_TIMEOUT_S))
+                started = time.time()
+                try:
+                    self.runs.append(self.run_once(requests, RUN_TIMEOUT_S))
+                except Exception as e:  # a run we could not read is a failed run
+                    self.runs.append(
+                        {"requests": 0, "errors": [repr(e)], "start": started, "end": time.time()}
+                    )
 
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
+
+    def kill(self) -> None:
+        self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     def finish(self) -> dict[str, Any]:
         """Let the current run end, then summarize all of them."""
@@ -299,5 +316,5 @@ class RedisRun:
         return summary(bench, writer, len(lost), fault_at)
 
     def kill(self) -> None:
-        self.bench._stop.set()
+        self.bench.kill()
         self.writer.stop(timeout=1.0)
