@@ -95,8 +95,11 @@ def test_lab_up_is_idempotent_and_connected(lab: None) -> None:
 
     assert _ping_soon(net.CLIENT_NS, "192.0.2.1")
     assert _ping_soon(net.CLIENT_NS, "192.0.2.2")
-    assert _ping_soon(net.HOST_NS["a"], net.REPLICATION_IP["b"])
-    assert _ping_soon(net.HOST_NS["b"], net.REPLICATION_IP["a"])
+    assert _ping_soon(net.CLIENT_NS, "192.0.2.3")
+    # The replication switch: every host reaches every other.
+    for src, dst in (("a", "b"), ("b", "a"), ("c", "a"), ("b", "c")):
+        assert _ping_soon(net.HOST_NS[src], net.REPLICATION_IP[dst]), (src, dst)
+    assert _ping_soon(net.HOST_NS["c"], net.WITNESS_IP)
 
     # only TEST-NET connected routes: no default route anywhere
     for host in net.HOSTS.values():
@@ -159,7 +162,8 @@ def test_blackhole_and_link_down(lab: None) -> None:
     net.link_down(a, "repl")
     status = net.lab_status()
     assert status["hosts"]["a"]["links"]["repl"]["up"] is False
-    assert status["hosts"]["b"]["links"]["repl"]["carrier"] is False
+    # A switched network: b's own link to the replication switch stays up.
+    assert status["hosts"]["b"]["links"]["repl"]["carrier"] is True
     assert not _ping(a, net.REPLICATION_IP["b"])
     net.link_up(a, "repl")
     assert _ping_soon(a, net.REPLICATION_IP["b"])
