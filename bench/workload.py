@@ -98,10 +98,10 @@ def table(plain: dict[str, Any], colo: dict[str, Any]) -> str:
     lines = ["| metric | unprotected | COLO | COLO / unprotected |", "|---|---:|---:|---:|"]
     for key, label in ROWS:
         a, b = plain.get(key), colo.get(key)
-        ratio = f"{b / a:.2f}" if isinstance(a, int | float) and isinstance(b, int | float) else ""
-        if key in ("errors", "lost_acked_writes"):
-            ratio = ""
-        lines.append(f"| {label} | {a} | {b} | {ratio if a else ''} |")
+        counts = key in ("errors", "lost_acked_writes")
+        numbers = isinstance(a, int | float) and isinstance(b, int | float)
+        ratio = f"{b / a:.2f}" if numbers and a and not counts else ""
+        lines.append(f"| {label} | {a} | {b} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -128,9 +128,11 @@ def main() -> int:
         "duration_s": args.duration,
         "checkpoint_interval_ms": args.interval_ms,
     }
+    found = {"info": info, "unprotected": plain, "colo": colo, "failover": kill}
     if args.json:
-        print(json.dumps({"info": info, "unprotected": plain, "colo": colo, "failover": kill}))
+        print(json.dumps(found))
         return 0
+    print(json.dumps(found), file=sys.stderr)  # the raw figures, whatever the table does
     print(
         f"redis, {info['date']}, {info['cpus']} CPUs, {args.duration:.0f} s per run, "
         f"checkpoint interval {args.interval_ms} ms, redis-benchmark -c 4 -P 1 -t set"
