@@ -25,11 +25,10 @@ from typing import Any
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
 from coloft.effects import qemu_binary
-from coloft.effects.local_qemu import LocalQemu
 from coloft.lab import net, setup, workload
 from coloft.lab.probe import wait_ready
+from coloft.lab.rounds import solo
 from coloft.model.spec import PairSpec
-from coloft.model.steps import Role
 
 TARGET = "192.0.2.10:7000"
 
@@ -63,19 +62,8 @@ async def load(
 
 async def unprotected(spec: PairSpec, duration: float, out: Path) -> dict[str, Any]:
     """The same guest on one host, no COLO: QEMU started as a primary, then just run."""
-    choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
-    qemu = LocalQemu(spec, spec.primary, Role.PRIMARY, choice)
-    try:
-        await qemu.start()
-        assert qemu.session is not None
-        await qemu.session.execute("cont")
-        await qemu.session.execute(
-            "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-        )
+    async with solo(spec):
         return await load(duration, out, dict)
-    finally:
-        await qemu.close()
-        qemu.cleanup()
 
 
 async def protected(spec: PairSpec, duration: float, out: Path) -> dict[str, Any]:

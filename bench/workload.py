@@ -23,13 +23,11 @@ from typing import Any
 
 from coloft.agent import api
 from coloft.agent.launch import LocalPair
-from coloft.effects import qemu_binary
-from coloft.effects.local_qemu import LocalQemu
 from coloft.lab import net, setup
 from coloft.lab.probe import wait_ready
 from coloft.lab.redis_load import RedisRun
+from coloft.lab.rounds import solo
 from coloft.model.spec import PairSpec
-from coloft.model.steps import Role
 
 HOST, PORT = "192.0.2.10", 6379
 
@@ -52,19 +50,8 @@ async def drive(duration: float, kill: Any = None) -> dict[str, Any]:
 
 
 async def unprotected(spec: PairSpec, duration: float) -> dict[str, Any]:
-    choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
-    qemu = LocalQemu(spec, spec.primary, Role.PRIMARY, choice)
-    try:
-        await qemu.start()
-        assert qemu.session is not None
-        await qemu.session.execute("cont")
-        await qemu.session.execute(
-            "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-        )
+    async with solo(spec):
         return await drive(duration)
-    finally:
-        await qemu.close()
-        qemu.cleanup()
 
 
 async def protected(spec: PairSpec, duration: float, failover: bool) -> dict[str, Any]:

@@ -7,22 +7,46 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coloft.agent.launch import LocalPair
 from coloft.core.argv import tap_name
+from coloft.effects import qemu_binary
+from coloft.effects.local_qemu import LocalQemu
 from coloft.errors import FatalError
 from coloft.lab import faults, net, workload
 from coloft.lab.oracle import FrameWatch
 from coloft.lab.probe import wait_ready
+from coloft.model.spec import PairSpec
 from coloft.model.status import pair_view
+from coloft.model.steps import Role
 
 BOOT_DEADLINE_S = 240.0
 PROTECTED_AGAIN_S = 40.0
 SERVICE_DEADLINE_S = 90.0
+
+
+@asynccontextmanager
+async def solo(spec: PairSpec) -> AsyncIterator[None]:
+    """The pair's guest on its primary host alone, no COLO: the unprotected baseline
+    the benchmarks compare against."""
+    choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
+    qemu = LocalQemu(spec, spec.primary, Role.PRIMARY, choice)
+    try:
+        await qemu.start()
+        assert qemu.session is not None
+        await qemu.session.execute("cont")
+        await qemu.session.execute(
+            "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+        )
+        yield
+    finally:
+        await qemu.close()
+        qemu.cleanup()
 
 
 async def up_and_serving(pair: LocalPair) -> None:
