@@ -1193,47 +1193,41 @@ class Agent:
             raise
         finally:
             server.close()
-            if crashed:
-                await self.crash_stop()
-            else:
-                if stop.is_set():
-                    self.notifier.stopping()
-                await self.shutdown()
+            if stop.is_set():
+                self.notifier.stopping()
+            await self.shutdown(on_purpose=not crashed)
 
-    async def crash_stop(self) -> None:
-        """The loop failed: stop our QEMU as a dead agent's would stop, but leave the
-        lease and the sync record, so that an in-sync peer takes over as from any
-        agent death."""
+    async def shutdown(self, on_purpose: bool = True) -> None:
+        """Stop on purpose: the secondary must not take over, so clear sync first and
+        resign. After a failed loop, stop our QEMU as a dead agent's would stop and
+        leave the lease and sync record, so that an in-sync peer takes over as from
+        any agent death."""
         for task in (self.busy, self.probe_task, self.yanking, self.joining):
             if task is not None:
                 task.cancel()
+        epoch = self.my_epoch if on_purpose else None
+        if epoch is not None:
+            with contextlib.suppress(ColoftError):
+                await self.arbiter.clear_sync(self.pair, epoch)
         if self.qemu is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self.qemu.close()
+            except Exception:
+                if on_purpose:
+                    raise
+                # After a failure the session may be what broke: QEMU must stop anyway.
             self.qemu.cleanup()
+        if epoch is not None:
+            with contextlib.suppress(ColoftError):
+                await self.arbiter.resign(self.pair, self.node.name, epoch)
         self.heartbeat.close()
         api.socket_path(self.spec, self.node.name).unlink(missing_ok=True)
-        self.note("stop", "agent loop failed: QEMU stopped, lease left to expire", logging.ERROR)
-
-    async def shutdown(self) -> None:
-        """Stop on purpose: the secondary must not take over, so clear sync first."""
-        if self.busy is not None:
-            self.busy.cancel()
-        for task in (self.probe_task, self.yanking, self.joining):
-            if task is not None:
-                task.cancel()
-        if self.my_epoch is not None:
-            with contextlib.suppress(ColoftError):
-                await self.arbiter.clear_sync(self.pair, self.my_epoch)
-        if self.qemu is not None:
-            await self.qemu.close()
-            self.qemu.cleanup()
-        if self.my_epoch is not None:
-            with contextlib.suppress(ColoftError):
-                await self.arbiter.resign(self.pair, self.node.name, self.my_epoch)
-        self.heartbeat.close()
-        api.socket_path(self.spec, self.node.name).unlink(missing_ok=True)
-        self.note("stop", "agent stopped")
+        if on_purpose:
+            self.note("stop", "agent stopped")
+        else:
+            self.note(
+                "stop", "agent loop failed: QEMU stopped, lease left to expire", logging.ERROR
+            )
 
     # ---------------------------------------------------------------- API
 

@@ -136,7 +136,7 @@ def agent(specs: tuple[Path, ...], node: str) -> None:
     own. One per host (systemd); the QEMUs die with it. Pairs on one host need distinct
     VM names and port ranges."""
     from coloft.agent.run import run_agents
-    from coloft.config.load import check_together, load_spec
+    from coloft.config.load import load_spec
 
     loaded = []
     for path in specs:
@@ -160,8 +160,7 @@ def agent(specs: tuple[Path, ...], node: str) -> None:
         loaded.append(s)
     if not loaded:
         _fail(f"no pair spec names node {node!r} in {', '.join(map(str, specs))}", 2)
-    try:
-        check_together(loaded, node)
+    try:  # run_agents checks the pairs together before it starts anything
         asyncio.run(run_agents(loaded, node, echo=lambda line: click.echo(line, err=True)))
     except ColoftError as e:
         _fail(str(e))
