@@ -52,10 +52,13 @@ def reset_disks(image: guest.GuestImage | None = None) -> None:
     """Give every lab host a fresh copy of the empty guest disk."""
     image = image or guest.build_guest()
     for node in NODES:
-        dst = LAB_DIR / f"disk-{node}.raw"
-        tmp = dst.with_suffix(".tmp")
-        shutil.copyfile(image.disk_template, tmp)
-        tmp.replace(dst)
+        _fresh_disk(image.disk_template, LAB_DIR / f"disk-{node}.raw")
+
+
+def _fresh_disk(template: Path, dst: Path) -> None:
+    tmp = dst.with_suffix(".tmp")
+    shutil.copyfile(template, tmp)
+    tmp.replace(dst)
 
 
 def lab_up(fresh_disks: bool = False) -> Path:
@@ -165,7 +168,7 @@ def fleet_specs(
         for host in place:
             disk = LAB_DIR / f"disk-{host}-vm{i}.raw"
             if not disk.exists():
-                shutil.copyfile(LAB_DIR / "disk.raw", disk)
+                _fresh_disk(LAB_DIR / "disk.raw", disk)
             text += _node_table(host, 9000 + 10 * i, disk)
         text = _set(text + tail, "checkpoint_interval_ms", str(interval_ms))
         text = _set(text, "memory_mib", str(memory_mib))
@@ -180,7 +183,4 @@ def fleet_specs(
 def reset_fleet_disks(specs: list[PairSpec]) -> None:
     for spec in specs:
         for node in spec.nodes:
-            disk = spec.disk_of(node)
-            tmp = disk.with_suffix(".tmp")
-            shutil.copyfile(LAB_DIR / "disk.raw", tmp)
-            tmp.replace(disk)
+            _fresh_disk(LAB_DIR / "disk.raw", spec.disk_of(node))
