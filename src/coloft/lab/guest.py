@@ -368,11 +368,16 @@ def _asset(name: str) -> bytes:
 def _build_into(out: Path, packages: _Packages, key: str, extra: GuestSpec | None) -> None:
     work = out / "work"
     work.mkdir()
-    debs = work / "debs"
-    debs.mkdir()
-    kernel_deb = _download(debs, packages.kernel_package, packages.kernel_version)
-    busybox_deb = _download(debs, BUSYBOX_PACKAGE, packages.busybox_version)
-    e2fsck_deb = _download(debs, E2FSCK_PACKAGE, packages.e2fsck_version)
+    deb_dir = work / "debs"
+    deb_dir.mkdir()
+    kernel_deb, busybox_deb, e2fsck_deb = _download(
+        deb_dir,
+        [
+            (packages.kernel_package, packages.kernel_version),
+            (BUSYBOX_PACKAGE, packages.busybox_version),
+            (E2FSCK_PACKAGE, packages.e2fsck_version),
+        ],
+    )
 
     log.info("extracting %s", kernel_deb.name)
     kroot = work / "kernel"
@@ -449,7 +454,7 @@ def _unpack_extra(work: Path, extra: Sequence[debs.Package], spec: GuestSpec) ->
         return _Added(root, (), services_script(spec.services))
     folder = work / "extra-debs"
     folder.mkdir()
-    files = _download_all(folder, extra)
+    files = _download(folder, [(p.name, p.version) for p in extra])
     named = []
     for p, deb in zip(extra, files, strict=True):
         _run(f"extract {p.name}", ["dpkg-deb", "-x", str(deb), str(root)])
@@ -788,40 +793,21 @@ def _candidate_version(package: str) -> str:
     return match.group(1)
 
 
-def _download(directory: Path, package: str, version: str) -> Path:
-    log.info("downloading %s=%s", package, version)
-    argv = [
-        "apt-get",
-        "-q",
-        # The temporary directory is private to root; don't try to drop to _apt.
-        "-o",
-        "APT::Sandbox::User=root",
-        "download",
-        f"{package}={version}",
-    ]
-    try:
-        _run(f"download {package}", argv, cwd=directory)
-    except GuestBuildError as exc:
-        raise _StaleAptLists(str(exc)) from exc
-    found = sorted(directory.glob(f"{package}_*.deb"))
-    if len(found) != 1:
-        raise GuestBuildError(f"download {package}: expected one .deb, found {found}")
-    return found[0]
-
-
-def _download_all(directory: Path, packages: Sequence[debs.Package]) -> list[Path]:
-    log.info("downloading %d packages", len(packages))
+def _download(directory: Path, wanted: Sequence[tuple[str, str]]) -> list[Path]:
+    """apt-get download of each (package, version), in one call; the .deb files in order."""
+    log.info("downloading %s", ", ".join(f"{n}={v}" for n, v in wanted))
+    # The temporary directory is private to root; don't try to drop to _apt.
     argv = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download"]
-    argv += [f"{p.name}={p.version}" for p in packages]
+    argv += [f"{n}={v}" for n, v in wanted]
     try:
-        _run("download guest packages", argv, cwd=directory)
+        _run(f"download {', '.join(n for n, _ in wanted)}", argv, cwd=directory)
     except GuestBuildError as exc:
         raise _StaleAptLists(str(exc)) from exc
     files = []
-    for p in packages:
-        found = sorted(directory.glob(f"{p.name}_*.deb"))
+    for name, _ in wanted:
+        found = sorted(directory.glob(f"{name}_*.deb"))
         if len(found) != 1:
-            raise GuestBuildError(f"download {p.name}: expected one .deb, found {found}")
+            raise GuestBuildError(f"download {name}: expected one .deb, found {found}")
         files.append(found[0])
     return files
 
