@@ -18,7 +18,7 @@ from typing import Protocol
 
 import pytest
 
-from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader
+from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader, PairRecord
 from coloft.arbiter.embedded import ETCD_BINARY, EtcdProcess, start_etcd
 from coloft.arbiter.etcd import EtcdArbiter
 from coloft.arbiter.memory import MemoryArbiter
@@ -275,6 +275,23 @@ def test_the_protection_switch_needs_the_current_epoch_and_outlives_leaders(
     run(harness, scenario)
 
 
+def test_record_reads_leader_sync_and_switch_of_that_pair_only(harness: Harness, pair: str) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        assert await arb.record(pair) == PairRecord(None, None, None)
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.set_sync(pair, "b", won.epoch)
+        assert await arb.set_protection(pair, False, won.epoch)
+        # A pair whose name extends this one's must not show up in its record.
+        longer = must_lead(await arb.acquire(pair + "0", "b", TTL_S), "b")
+        assert await arb.set_sync(pair + "0", "a", longer.epoch)
+        assert await arb.record(pair) == PairRecord(won, "b", False)
+        assert await arb.record(pair + "0") == PairRecord(longer, "a", None)
+        await arb.resign(pair, "a", won.epoch)
+        assert await arb.record(pair) == PairRecord(None, "b", False)
+
+    run(harness, scenario)
+
+
 def test_resign_needs_our_epoch(harness: Harness, pair: str) -> None:
     async def scenario(arb: Arbiter) -> None:
         won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
@@ -298,6 +315,7 @@ def _calls(pair: str) -> list[tuple[str, Callable[[Arbiter], Awaitable[object]]]
         ("set_sync", lambda a: a.set_sync(pair, "b", 1)),
         ("clear_sync", lambda a: a.clear_sync(pair, 1)),
         ("sync", lambda a: a.sync(pair)),
+        ("record", lambda a: a.record(pair)),
     ]
 
 

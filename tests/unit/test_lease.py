@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from coloft.core.lease import LeaseTiming, fence_at, may_act, must_fence, problems
+from coloft.core.lease import (
+    STEADY_READ_S,
+    LeaseTiming,
+    fence_at,
+    may_act,
+    must_fence,
+    problems,
+    read_due,
+)
 
 
 def test_default_timing_is_safe() -> None:
@@ -34,3 +42,10 @@ def test_may_act_only_with_a_known_valid_lease() -> None:
     assert not may_act(5.0, None, t)
     assert may_act(5.0, 4.0, t)
     assert not may_act(10.0, 4.0, t)
+
+
+def test_a_steady_pair_reads_its_arbiter_less_often_and_any_other_every_tick() -> None:
+    assert read_due(5.0, None, steady=True), "the first tick always reads"
+    assert not read_due(5.0 + STEADY_READ_S - 0.01, 5.0, steady=True)
+    assert read_due(5.0 + STEADY_READ_S, 5.0, steady=True)
+    assert read_due(5.01, 5.0, steady=False)

@@ -16,8 +16,8 @@ def families(m: Metrics) -> dict[str, object]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-def value(m: Metrics, sample: str, **labels: str) -> float:
-    want = {"pair": "demo", "node": "a", **labels}
+def value(m: Metrics, sample: str, pair: str | None = "demo", **labels: str) -> float:
+    want = {"node": "a", **labels} if pair is None else {"pair": pair, "node": "a", **labels}
     for f in text_string_to_metric_families(m.render().decode()):
         for s in f.samples:
             if s.name == sample and s.labels == want:
@@ -94,9 +94,22 @@ def test_link_counters_count_on_when_the_interface_starts_over() -> None:
     m.link_seen({"rx_bytes": 1000, "tx_bytes": 500, "rx_dropped": 0, "tx_dropped": 0})
     m.link_seen({"rx_bytes": 1600, "tx_bytes": 700, "rx_dropped": 2, "tx_dropped": 0})
     m.link_seen({"rx_bytes": 100, "tx_bytes": 50, "rx_dropped": 0, "tx_dropped": 0})
-    assert value(m, "coloft_replication_link_bytes_total", direction="rx") == 700
-    assert value(m, "coloft_replication_link_bytes_total", direction="tx") == 250
-    assert value(m, "coloft_replication_link_dropped_packets_total", direction="rx") == 2
+    rx = value(m, "coloft_replication_link_bytes_total", pair=None, direction="rx")
+    assert rx == 700
+    assert value(m, "coloft_replication_link_bytes_total", pair=None, direction="tx") == 250
+    dropped = value(m, "coloft_replication_link_dropped_packets_total", pair=None, direction="rx")
+    assert dropped == 2
+
+
+def test_the_host_link_is_counted_once_whatever_the_number_of_pairs() -> None:
+    shared = Families()
+    one, two = Metrics("vm0", "a", shared), Metrics("vm1", "a", shared)
+    one.link_seen({"rx_bytes": 1000, "tx_bytes": 10})
+    two.link_seen({"rx_bytes": 1000, "tx_bytes": 10})
+    one.link_seen({"rx_bytes": 1500, "tx_bytes": 10})
+    two.link_seen({"rx_bytes": 1500, "tx_bytes": 10})
+    two.link_seen({"rx_bytes": 1800, "tx_bytes": 10})
+    assert value(one, "coloft_replication_link_bytes_total", pair=None, direction="rx") == 800
 
 
 def test_pairs_of_one_agent_share_the_families() -> None:

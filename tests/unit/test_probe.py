@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from coloft.effects.probe import SETTLE_S, IcmpProbe, echo_request
+import asyncio
+
+from coloft.effects.probe import SETTLE_S, IcmpProbe, _SharedSocket, echo_request
 
 
 def probe_with(sends: list[float]) -> IcmpProbe:
@@ -68,3 +70,23 @@ def test_echo_request_checksum_is_valid() -> None:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     assert total == 0xFFFF
+
+
+def test_probes_of_one_process_share_a_socket_and_get_only_their_replies() -> None:
+    # Against the loopback addresses: the kernel answers the echoes itself.
+    async def scenario() -> tuple[IcmpProbe, IcmpProbe, int]:
+        one, two = IcmpProbe("127.0.0.1", None, every_s=0.05), IcmpProbe("127.0.0.2", None, 0.05)
+        tasks = [asyncio.create_task(p.run()) for p in (one, two)]
+        await asyncio.sleep(0.4)
+        open_sockets = len(_SharedSocket.sockets)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return one, two, open_sockets
+
+    one, two, open_sockets = asyncio.run(scenario())
+    assert open_sockets == 1 and not _SharedSocket.sockets, "one socket, closed after"
+    assert one.ident != two.ident
+    for p in (one, two):
+        # Each probe counted its own replies only: never more answers than echoes sent.
+        assert p.sent >= 5 and p.sent - 1 <= len(p.answers) <= p.sent, (p.sent, len(p.answers))

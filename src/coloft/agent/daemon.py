@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from coloft.agent import api, journal
@@ -29,9 +28,9 @@ from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
-from coloft.core.lease import LeaseTiming, fence_at
+from coloft.core.lease import LeaseTiming, fence_at, read_due
 from coloft.core.ports import HEARTBEAT, NBD, port
-from coloft.effects import certs, link, sdnotify
+from coloft.effects import certs, link, sdnotify, sockets
 from coloft.effects.executor import run_steps
 from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
 from coloft.effects.local_qemu import LocalQemu
@@ -49,6 +48,7 @@ TICK_S = 0.1
 MIN_WAIT_S = 0.005
 TERMINAL = (State.FENCED, State.DOWN, State.STOPPED)
 POLL_S = 0.2
+FULL_POLL_S = 1.0
 CHANNEL_POLL_S = 0.1
 SYNC_POLL_S = 0.25
 # A probe that goes unanswered this long after the guest rebooted is the reboot's.
@@ -101,6 +101,7 @@ class Agent:
         self.progress = ""
         self.qemu: LocalQemu | None = None
         self.side: SideStatus | None = None
+        self.side_due = True  # the next QEMU poll asks for everything
         self.hung = False
         self.ready = False
         self.planned_role: Role | None = None
@@ -114,6 +115,7 @@ class Agent:
         self.switch: bool | None = None
         self.arbiter_ok = False
         self.arbiter_error: str | None = None
+        self.read_at: float | None = None  # when the arbiter was last read
         self.intent: Intent | None = None
         self.intent_until = 0.0
         self.intent_answer: dict[str, Any] | None = None
@@ -227,24 +229,15 @@ class Agent:
         )
 
     async def _read_arbiter(self) -> None:
-        leader, sync, switch = await asyncio.gather(
-            self.arbiter.leader(self.pair),
-            self.arbiter.sync(self.pair),
-            self.arbiter.protection(self.pair),
-            return_exceptions=True,
-        )
-        for answer in (leader, sync, switch):
-            if isinstance(answer, Exception):
-                # Whatever went wrong, the arbiter did not answer: never act on it.
-                if not isinstance(answer, ColoftError):
-                    log.error("arbiter read failed unexpectedly: %r", answer)
-                self.arbiter_ok, self.arbiter_error = False, str(answer) or repr(answer)
-                return
-            if isinstance(answer, BaseException):
-                raise answer
-        assert not isinstance(leader, BaseException) and not isinstance(sync, BaseException)
-        assert not isinstance(switch, BaseException)
-        self.leader, self.sync, self.switch = leader, sync, switch
+        try:
+            record = await self.arbiter.record(self.pair)
+        except Exception as e:
+            # Whatever went wrong, the arbiter did not answer: never act on it.
+            if not isinstance(e, ColoftError):
+                log.error("arbiter read failed unexpectedly: %r", e)
+            self.arbiter_ok, self.arbiter_error = False, str(e) or repr(e)
+            return
+        self.leader, self.sync, self.switch = record.leader, record.sync, record.protection
         self.arbiter_ok, self.arbiter_error = True, None
 
     def _observation(self, now: float) -> Observation:
@@ -347,9 +340,23 @@ class Agent:
         except TimeoutError:
             self.arbiter_ok, self.arbiter_error = False, "no answer before my fencing point"
 
+    def _steady(self, now: float) -> bool:
+        """Settled in COLO with the peer heard on every path, nothing under way."""
+        view, timeout = self.heartbeat.peer, self.spec.heartbeat.timeout_s
+        return (
+            self.state in (State.PRIMARY, State.SECONDARY)
+            and self.intent is None
+            and (self.busy is None or self.busy.done())
+            and self._in_colo()
+            and all(view.fresh(p, now, timeout) for p in view.paths)
+        )
+
     async def _tick(self) -> None:
         epoch = self.my_epoch
-        await self._bounded(self._read_arbiter())
+        now = time.monotonic()
+        if read_due(now, self.read_at, self._steady(now)):
+            self.read_at = now
+            await self._bounded(self._read_arbiter())
         if self.my_epoch != epoch:
             # Leadership changed while we read (the bring-up acquired): that read is stale.
             if self.my_epoch is not None:
@@ -983,10 +990,18 @@ class Agent:
     # ---------------------------------------------------------------- loops
 
     async def _poll_qemu(self) -> None:
+        full_at = 0.0
         while True:
             q = self.qemu
             if q is not None and q.alive() and (self.busy is None or self.busy.done()):
-                self.side = await q.query()
+                now = time.monotonic()
+                # COLO mode and migration status change by our own steps or with a
+                # QEMU event; between those, the run state alone keeps the monitor
+                # watched (hung) and a full answer every FULL_POLL_S bounds staleness.
+                full = self.side_due or now - full_at >= FULL_POLL_S
+                self.side = await q.query(None if full else self.side)
+                if full:
+                    self.side_due, full_at = False, now
                 hung = await q.hung(time.monotonic())
                 if hung and not self.hung:
                     self.note(
@@ -994,6 +1009,8 @@ class Agent:
                     )
                     self.wake.set()
                 self.hung = hung
+            else:
+                self.side_due = True
             await asyncio.sleep(POLL_S)
 
     async def _watch_path(self) -> None:
@@ -1003,8 +1020,7 @@ class Agent:
             if q is not None and q.alive() and self._in_colo():
                 wanted = channels.endpoints(q.role, self.node, self.peer)
                 try:
-                    text = await asyncio.to_thread(Path("/proc/net/tcp").read_text)
-                    self.channels = channels.assess(channels.parse_proc_net_tcp(text), wanted)
+                    self.channels = channels.assess(sockets.tcp_sockets(), wanted)
                 except OSError as e:
                     log.warning("cannot read /proc/net/tcp: %s", e)
                 else:
@@ -1041,6 +1057,7 @@ class Agent:
             if isinstance(offset, int) and isinstance(length, int):
                 self._count_sync((offset, length), r)
         # COLO_EXIT and the like: shown on the timeline; state comes from polling.
+        self.side_due = True
         if kind in QEMU_EVENTS_SHOWN:
             self.note("qemu", f"QEMU event {kind} {data}", logging.WARNING)
             self.wake.set()

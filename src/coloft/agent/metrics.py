@@ -94,16 +94,37 @@ class Families:
         self.compare_drops = counter(
             "coloft_compare_dropped_packets", "Packets colo-compare dropped on a full queue"
         )
-        self.link_bytes = counter(
+        # The link belongs to the host, not to a pair: no pair label, and counted once
+        # however many pairs hand over the same readings.
+        self.link_bytes = Counter(
             "coloft_replication_link_bytes",
             "Bytes through this host's replication-link interface, by direction",
-            "direction",
+            ("node", "direction"),
+            registry=r,
         )
-        self.link_dropped = counter(
+        self.link_dropped = Counter(
             "coloft_replication_link_dropped_packets",
             "Packets this host's replication-link interface dropped, by direction",
-            "direction",
+            ("node", "direction"),
+            registry=r,
         )
+        self._link: dict[str, dict[str, int]] = {}
+
+    def link_seen(self, node: str, counters: dict[str, int]) -> None:
+        seen = self._link.setdefault(node, {})
+        for key, metric, direction in (
+            ("rx_bytes", self.link_bytes, "rx"),
+            ("tx_bytes", self.link_bytes, "tx"),
+            ("rx_dropped", self.link_dropped, "rx"),
+            ("tx_dropped", self.link_dropped, "tx"),
+        ):
+            if key not in counters:
+                continue
+            before = seen.get(key, counters[key])
+            # The interface counts from zero again when it is made anew.
+            delta = counters[key] - before if counters[key] >= before else counters[key]
+            metric.labels(node=node, direction=direction).inc(delta)
+            seen[key] = counters[key]
 
 
 class Metrics:
@@ -129,9 +150,7 @@ class Metrics:
         self.qmp_errors = f.qmp_errors
         self.compare_timeouts = f.compare_timeouts
         self.compare_drops = f.compare_drops
-        self.link_bytes = f.link_bytes
-        self.link_dropped = f.link_dropped
-        self._link: dict[str, int] = {}
+        self.families = f
         self._seen = {
             "checkpoints": 0,
             "forced": 0,
@@ -191,19 +210,7 @@ class Metrics:
             self._seen[key] = total
 
     def link_seen(self, counters: dict[str, int]) -> None:
-        for key, metric, direction in (
-            ("rx_bytes", self.link_bytes, "rx"),
-            ("tx_bytes", self.link_bytes, "tx"),
-            ("rx_dropped", self.link_dropped, "rx"),
-            ("tx_dropped", self.link_dropped, "tx"),
-        ):
-            if key not in counters:
-                continue
-            before = self._link.get(key, counters[key])
-            # The interface counts from zero again when it is made anew.
-            delta = counters[key] - before if counters[key] >= before else counters[key]
-            metric.labels(**self.labels, direction=direction).inc(delta)
-            self._link[key] = counters[key]
+        self.families.link_seen(self.labels["node"], counters)
 
     def failover(self, action: str, cause: str) -> None:
         self.failovers.labels(**self.labels, action=action, cause=cause or "unknown").inc()

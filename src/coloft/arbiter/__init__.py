@@ -5,6 +5,7 @@ from coloft.arbiter.base import (
     Arbiter,
     ArbiterUnavailable,
     Leader,
+    PairRecord,
     leader_key,
     sync_key,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "Arbiter",
     "ArbiterUnavailable",
     "Leader",
+    "PairRecord",
     "leader_key",
     "sync_key",
 ]

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from coloft.errors import ConfigError, TransientError
 from coloft.model.leader import Leader as Leader  # re-exported for backends
+from coloft.model.leader import PairRecord as PairRecord
 
 DEFAULT_DEADLINE_S = 1.0
 
@@ -48,6 +49,11 @@ def sync_key(pair: str) -> str:
 
 def protection_key(pair: str) -> str:
     return f"/coloft/{pair}/protection"
+
+
+def pair_prefix(pair: str) -> str:
+    """The prefix of every key of one pair (the slash keeps vm1 apart from vm10)."""
+    return f"/coloft/{pair}/"
 
 
 class Arbiter(Protocol):
@@ -96,6 +102,10 @@ class Arbiter(Protocol):
 
     async def protection(self, pair: str) -> bool | None:
         """The switch: True on, False off, None never set (the spec decides)."""
+        ...
+
+    async def record(self, pair: str) -> PairRecord:
+        """Leader, sync and switch in one read: what an agent needs every tick."""
         ...
 
     async def close(self) -> None:

@@ -34,7 +34,9 @@ from coloft.arbiter.base import (
     DEFAULT_DEADLINE_S,
     ArbiterUnavailable,
     Leader,
+    PairRecord,
     leader_key,
+    pair_prefix,
     parse_endpoint,
     protection_key,
     sync_key,
@@ -220,6 +222,21 @@ class EtcdArbiter:
             return None if kv is None else kv.value == b"on"
 
         return await self._call(f"read protection switch of {pair}", body)
+
+    async def record(self, pair: str) -> PairRecord:
+        leader_k, sync_k = leader_key(pair).encode(), sync_key(pair).encode()
+        switch_k = protection_key(pair).encode()
+
+        async def body(c: Any) -> PairRecord:
+            kvs = {kv.key: kv for kv in await c.get_prefix(pair_prefix(pair).encode())}
+            lead, sync, switch = kvs.get(leader_k), kvs.get(sync_k), kvs.get(switch_k)
+            return PairRecord(
+                None if lead is None else Leader(lead.value.decode(), int(lead.create_revision)),
+                None if sync is None else str(sync.value.decode()),
+                None if switch is None else switch.value == b"on",
+            )
+
+        return await self._call(f"read {pair}", body)
 
     async def close(self) -> None:
         client, self._client = self._client, None

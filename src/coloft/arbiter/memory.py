@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coloft.arbiter.base import ArbiterUnavailable, Leader
+from coloft.arbiter.base import ArbiterUnavailable, Leader, PairRecord
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ class MemoryArbiter:
     async def protection(self, pair: str) -> bool | None:
         self._check("protection")
         return self._protection.get(pair)
+
+    async def record(self, pair: str) -> PairRecord:
+        self._check("record")
+        current = self._live(pair)
+        leader = None if current is None else Leader(current.node, current.epoch)
+        return PairRecord(leader, self._sync.get(pair), self._protection.get(pair))
 
     async def close(self) -> None:
         return None

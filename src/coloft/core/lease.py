@@ -57,3 +57,20 @@ def must_fence(now: float, renew_sent_at: float, t: LeaseTiming) -> bool:
 def may_act(now: float, renew_sent_at: float | None, t: LeaseTiming) -> bool:
     """A node acts as leader only on a lease it knows is still valid."""
     return renew_sent_at is not None and not must_fence(now, renew_sent_at, t)
+
+
+# How often a steady pair reads its arbiter record (read_due).
+STEADY_READ_S = 0.5
+
+
+def read_due(now: float, last_read_at: float | None, steady: bool) -> bool:
+    """Whether an agent reads the arbiter on this tick.
+
+    In a steady pair (both settled in COLO, hearing each other on every path, no
+    operator intent or long step under way) nothing an agent must act on at once can
+    change in the arbiter unseen: the leader's renewals guard its own lease, and a
+    peer that dies or is cut off goes silent here before its lease can expire. Such a
+    pair reads every STEADY_READ_S (for the operator's switch, shown state); any other
+    reads every tick.
+    """
+    return last_read_at is None or not steady or now - last_read_at >= STEADY_READ_S

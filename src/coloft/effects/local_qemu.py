@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from coloft.core import health
@@ -165,15 +166,19 @@ class LocalQemu:
 
         loop.add_reader(fd, exited)
 
-    async def query(self) -> SideStatus:
-        """Run state and COLO mode, each call bounded; errors become part of the status."""
+    async def query(self, last: SideStatus | None = None) -> SideStatus:
+        """Run state, COLO mode and migration status, each call bounded; errors become
+        part of the status. Given the last full answer, only the run state is asked
+        for and the rest kept (the cheap poll between full ones)."""
         role = self.role.value
         if self.proc is None or self.session is None or not self.alive():
             return SideStatus(self.node.name, role, self.pid, False)
         try:
             t0 = time.monotonic()
             run = await self.session.execute("query-status", deadline_s=QUERY_DEADLINE_S)
-            qmp_ms = (time.monotonic() - t0) * 1000.0
+            qmp_ms = round((time.monotonic() - t0) * 1000.0, 2)
+            if last is not None and last.alive and last.error is None and last.role == role:
+                return replace(last, run_state=run.get("status"), qmp_ms=qmp_ms)
             colo = await self.session.execute("query-colo-status", deadline_s=QUERY_DEADLINE_S)
             mig = await self.session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S)
         except ColoftError as e:
@@ -187,7 +192,7 @@ class LocalQemu:
             colo_mode=colo.get("mode"),
             colo_reason=colo.get("reason"),
             migration=mig.get("status"),
-            qmp_ms=round(qmp_ms, 2),
+            qmp_ms=qmp_ms,
         )
 
     async def hung(self, now: float) -> bool:

@@ -17,12 +17,14 @@ a dead channel whose flushes keep the probe answered shows on its socket instead
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
 import struct
 import time
 from collections import deque
+from typing import ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,71 @@ def echo_request(ident: int, seq: int) -> bytes:
 SETTLE_S = 0.02
 
 
+_idents = itertools.count(os.getpid())
+
+
+class _SharedSocket:
+    """One raw ICMP socket per source address for all probes of this process.
+
+    A raw socket is handed every ICMP packet the host receives: with a socket per
+    probe, each of N probes would read the replies of all N. Here each reply is read
+    once and given to the probe its echo identifier names, if it came from that
+    probe's target.
+    """
+
+    sockets: ClassVar[dict[str | None, _SharedSocket]] = {}
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.sock.setblocking(False)
+        if source:
+            self.sock.bind((source, 0))
+        self.probes: dict[int, IcmpProbe] = {}
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    @classmethod
+    def join(cls, probe: IcmpProbe) -> _SharedSocket:
+        shared = cls.sockets.get(probe.source)
+        if shared is None:
+            shared = cls.sockets[probe.source] = cls(probe.source)
+        for _ in range(1 << 16):
+            ident = next(_idents) & 0xFFFF
+            if ident not in shared.probes:
+                break
+        else:
+            raise RuntimeError("every ICMP echo identifier is in use")
+        probe.ident = ident
+        shared.probes[ident] = probe
+        return shared
+
+    def leave(self, probe: IcmpProbe) -> None:
+        if self.probes.get(probe.ident) is probe:
+            del self.probes[probe.ident]
+        if not self.probes:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            if self.sockets.get(self.source) is self:
+                del self.sockets[self.source]
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data, (sender, _port) = self.sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.debug("probe recv: %s", e)
+                return
+            header = (data[0] & 0x0F) * 4
+            if len(data) < header + 8:
+                continue
+            kind, _code, _sum, ident, seq = struct.unpack("!BBHHH", data[header : header + 8])
+            probe = self.probes.get(ident)
+            if kind == ECHO_REPLY and probe is not None and sender == probe.target:
+                probe.replied(seq, time.monotonic())
+
+
 class IcmpProbe:
     """Sends an echo every `every_s`. A probe is *answered* when its reply came within
     `budget_s`, *proven* when, besides, no checkpoint began in between. `late_s` is
@@ -63,7 +130,7 @@ class IcmpProbe:
         self.source = source
         self.every_s = every_s
         self.budget_s = budget_s
-        self.ident = os.getpid() & 0xFFFF
+        self.ident = 0  # given by the shared socket when the probe runs
         self.seq = 0
         self.outstanding: dict[int, float] = {}
         # Replies not judged for proof yet: (sent, replied), in arrival order.
@@ -76,34 +143,11 @@ class IcmpProbe:
         self.rtts_ms: deque[float] = deque(maxlen=600)
         self.matched = 0  # all matched replies so far (rtts_ms keeps the last ones)
         self.sent = 0
-        self._sock: socket.socket | None = None
 
-    def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        sock.setblocking(False)
-        if self.source:
-            sock.bind((self.source, 0))
-        return sock
-
-    def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(2048)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                log.debug("probe recv: %s", e)
-                return
-            header = (data[0] & 0x0F) * 4
-            if len(data) < header + 8:
-                continue
-            kind, _code, _sum, ident, seq = struct.unpack("!BBHHH", data[header : header + 8])
-            if kind != ECHO_REPLY or ident != self.ident:
-                continue
-            sent_at = self.outstanding.pop(seq, None)
-            if sent_at is not None:
-                self.answered(sent_at, time.monotonic())
+    def replied(self, seq: int, now: float) -> None:
+        sent_at = self.outstanding.pop(seq, None)
+        if sent_at is not None:
+            self.answered(sent_at, now)
 
     def answered(self, sent: float, replied: float) -> None:
         """A reply came: it counts at once as an answer, later (settle) as proof."""
@@ -141,9 +185,7 @@ class IcmpProbe:
         return self.late_s(now) > self.budget_s
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sock = self._open()
-        loop.add_reader(self._sock.fileno(), self._readable)
+        shared = _SharedSocket.join(self)
         try:
             while True:
                 now = time.monotonic()
@@ -154,7 +196,7 @@ class IcmpProbe:
                     self.on_time_streak = 0
                 self.seq = (self.seq + 1) & 0xFFFF
                 try:
-                    self._sock.sendto(echo_request(self.ident, self.seq), (self.target, 0))
+                    shared.sock.sendto(echo_request(self.ident, self.seq), (self.target, 0))
                     self.outstanding[self.seq] = now
                     self.unanswered.append(now)
                     self.unproven.append(now)
@@ -163,6 +205,4 @@ class IcmpProbe:
                     log.debug("probe send: %s", e)
                 await asyncio.sleep(self.every_s)
         finally:
-            loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+            shared.leave(self)

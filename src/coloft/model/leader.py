@@ -12,3 +12,14 @@ class Leader:
 
     node: str
     epoch: int
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """Everything the arbiter keeps about a pair, read at one revision: the leader,
+    the node allowed to take over (sync) and the operator's protection switch
+    (None: never set)."""
+
+    leader: Leader | None
+    sync: str | None
+    protection: bool | None
