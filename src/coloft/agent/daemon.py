@@ -29,6 +29,7 @@ from coloft.core import channels, choreography, compare_log, failover, health, p
 from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at, read_due
+from coloft.core.pace import until_beat
 from coloft.core.ports import HEARTBEAT, NBD, port
 from coloft.effects import certs, link, sdnotify, sockets
 from coloft.effects.executor import run_steps
@@ -1011,7 +1012,7 @@ class Agent:
                 self.hung = hung
             else:
                 self.side_due = True
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(until_beat(POLL_S, time.monotonic()))
 
     async def _watch_path(self) -> None:
         """Channel sockets on both sides; the probe on the leader while in COLO."""
@@ -1039,7 +1040,7 @@ class Agent:
             elif not probing and self.probe_task is not None:
                 self.probe_task.cancel()
                 self.probe_task, self.probe = None, None
-            await asyncio.sleep(CHANNEL_POLL_S)
+            await asyncio.sleep(until_beat(CHANNEL_POLL_S, time.monotonic()))
 
     def _read_link(self) -> None:
         if self.link_iface is None:
@@ -1181,12 +1182,13 @@ class Agent:
             await self._tick()
             self.notifier.alive()
             # Sleep to the next tick, but a leader never sleeps past its fencing point.
-            wait = min(TICK_S, self._until_peer_silent())
+            wait = min(until_beat(TICK_S, time.monotonic()), self._until_peer_silent())
             if self.renew_sent_at is not None:
                 left = fence_at(self.renew_sent_at, self.timing) - time.monotonic()
                 wait = max(MIN_WAIT_S, min(wait, left))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
             self.wake.clear()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -24,8 +24,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+
+# gRPC's fork handlers, read when gRPC loads: the agent forks only to exec QEMU at
+# once, and a fork that met a call in flight aborted that QEMU before its exec
+# (measured: three pairs launching on one beat, exit -6).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd  # type: ignore[import-untyped]
 from aetcd import exceptions as etcd_errors

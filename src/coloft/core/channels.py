@@ -1,8 +1,9 @@
 """Which COLO channel is broken, from the kernel's view of its TCP sockets. Pure.
 
 Every channel is a TCP connection between the two hosts' replication addresses;
-/proc/net/tcp tells, per socket, how many bytes the peer has not acknowledged and
-how many retransmissions or probes are running. A channel whose packets are
+the kernel (sock_diag over netlink, or /proc/net/tcp) tells, per socket, how
+many bytes the peer has not acknowledged and how many retransmissions or probes
+are running. A channel whose packets are
 silently dropped keeps unacknowledged bytes under retransmission; one that was
 reset has no connection at all. These signals only *name* the broken link: the
 verdict that the comparison path is broken comes from the active probe, so that
@@ -11,6 +12,7 @@ a retransmission on a busy but healthy network never claims a failure.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from coloft.core import ports
@@ -18,6 +20,7 @@ from coloft.model.spec import NodeSpec
 from coloft.model.steps import Role
 
 ESTABLISHED = 0x01
+LISTEN = 0x0A
 
 DESCRIPTION = {
     "mirror": "mirror channel (primary -> secondary input)",
@@ -67,6 +70,52 @@ def parse_proc_net_tcp(text: str) -> list[TcpSocket]:
         except ValueError:
             continue
     return found
+
+
+# sock_diag's answer per socket (linux/inet_diag.h): struct inet_diag_msg, then
+# attributes; INET_DIAG_INFO carries struct tcp_info, whose third and fourth bytes
+# are the retransmission and probe counts /proc/net/tcp shows.
+DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")
+INET_DIAG_INFO = 2
+
+
+def parse_sock_diag(messages: list[bytes]) -> list[TcpSocket]:
+    """The IPv4 sockets of a sock_diag dump (one inet_diag_msg with its attributes
+    per message); short or malformed messages are skipped."""
+    found = []
+    for m in messages:
+        if len(m) < DIAG_MSG.size:
+            continue
+        family, state, _timer, retrans, sport, dport, src, dst, *_, wqueue, _uid, _ino = (
+            DIAG_MSG.unpack_from(m)
+        )
+        if family != 2:  # AF_INET
+            continue
+        retransmits, probes = retrans, 0
+        off = DIAG_MSG.size
+        while off + 4 <= len(m):
+            length, kind = struct.unpack_from("=HH", m, off)
+            if length < 4:
+                break
+            if kind == INET_DIAG_INFO and length >= 8:
+                retransmits, probes = m[off + 6], m[off + 7]
+            off += (length + 3) & ~3
+        found.append(
+            TcpSocket(
+                local=(_ipv4(src), int.from_bytes(sport, "big")),
+                remote=(_ipv4(dst), int.from_bytes(dport, "big")),
+                state=state,
+                # A listener's write queue field is its backlog, not bytes in flight.
+                unacked=0 if state == LISTEN else wqueue,
+                retransmits=retransmits,
+                probes=probes,
+            )
+        )
+    return found
+
+
+def _ipv4(raw: bytes) -> str:
+    return ".".join(str(b) for b in raw[:4])
 
 
 @dataclass(frozen=True)

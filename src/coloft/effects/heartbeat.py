@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coloft.core.pace import until_beat
+
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 4096
@@ -204,8 +206,10 @@ class Heartbeat:
     async def run(self) -> None:
         while True:
             self._send()
+            wait = until_beat(self.interval_s, time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.interval_s)
+                async with asyncio.timeout(wait):
+                    await self._kick.wait()
             self._kick.clear()
 
     def close(self) -> None:

@@ -26,6 +26,8 @@ import time
 from collections import deque
 from typing import ClassVar
 
+from coloft.core.pace import until_beat
+
 log = logging.getLogger(__name__)
 
 ECHO_REQUEST, ECHO_REPLY = 8, 0
@@ -203,6 +205,6 @@ class IcmpProbe:
                     self.sent += 1
                 except OSError as e:
                     log.debug("probe send: %s", e)
-                await asyncio.sleep(self.every_s)
+                await asyncio.sleep(until_beat(self.every_s, time.monotonic()))
         finally:
             shared.leave(self)
