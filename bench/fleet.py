@@ -145,7 +145,22 @@ def main() -> int:
             f"| {m.get('a')} / {m.get('b')} | {r['gap_ms_p50']} / {r['gap_ms_max']} "
             f"| {r['taken_over']}/{r['pairs']} | {r['lost_acked_writes']} |"
         )
+    if len(rows) > 1:
+        fixed, per_pair = fit([(r["pairs"], max(r["agent_cpu_pct"].values())) for r in rows])
+        print(
+            f"busier agent ~ {fixed:.2f} % + {per_pair:.2f} % per pair "
+            f"(least squares): 10 pairs ~ {fixed + 10 * per_pair:.1f} % of a core"
+        )
     return 0
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through (pairs, CPU %)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
 
 
 if __name__ == "__main__":

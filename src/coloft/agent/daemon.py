@@ -1000,9 +1000,10 @@ class Agent:
                 # QEMU event; between those, the run state alone keeps the monitor
                 # watched (hung) and a full answer every FULL_POLL_S bounds staleness.
                 full = self.side_due or now - full_at >= FULL_POLL_S
-                self.side = await q.query(None if full else self.side)
                 if full:
+                    # Cleared before asking: an event during the query asks again.
                     self.side_due, full_at = False, now
+                self.side = await q.query(None if full else self.side)
                 hung = await q.hung(time.monotonic())
                 if hung and not self.hung:
                     self.note(
@@ -1023,7 +1024,7 @@ class Agent:
                 try:
                     self.channels = channels.assess(sockets.tcp_sockets(), wanted)
                 except OSError as e:
-                    log.warning("cannot read /proc/net/tcp: %s", e)
+                    log.warning("cannot read the TCP socket table: %s", e)
                 else:
                     self._reestablish(time.monotonic())
                 self._read_link()
