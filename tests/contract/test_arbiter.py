@@ -277,17 +277,32 @@ def test_the_protection_switch_needs_the_current_epoch_and_outlives_leaders(
 
 def test_record_reads_leader_sync_and_switch_of_that_pair_only(harness: Harness, pair: str) -> None:
     async def scenario(arb: Arbiter) -> None:
-        assert await arb.record(pair) == PairRecord(None, None, None)
+        assert await arb.record(pair) == PairRecord(None, None, None, None)
         won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
         assert await arb.set_sync(pair, "b", won.epoch)
         assert await arb.set_protection(pair, False, won.epoch)
         # A pair whose name extends this one's must not show up in its record.
         longer = must_lead(await arb.acquire(pair + "0", "b", TTL_S), "b")
         assert await arb.set_sync(pair + "0", "a", longer.epoch)
-        assert await arb.record(pair) == PairRecord(won, "b", False)
-        assert await arb.record(pair + "0") == PairRecord(longer, "a", None)
+        assert await arb.record(pair) == PairRecord(won, "b", False, "a")
+        assert await arb.record(pair + "0") == PairRecord(longer, "a", None, "b")
         await arb.resign(pair, "a", won.epoch)
-        assert await arb.record(pair) == PairRecord(None, "b", False)
+        assert await arb.record(pair) == PairRecord(None, "b", False, "a")
+
+    run(harness, scenario)
+
+
+def test_whoever_wins_the_lead_becomes_the_source_which_outlives_leases(
+    harness: Harness, pair: str
+) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.acquire(pair, "b", TTL_S) is None
+        assert (await arb.record(pair)).source == "a", "losing the race must not name b"
+        await arb.resign(pair, "a", won.epoch)
+        assert (await arb.record(pair)).source == "a", "the source must outlive the lease"
+        must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+        assert (await arb.record(pair)).source == "b"
 
     run(harness, scenario)
 

@@ -185,6 +185,61 @@ def test_a_restarted_host_is_taken_back_in(make_pair: MakePair, tmp_path: Path) 
     check_client(tmp_path, client, watch)
 
 
+def test_a_primary_lost_during_the_first_bring_up_starts_over(
+    make_pair: MakePair, tmp_path: Path
+) -> None:
+    """Its QEMU dies while it brings the pair up: after its backoff the agent starts
+    over as a restarted agent would (the guest never served, its disk is the source),
+    with no operator and no agent restart."""
+    pair = make_pair(lab_spec(interval_ms=2000))
+    pair.start()
+    pair.wait_for(
+        lambda s: bool(
+            (s["a"] or {}).get("state") == "starting"
+            and ((s["a"] or {}).get("qemu") or {}).get("pid")
+        ),
+        120,
+        "a's QEMU launched",
+    )
+    kill_qemu(pair, "a")
+    views = pair.wait_for(protected_by("a"), 240, "a protected after starting over")
+    a = views["a"]
+    assert a is not None
+    assert "my bring-up failed and nobody leads" in " ".join(e["text"] for e in a["events"])
+
+
+def test_after_a_survivor_ran_alone_the_pair_restarts_from_the_survivors_disk(
+    make_pair: MakePair, tmp_path: Path
+) -> None:
+    """b took over and served alone, then both agents stopped: nobody leads, and a is
+    the spec's primary, but a's disk lacks what b acknowledged. The pair comes back
+    with b primary (it led last) and a as the secondary whose disk is overwritten;
+    every write acknowledged while b ran alone reads back."""
+    pair = make_pair(lab_spec(interval_ms=2000, reprotect=False))
+    asyncio.run(up_and_serving(pair))
+    client, watch = start_load(pair, tmp_path, 12)
+    try:
+        time.sleep(3)
+        kill_qemu(pair, "a")
+        pair.wait_for(lambda s: (s["b"] or {}).get("state") == "alone", 20, "b alone")
+    finally:
+        watch.stop()
+    alone = check_client(tmp_path, client, watch)
+    assert alone["acked_writes"] > 100, alone
+    for node in ("a", "b"):
+        pair.signal_agent(node, signal.SIGTERM)
+    for proc in pair.agents.values():
+        proc.wait(30)
+    for node in ("a", "b"):
+        pair.start_agent(node)
+    views = pair.wait_for(protected_by("b"), 240, "the pair back with b primary")
+    a = views["a"]
+    assert a is not None
+    assert "b led last" in " ".join(e["text"] for e in a["events"]), a["events"]
+    checked = workload.verify(net.CLIENT_NS, TARGET, tmp_path / "acked.jsonl")
+    assert checked["lost_acked_writes"] == 0 and checked["wrong_values"] == 0, checked
+
+
 def test_a_secondary_lost_during_the_resync_is_dropped_and_retried(
     make_pair: MakePair, tmp_path: Path
 ) -> None:

@@ -170,6 +170,7 @@ def random_observation(rng: random.Random) -> Observation:
         protection_off=rng.random() < 0.2,
         guest_stopped=rng.random() < 0.1,
         peer_guest_stopped_s=rng.choice([None, None, 1.0, 5.0]),
+        bring_up_failed=rng.random() < 0.3,
     )
 
 
@@ -191,9 +192,13 @@ def test_safety_over_random_observations() -> None:
         if Act.GO_ALONE in d.actions:
             assert o.arbiter_ok and o.sync is None and holds, (state, o)
         if Act.REJOIN in d.actions:
-            # Only a node whose QEMU is gone offers itself, to a peer the arbiter says leads.
-            assert not o.qemu_alive and o.arbiter_ok and o.leader is not None, (state, o)
-            assert o.leader.node == o.peer and o.peer_state == "alone", (state, o)
+            # Only a node whose QEMU is gone starts over: offering itself to a peer the
+            # arbiter says leads alone, or, its bring-up failed, when nobody leads.
+            assert not o.qemu_alive and o.arbiter_ok, (state, o)
+            if o.leader is None:
+                assert o.bring_up_failed, (state, o)
+            else:
+                assert o.leader.node == o.peer and o.peer_state == "alone", (state, o)
         if state in (State.PRIMARY, State.ALONE) and d.state is State.STOPPED:
             # A leader stops (and resigns) only once nobody may take over.
             assert o.arbiter_ok and o.sync is None and o.guest_stopped, (state, o)
@@ -286,6 +291,19 @@ def test_first_role_after_a_start_or_restart(
     assert got is role and words in why
 
 
+@pytest.mark.parametrize(
+    ("node", "source", "role"),
+    [("a", "a", Role.PRIMARY), ("b", "a", Role.SECONDARY), ("b", "b", Role.PRIMARY)],
+)
+def test_a_pair_nobody_leads_starts_from_the_disk_of_whoever_led_last(
+    node: str, source: str, role: Role
+) -> None:
+    # b took over and ran alone, then died: a's disk (the spec's primary) is stale,
+    # so a may start only as the secondary whose disk the bring-up overwrites.
+    got, why = first_role(node, "a", None, None, source=source)
+    assert got is role and f"{source} led last" in why
+
+
 def test_hung_secondary_is_stopped_so_the_primary_hears_of_it() -> None:
     for leader in (Leader("a", 7), None):
         o = dataclasses.replace(SECONDARY_OK, qemu_hung=True, leader=leader)
@@ -354,6 +372,24 @@ def test_a_failed_node_rejoins_a_peer_that_leads_alone() -> None:
         dataclasses.replace(FAILED, peer_reprotecting=True),
     ):
         assert decide(State.DOWN, o, T).state is State.DOWN, o
+
+
+def test_a_node_whose_bring_up_failed_starts_over_once_nobody_leads() -> None:
+    failed = dataclasses.replace(FAILED, leader=None, peer_state="starting", bring_up_failed=True)
+    for state in (State.FENCED, State.DOWN):
+        d = decide(state, failed, T)
+        assert d.state is State.STARTING and d.actions == (Act.REJOIN,), d
+        assert "my bring-up failed and nobody leads" in d.reason
+    # Not while someone leads (that one decides), nor in backoff, nor blind, nor when
+    # it was not its own bring-up that failed.
+    for o in (
+        dataclasses.replace(failed, leader=Leader("b", 9), peer_state="starting"),
+        dataclasses.replace(failed, reprotect=False),
+        dataclasses.replace(failed, arbiter_ok=False),
+        dataclasses.replace(failed, bring_up_failed=False),
+        dataclasses.replace(failed, qemu_alive=True),
+    ):
+        assert decide(State.FENCED, o, T).state is State.FENCED, o
 
 
 def test_a_leader_alone_reprotects_a_ready_peer_and_is_primary_once_in_colo() -> None:

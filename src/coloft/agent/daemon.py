@@ -117,6 +117,8 @@ class Agent:
         self.arbiter_ok = False
         self.arbiter_error: str | None = None
         self.read_at: float | None = None  # when the arbiter was last read
+        self.source: str | None = None  # who led last: whose disk is current
+        self.bring_up_failed = False
         self.intent: Intent | None = None
         self.intent_until = 0.0
         self.intent_answer: dict[str, Any] | None = None
@@ -239,6 +241,7 @@ class Agent:
             self.arbiter_ok, self.arbiter_error = False, str(e) or repr(e)
             return
         self.leader, self.sync, self.switch = record.leader, record.sync, record.protection
+        self.source = record.source
         self.arbiter_ok, self.arbiter_error = True, None
 
     def _observation(self, now: float) -> Observation:
@@ -288,6 +291,7 @@ class Agent:
             peer_guest_stopped_s=None
             if self.peer_guest_stop_seen is None
             else now - self.peer_guest_stop_seen,
+            bring_up_failed=self.bring_up_failed,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -553,14 +557,19 @@ class Agent:
         if before is State.ALONE:
             # In COLO now, or fenced mid-way: either way no attempt is under way.
             self.reprotecting = False
-        done = ((State.ALONE, State.PRIMARY), (State.STARTING, State.SECONDARY))
+        done = (
+            (State.ALONE, State.PRIMARY),
+            (State.STARTING, State.SECONDARY),
+            (State.STARTING, State.PRIMARY),
+        )
         if (before, self.state) in done:
             self.backoff = self.backoff.succeeded()
         elif before is State.STARTING and self.state in TERMINAL:
+            self.bring_up_failed = True
             self.backoff = self.backoff.failed(now)
             self.note(
                 "reprotect",
-                f"joining failed; next try in {self.backoff.wait_s(now):.1f} s at the earliest",
+                f"starting failed; next try in {self.backoff.wait_s(now):.1f} s at the earliest",
                 logging.WARNING,
             )
 
@@ -580,7 +589,8 @@ class Agent:
         self.my_epoch, self.renew_sent_at = None, None
         self.targeted, self.peer_lost_noted = False, False
         self.channels = {}
-        self.note("reprotect", f"rejoining: offering myself to {self.peer.name} as its secondary")
+        self.bring_up_failed = False
+        self.note("reprotect", "starting over with a fresh QEMU")
         self.joining = asyncio.create_task(self._bring_up())
 
     def _start_reprotect(self) -> None:
@@ -1112,6 +1122,7 @@ class Agent:
             self.leader,
             peer_state,
             rejoin=self._may_reprotect(time.monotonic()),
+            source=self.source,
         )
         self.planned_role = role
         self.note("start", why)
@@ -1281,6 +1292,7 @@ class Agent:
             "epoch": self.my_epoch,
             "leader": None if leader is None else {"node": leader.node, "epoch": leader.epoch},
             "sync": self.sync,
+            "source": self.source,
             "protection_switch": {True: "on", False: "off", None: "spec"}[self.switch],
             "arbiter": {"ok": self.arbiter_ok, "error": self.arbiter_error},
             "qemu": {

@@ -51,6 +51,10 @@ def protection_key(pair: str) -> str:
     return f"/coloft/{pair}/protection"
 
 
+def source_key(pair: str) -> str:
+    return f"/coloft/{pair}/source"
+
+
 def pair_prefix(pair: str) -> str:
     """The prefix of every key of one pair (the slash keeps vm1 apart from vm10)."""
     return f"/coloft/{pair}/"
@@ -68,6 +72,9 @@ class Arbiter(Protocol):
 
         Returns None if another node leads. If `node` already holds the key (an
         earlier attempt whose answer was lost), returns that leadership as is.
+        Winning also names `node` the pair's source, in the same write: whoever
+        leads serves the guest from its own disk, so after it no other disk may
+        start the guest until it leads again (the source outlives every lease).
         """
         ...
 

@@ -45,6 +45,7 @@ from coloft.arbiter.base import (
     pair_prefix,
     parse_endpoint,
     protection_key,
+    source_key,
     sync_key,
 )
 from coloft.errors import ConfigError, ProtocolError
@@ -120,7 +121,11 @@ class EtcdArbiter:
             tx = c.transactions
             won, responses = await c.transaction(
                 compare=[tx.create(key) == 0],
-                success=[tx.put(key, node.encode(), lease=lease.id), tx.get(key)],
+                success=[
+                    tx.put(key, node.encode(), lease=lease.id),
+                    tx.put(source_key(pair).encode(), node.encode()),
+                    tx.get(key),
+                ],
                 failure=[tx.get(key)],
             )
             if not won:
@@ -231,15 +236,17 @@ class EtcdArbiter:
 
     async def record(self, pair: str) -> PairRecord:
         leader_k, sync_k = leader_key(pair).encode(), sync_key(pair).encode()
-        switch_k = protection_key(pair).encode()
+        switch_k, source_k = protection_key(pair).encode(), source_key(pair).encode()
 
         async def body(c: Any) -> PairRecord:
             kvs = {kv.key: kv for kv in await c.get_prefix(pair_prefix(pair).encode())}
             lead, sync, switch = kvs.get(leader_k), kvs.get(sync_k), kvs.get(switch_k)
+            source = kvs.get(source_k)
             return PairRecord(
                 None if lead is None else Leader(lead.value.decode(), int(lead.create_revision)),
                 None if sync is None else str(sync.value.decode()),
                 None if switch is None else switch.value == b"on",
+                None if source is None else str(source.value.decode()),
             )
 
         return await self._call(f"read {pair}", body)

@@ -32,6 +32,7 @@ class MemoryArbiter:
         self._leaders: dict[str, _Lease] = {}
         self._sync: dict[str, str] = {}
         self._protection: dict[str, bool] = {}
+        self._source: dict[str, str] = {}
         self.available = True
 
     def _check(self, op: str) -> None:
@@ -57,6 +58,7 @@ class MemoryArbiter:
             return Leader(current.node, current.epoch) if current.node == node else None
         epoch = self._bump()
         self._leaders[pair] = _Lease(node, epoch, ttl_s, self._clock() + ttl_s)
+        self._source[pair] = node
         return Leader(node, epoch)
 
     async def renew(self, pair: str, node: str, epoch: int) -> bool:
@@ -115,7 +117,9 @@ class MemoryArbiter:
         self._check("record")
         current = self._live(pair)
         leader = None if current is None else Leader(current.node, current.epoch)
-        return PairRecord(leader, self._sync.get(pair), self._protection.get(pair))
+        return PairRecord(
+            leader, self._sync.get(pair), self._protection.get(pair), self._source.get(pair)
+        )
 
     async def close(self) -> None:
         return None

@@ -133,6 +133,8 @@ class Observation:
     guest_stopped: bool = False
     # How long ago the peer's guest powered itself off (None: it did not).
     peer_guest_stopped_s: float | None = None
+    # My last bring-up (or rejoin) failed before reaching COLO.
+    bring_up_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,16 +383,26 @@ def _peer_alone(o: Observation) -> bool:
 
 
 def _rejoin(state: State, o: Observation) -> Decision | None:
-    """A failed node offers itself as the new secondary of a peer that leads alone."""
-    if not (o.reprotect and o.arbiter_ok and _peer_alone(o)) or o.peer_reprotecting:
+    """A failed node starts over: as the new secondary of a peer that leads alone, or,
+    when its own bring-up failed and nobody leads, as a restarted agent would (from
+    the source's disk: first_role)."""
+    if not (o.reprotect and o.arbiter_ok) or o.peer_reprotecting:
         return None
-    assert o.leader is not None
-    return Decision(
-        State.STARTING,
-        (Act.REJOIN,),
-        f"{o.peer} leads alone (epoch {o.leader.epoch}); rejoining as its new secondary "
-        f"(was {state.value}: my old copy is discarded)",
-    )
+    if _peer_alone(o):
+        assert o.leader is not None
+        return Decision(
+            State.STARTING,
+            (Act.REJOIN,),
+            f"{o.peer} leads alone (epoch {o.leader.epoch}); rejoining as its new secondary "
+            f"(was {state.value}: my old copy is discarded)",
+        )
+    if o.bring_up_failed and o.leader is None:
+        return Decision(
+            State.STARTING,
+            (Act.REJOIN,),
+            f"my bring-up failed and nobody leads; starting over (was {state.value})",
+        )
+    return None
 
 
 def first_role(
@@ -399,19 +411,28 @@ def first_role(
     leader: Leader | None,
     peer_state: str | None,
     rejoin: bool = False,
+    source: str | None = None,
 ) -> tuple[Role | None, str]:
     """What an agent that just started runs as, from who leads the pair now.
 
     Its QEMU died with its previous incarnation (if any). A pair nobody leads is
-    brought up as the spec says; a peer that leads and is still bringing the pair
-    up is joined as its secondary, and so is a peer that leads alone when
-    re-protection is on (`rejoin`); a node that finds the pair led otherwise (by
-    itself before a restart, or by a peer that has a secondary) has nothing to
-    offer until the leader runs alone.
+    brought up from its source's disk (the node that led last: only that disk holds
+    every acknowledged write), or as the spec says if it never ran; the other node
+    starts as the secondary, whose disk the bring-up overwrites. A peer that leads
+    and is still bringing the pair up is joined as its secondary, and so is a peer
+    that leads alone when re-protection is on (`rejoin`); a node that finds the
+    pair led otherwise (by itself before a restart, or by a peer that has a
+    secondary) has nothing to offer until the leader runs alone.
     """
     if leader is None:
-        role = Role.PRIMARY if node == designated_primary else Role.SECONDARY
-        return role, f"nobody leads; starting as {role.value} as the spec says"
+        primary = source or designated_primary
+        role = Role.PRIMARY if node == primary else Role.SECONDARY
+        if source is None:
+            return role, f"nobody leads; starting as {role.value} as the spec says"
+        return role, (
+            f"nobody leads; {source} led last and its disk is the current copy: "
+            f"starting as {role.value}"
+        )
     if leader.node == node:
         return None, f"I led (epoch {leader.epoch}) before a restart; my QEMU is gone: resigning"
     if peer_state == State.STARTING.value:

@@ -17,9 +17,11 @@ class Leader:
 @dataclass(frozen=True)
 class PairRecord:
     """Everything the arbiter keeps about a pair, read at one revision: the leader,
-    the node allowed to take over (sync) and the operator's protection switch
-    (None: never set)."""
+    the node allowed to take over (sync), the operator's protection switch (None:
+    never set) and the source: the node that took the lead last, whose disk holds
+    every write the guest acknowledged (None: the pair never ran)."""
 
     leader: Leader | None
     sync: str | None
     protection: bool | None
+    source: str | None = None
