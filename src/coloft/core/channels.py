@@ -3,11 +3,11 @@
 Every channel is a TCP connection between the two hosts' replication addresses;
 the kernel (sock_diag over netlink, or /proc/net/tcp) tells, per socket, how
 many bytes the peer has not acknowledged and how many retransmissions or probes
-are running. A channel whose packets are
-silently dropped keeps unacknowledged bytes under retransmission; one that was
-reset has no connection at all. These signals only *name* the broken link: the
-verdict that the comparison path is broken comes from the active probe, so that
-a retransmission on a busy but healthy network never claims a failure.
+are running. A channel whose packets are silently dropped keeps unacknowledged
+bytes under retransmission; one that was reset has no connection at all. These
+signals only *name* the broken link: the verdict that the comparison path is
+broken comes from the active probe, so that a retransmission on a busy but
+healthy network never claims a failure.
 """
 
 from __future__ import annotations
