@@ -88,8 +88,14 @@ def test_bringup_failure_names_the_step_and_leaves_nothing(
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == b"ready"
         pair = make_pair(spec)
         pair.start()
+        # The progress names the failure a moment before the next tick says down.
         views = pair.wait_for(
-            lambda s: "bring-up failed" in (s["b"] or {}).get("progress", ""), 60, "failure"
+            lambda s: (
+                "bring-up failed" in (s["b"] or {}).get("progress", "")
+                and (s["b"] or {}).get("state") == "down"
+            ),
+            60,
+            "failure",
         )
         b = views["b"]
         assert b is not None

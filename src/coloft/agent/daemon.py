@@ -346,14 +346,21 @@ class Agent:
             self.arbiter_ok, self.arbiter_error = False, "no answer before my fencing point"
 
     def _steady(self, now: float) -> bool:
-        """Settled in COLO with the peer heard on every path, nothing under way."""
+        """Both sides settled in COLO, as far as this agent and the peer's heartbeats
+        on every path tell, and nothing under way."""
         view, timeout = self.heartbeat.peer, self.spec.heartbeat.timeout_s
+        peer = view.message or {}
         return (
             self.state in (State.PRIMARY, State.SECONDARY)
             and self.intent is None
             and (self.busy is None or self.busy.done())
             and self._in_colo()
+            and not self.hung
             and all(view.fresh(p, now, timeout) for p in view.paths)
+            and peer.get("state") in (State.PRIMARY.value, State.SECONDARY.value)
+            and bool(peer.get("qemu_alive"))
+            and not peer.get("qemu_hung")
+            and bool(peer.get("in_colo"))
         )
 
     async def _tick(self) -> None:
@@ -1006,10 +1013,12 @@ class Agent:
             q = self.qemu
             if q is not None and q.alive() and (self.busy is None or self.busy.done()):
                 now = time.monotonic()
-                # COLO mode and migration status change by our own steps or with a
-                # QEMU event; between those, the run state alone keeps the monitor
-                # watched (hung) and a full answer every FULL_POLL_S bounds staleness.
-                full = self.side_due or now - full_at >= FULL_POLL_S
+                # Settled in COLO, COLO mode and migration status change by our own
+                # steps or with a QEMU event; between those, the run state alone keeps
+                # the monitor watched (hung) and a full answer every FULL_POLL_S bounds
+                # staleness. Anywhere else (a bring-up entering COLO) every poll is full.
+                settled = self.state in (State.PRIMARY, State.SECONDARY) and self._in_colo()
+                full = not settled or self.side_due or now - full_at >= FULL_POLL_S
                 if full:
                     # Cleared before asking: an event during the query asks again.
                     self.side_due, full_at = False, now
