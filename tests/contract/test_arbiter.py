@@ -234,23 +234,25 @@ def test_lease_expires_without_renew_and_other_node_takes_over(harness: Harness,
 def test_sync_writes_need_the_current_epoch(harness: Harness, pair: str) -> None:
     async def scenario(arb: Arbiter) -> None:
         assert not await arb.set_sync(pair, "b", 1), "set_sync without any leader succeeded"
-        assert await arb.sync(pair) is None
+        assert (await arb.record(pair)).sync is None
         old = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
         assert await arb.set_sync(pair, "b", old.epoch)
-        assert await arb.sync(pair) == "b"
+        assert (await arb.record(pair)).sync == "b"
         await arb.resign(pair, "a", old.epoch)
-        assert await arb.sync(pair) == "b", "the sync record must outlive the leader's lease"
+        assert (await arb.record(pair)).sync == "b", (
+            "the sync record must outlive the leader's lease"
+        )
         new = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
 
         assert not await arb.set_sync(pair, "a", old.epoch), "stale leader wrote sync"
-        assert await arb.sync(pair) == "b", "stale set_sync changed the value"
+        assert (await arb.record(pair)).sync == "b", "stale set_sync changed the value"
         assert not await arb.clear_sync(pair, old.epoch), "stale leader cleared sync"
-        assert await arb.sync(pair) == "b", "stale clear_sync changed the value"
+        assert (await arb.record(pair)).sync == "b", "stale clear_sync changed the value"
 
         assert await arb.set_sync(pair, "a", new.epoch)
-        assert await arb.sync(pair) == "a"
+        assert (await arb.record(pair)).sync == "a"
         assert await arb.clear_sync(pair, new.epoch)
-        assert await arb.sync(pair) is None
+        assert (await arb.record(pair)).sync is None
 
     run(harness, scenario)
 
@@ -259,18 +261,18 @@ def test_the_protection_switch_needs_the_current_epoch_and_outlives_leaders(
     harness: Harness, pair: str
 ) -> None:
     async def scenario(arb: Arbiter) -> None:
-        assert await arb.protection(pair) is None, "a switch nobody set must read as unset"
+        assert (await arb.record(pair)).protection is None, "a switch nobody set must read as unset"
         assert not await arb.set_protection(pair, False, 1), "switched without a leader"
         old = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
         assert await arb.set_protection(pair, False, old.epoch)
-        assert await arb.protection(pair) is False
+        assert (await arb.record(pair)).protection is False
         await arb.resign(pair, "a", old.epoch)
-        assert await arb.protection(pair) is False, "the switch must outlive the leader"
+        assert (await arb.record(pair)).protection is False, "the switch must outlive the leader"
         new = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
         assert not await arb.set_protection(pair, True, old.epoch), "stale leader switched"
-        assert await arb.protection(pair) is False
+        assert (await arb.record(pair)).protection is False
         assert await arb.set_protection(pair, True, new.epoch)
-        assert await arb.protection(pair) is True
+        assert (await arb.record(pair)).protection is True
 
     run(harness, scenario)
 
@@ -329,7 +331,6 @@ def _calls(pair: str) -> list[tuple[str, Callable[[Arbiter], Awaitable[object]]]
         ("resign", lambda a: a.resign(pair, "a", 1)),
         ("set_sync", lambda a: a.set_sync(pair, "b", 1)),
         ("clear_sync", lambda a: a.clear_sync(pair, 1)),
-        ("sync", lambda a: a.sync(pair)),
         ("record", lambda a: a.record(pair)),
     ]
 
@@ -368,7 +369,7 @@ def test_etcd_restart_keeps_live_leader(etcd_server: EtcdServer, pair: str) -> N
             await _assert_unavailable_in_time(arb, pair)
             etcd_server.start()
             assert await arb.leader(pair) == won, "leader key lost across an etcd restart"
-            assert await arb.sync(pair) == "b", "sync record lost across an etcd restart"
+            assert (await arb.record(pair)).sync == "b", "sync record lost across an etcd restart"
             assert await arb.renew(pair, "a", won.epoch), "could not renew after restart"
             await arb.resign(pair, "a", won.epoch)
             after = must_lead(await arb.acquire(pair, "b", TTL_S), "b")

@@ -98,21 +98,14 @@ class Arbiter(Protocol):
         """Remove the sync record, iff leader_epoch is current."""
         ...
 
-    async def sync(self, pair: str) -> str | None:
-        """The node currently allowed to take over automatically, if any."""
-        ...
-
     async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
         """The operator's protection switch (`coloft protect/unprotect`), iff
         leader_epoch is current; it outlives leaders like the sync record."""
         ...
 
-    async def protection(self, pair: str) -> bool | None:
-        """The switch: True on, False off, None never set (the spec decides)."""
-        ...
-
     async def record(self, pair: str) -> PairRecord:
-        """Leader, sync and switch in one read: what an agent needs every tick."""
+        """Leader, sync (the node allowed to take over automatically), switch (None:
+        never set, the spec decides) and source, in one read."""
         ...
 
     async def close(self) -> None:

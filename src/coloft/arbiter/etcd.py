@@ -207,13 +207,6 @@ class EtcdArbiter:
 
         return await self._call(f"clear sync of {pair} epoch {leader_epoch}", body)
 
-    async def sync(self, pair: str) -> str | None:
-        async def body(c: Any) -> str | None:
-            kv = await c.get(sync_key(pair).encode())
-            return None if kv is None else str(kv.value.decode())
-
-        return await self._call(f"read sync of {pair}", body)
-
     async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
         async def body(c: Any) -> bool:
             tx = c.transactions
@@ -226,13 +219,6 @@ class EtcdArbiter:
             return bool(done)
 
         return await self._call(f"switch protection of {pair} epoch {leader_epoch}", body)
-
-    async def protection(self, pair: str) -> bool | None:
-        async def body(c: Any) -> bool | None:
-            kv = await c.get(protection_key(pair).encode())
-            return None if kv is None else kv.value == b"on"
-
-        return await self._call(f"read protection switch of {pair}", body)
 
     async def record(self, pair: str) -> PairRecord:
         leader_k, sync_k = leader_key(pair).encode(), sync_key(pair).encode()

@@ -97,10 +97,6 @@ class MemoryArbiter:
             self._bump()
         return True
 
-    async def sync(self, pair: str) -> str | None:
-        self._check("sync")
-        return self._sync.get(pair)
-
     async def set_protection(self, pair: str, on: bool, leader_epoch: int) -> bool:
         self._check("set_protection")
         if not self._is_current(pair, leader_epoch):
@@ -108,10 +104,6 @@ class MemoryArbiter:
         self._protection[pair] = on
         self._bump()
         return True
-
-    async def protection(self, pair: str) -> bool | None:
-        self._check("protection")
-        return self._protection.get(pair)
 
     async def record(self, pair: str) -> PairRecord:
         self._check("record")

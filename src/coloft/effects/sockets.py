@@ -15,7 +15,7 @@ import struct
 import time
 from pathlib import Path
 
-from coloft.core.channels import TcpSocket, parse_proc_net_tcp, parse_sock_diag
+from coloft.core.channels import INET_DIAG_INFO, TcpSocket, parse_proc_net_tcp, parse_sock_diag
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,18 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLMSG_HEADER = struct.Struct("=IHHII")
 ALL_STATES = 0xFFFFFFFF
-WITH_TCP_INFO = 1 << (2 - 1)  # INET_DIAG_INFO
+WITH_TCP_INFO = 1 << (INET_DIAG_INFO - 1)
 
-_reading: dict[str, tuple[float, list[TcpSocket]]] = {}
+_reading: tuple[float, list[TcpSocket]] | None = None
 _use_proc = False
 
 
 def tcp_sockets() -> list[TcpSocket]:
     """The IPv4 TCP sockets; OSError when the kernel tells neither way."""
-    global _use_proc
+    global _reading, _use_proc
     now = time.monotonic()
-    at, found = _reading.get("tcp", (None, []))
-    if at is not None and now - at < MAX_AGE_S:
-        return found
+    if _reading is not None and now - _reading[0] < MAX_AGE_S:
+        return _reading[1]
     if not _use_proc:
         try:
             found = parse_sock_diag(diag_dump())
@@ -48,7 +47,7 @@ def tcp_sockets() -> list[TcpSocket]:
             _use_proc = True
     if _use_proc:
         found = parse_proc_net_tcp(PROC_TABLE.read_text())
-    _reading["tcp"] = (now, found)
+    _reading = (now, found)
     return found
 
 
