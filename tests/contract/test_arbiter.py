@@ -309,6 +309,27 @@ def test_whoever_wins_the_lead_becomes_the_source_which_outlives_leases(
     run(harness, scenario)
 
 
+def test_members_change_with_the_current_epoch_clear_sync_and_fence_out_acquirers(
+    harness: Harness, pair: str
+) -> None:
+    async def scenario(arb: Arbiter) -> None:
+        won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")
+        assert await arb.set_sync(pair, "b", won.epoch)
+        assert not await arb.set_members(pair, ("a", "c"), won.epoch + 1000), "stale epoch"
+        assert (await arb.record(pair)).members is None
+        assert await arb.set_members(pair, ("a", "c"), won.epoch)
+        got = await arb.record(pair)
+        assert (got.members, got.sync) == (("a", "c"), None), "members and no sync in one write"
+        await arb.resign(pair, "a", won.epoch)
+        # b read the record before the change: its acquire must not win.
+        assert await arb.acquire(pair, "b", TTL_S) is None, "acquired on stale members"
+        assert await arb.leader(pair) is None
+        must_lead(await arb.acquire(pair, "c", TTL_S, ("a", "c")), "c")
+        assert (await arb.record(pair)).members == ("a", "c")
+
+    run(harness, scenario)
+
+
 def test_resign_needs_our_epoch(harness: Harness, pair: str) -> None:
     async def scenario(arb: Arbiter) -> None:
         won = must_lead(await arb.acquire(pair, "a", TTL_S), "a")

@@ -185,6 +185,50 @@ def test_a_restarted_host_is_taken_back_in(make_pair: MakePair, tmp_path: Path) 
     check_client(tmp_path, client, watch)
 
 
+def test_a_spare_node_replaces_a_host_that_does_not_come_back(
+    make_pair: MakePair, tmp_path: Path
+) -> None:
+    """b's host dies (agent and QEMU) and stays down: after spare_after_s the primary
+    takes the spare c in as its new secondary and is PROTECTED with it; then a's QEMU
+    dies and c takes over, with a rejoining as c's secondary. b's agent, back, stands
+    by as the spare. No acknowledged write lost, one client connection throughout."""
+    pair = make_pair(lab_spec(interval_ms=2000, spare_after_s=3))
+    asyncio.run(up_and_serving(pair))
+    assert (pair.status("c") or {}).get("state") == "spare"
+    client, watch = start_load(pair, tmp_path, 60)
+    try:
+        time.sleep(3)
+        lost = faults.inject(pair, "kill-secondary-agent")
+        views = pair.wait_for(
+            lambda s: protected_by("a")(s) and (s["a"] or {})["members"] == ["a", "c"],
+            90,
+            "a protected with the spare c",
+        )
+        a = views["a"]
+        assert a is not None and a["members"] == ["a", "c"] and a["sync"] == "c", a
+        assert a["reprotect"]["secondary"] == "c" and a["reprotect"]["error"] is None
+        taken = [e for e in a["events"] if "taking the spare c in" in e["text"]]
+        assert taken and taken[0]["unix"] - lost >= 3, (lost, taken)
+        time.sleep(4)
+        kill_qemu(pair, "a")
+        views = pair.wait_for(
+            lambda s: protected_by("c")(s) and (s["c"] or {})["sync"] == "a",
+            90,
+            "c protected with a",
+        )
+        c = views["c"]
+        assert c is not None and c["failover"]["action"] == "secondary-takes-over"
+        assert c["reprotect"]["secondary"] == "a", c["reprotect"]
+        pair.start_agent("b")
+        views = pair.wait_for(lambda s: (s["b"] or {}).get("state") == "spare", 30, "b standing by")
+        b = views["b"]
+        assert b is not None and b["members"] == ["a", "c"] and b["qemu"]["pid"] is None, b
+    finally:
+        watch.stop()
+    check_client(tmp_path, client, watch)
+    assert watch.frames("a") > 0 and watch.frames("c") > 0
+
+
 def test_a_primary_lost_during_the_first_bring_up_starts_over(
     make_pair: MakePair, tmp_path: Path
 ) -> None:

@@ -37,10 +37,13 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
         paths_a = {REPLICATION: ("127.0.0.1", "127.0.0.3"), LAN: ("127.0.0.2", "127.0.0.4")}
         paths_b = {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")}
         changes: list[str] = []
-        a = Heartbeat("p", "a", paths_a, ports, 0.02, lambda: {"state": "primary"}, lambda: None)
+        a = Heartbeat(
+            "p", "a", "b", paths_a, ports, 0.02, lambda: {"state": "primary"}, lambda: None
+        )
         b = Heartbeat(
             "p",
             "b",
+            "a",
             paths_b,
             (ports[1], ports[0]),
             0.02,
@@ -66,6 +69,50 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
         await asyncio.sleep(0.2)
         assert not b.peer.any_fresh(time.monotonic(), 0.1)
         b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_third_node_is_only_noted_alive_until_it_becomes_the_peer() -> None:
+    async def scenario() -> None:
+        ports = (free_udp_port(), free_udp_port(), free_udp_port())  # a, b, c
+        b = Heartbeat(
+            "p",
+            "b",
+            "a",
+            {REPLICATION: ("127.0.0.3", "127.0.0.1")},
+            (ports[1], ports[0]),
+            0.02,
+            dict,
+            lambda: None,
+        )
+        c = Heartbeat(
+            "p",
+            "c",
+            "b",
+            {REPLICATION: ("127.0.0.5", "127.0.0.3")},
+            (ports[2], ports[1]),
+            0.02,
+            lambda: {"state": "spare"},
+            lambda: None,
+        )
+        await b.open()
+        await c.open()
+        task = asyncio.create_task(c.run())
+        await asyncio.sleep(0.2)
+        now = time.monotonic()
+        assert b.peer.message is None and not b.peer.any_fresh(now, 0.1), "c is not b's peer"
+        assert b.heard_from("c", now, 0.1) and not b.heard_from("a", now, 0.1)
+        silent = b.silent_s(now, 0.1)
+        assert silent is not None and silent >= 0.15, "a never heard: silent since listening"
+        await b.retarget("c", {REPLICATION: ("127.0.0.3", "127.0.0.5")}, ports[2])
+        await asyncio.sleep(0.2)
+        now = time.monotonic()
+        assert b.peer.fresh(REPLICATION, now, 0.1) and b.silent_s(now, 0.1) is None
+        assert b.peer.message is not None and b.peer.message["state"] == "spare"
+        task.cancel()
+        b.close()
+        c.close()
 
     asyncio.run(scenario())
 
@@ -327,6 +374,7 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
     b = Heartbeat(
         "p",
         "b",
+        "a",
         {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")},
         (1, 2),
         0.05,
@@ -387,7 +435,7 @@ def test_heartbeats_measure_the_peers_clock_and_the_line_warns_when_it_is_off() 
     from coloft.effects import heartbeat as hb
 
     paths = {REPLICATION: ("127.0.0.3", "127.0.0.1")}
-    b = Heartbeat("p", "b", paths, (1, 2), 0.05, dict, lambda: None)
+    b = Heartbeat("p", "b", "a", paths, (1, 2), 0.05, dict, lambda: None)
     assert b.peer.clock_offset_s() is None
     now = time.time()
     for seq, lag in enumerate((3.2, 3.0, 3.4), 1):

@@ -64,6 +64,28 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
 def test_primary_key_picks_initial_primary(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, 'primary = "y"\n' + GOOD))
     assert (spec.primary.name, spec.secondary.name) == ("y", "x")
+    assert spec.spare is None and spec.peer_of("y").name == "x"
+
+
+SPARE = """
+[nodes.s]
+replication_address = "198.51.100.3"
+bridge = "br0"
+port_base = 9200
+disk = "s.raw"
+"""
+
+
+def test_a_third_node_is_the_named_spare(tmp_path: Path) -> None:
+    text = 'spare = "s"\nprimary = "y"\n' + GOOD.replace("[nodes.x]", SPARE + "\n[nodes.x]")
+    spec = load_spec(write(tmp_path, text + "[reprotect]\nspare_after_s = 3\n"))
+    assert [n.name for n in spec.nodes] == ["y", "x", "s"]
+    assert spec.spare is not None and spec.spare.name == "s"
+    assert spec.first_members == ("y", "x") and spec.reprotect.spare_after_s == 3.0
+    assert spec.peer_of("s", ("y", "s")).name == "y"
+    assert "the spare" in error_of(tmp_path, text.replace('primary = "y"', 'primary = "s"'))
+    same = text.replace('"198.51.100.3"', '"198.51.100.1"')
+    assert "[nodes.s].replication_address: same as node 'x'" in error_of(tmp_path, same)
 
 
 @pytest.mark.parametrize(
@@ -128,14 +150,22 @@ def test_primary_key_picks_initial_primary(tmp_path: Path) -> None:
             r"\[vm\]\.service: 'nowhere' is not ADDRESS:PORT",
         ),
         (lambda t: 'primary = "z"\n' + t, r"spec\.primary: 'z' is not one of the nodes"),
-        (lambda t: t.split("[nodes.y]")[0], r"\[nodes\]: a pair needs exactly two nodes, found 1"),
+        (
+            lambda t: t.split("[nodes.y]")[0],
+            r"\[nodes\]: a pair needs exactly two nodes \(three with `spare`\), found 1",
+        ),
+        (lambda t: 'spare = "q"\n' + t, r"spec\.spare: 'q' is not one of the nodes"),
+        (
+            lambda t: 'spare = "y"\n' + t,
+            r"\[nodes\]: a pair needs two nodes and the spare, found 2",
+        ),
         (lambda t: t.replace("[vm]", "[vmm]"), r"\[vm\]: required table is missing"),
         (
             # Two nodes in one namespace are one host (the lab): one disk file each.
             lambda t: t.replace('disk = "y.raw"', 'netns = "h"').replace(
                 'disk = "x.raw"', 'netns = "h"'
             ),
-            r"\[nodes\.y\]\.disk: both nodes would open .*disk\.raw on the same host",
+            r"\[nodes\.y\]\.disk: nodes 'x' and 'y' would open .*disk\.raw on the same host",
         ),
     ],
 )

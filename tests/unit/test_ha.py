@@ -171,6 +171,11 @@ def random_observation(rng: random.Random) -> Observation:
         guest_stopped=rng.random() < 0.1,
         peer_guest_stopped_s=rng.choice([None, None, 1.0, 5.0]),
         bring_up_failed=rng.random() < 0.3,
+        member=rng.random() < 0.8,
+        spare=rng.choice([None, "c"]),
+        spare_heard=rng.random() < 0.5,
+        peer_silent_s=rng.choice([None, 1.0, 20.0]),
+        spare_after_s=rng.choice([None, 10.0]),
     )
 
 
@@ -191,6 +196,15 @@ def test_safety_over_random_observations() -> None:
             assert forced or (o.sync == o.node and o.synced), (state, o)
         if Act.GO_ALONE in d.actions:
             assert o.arbiter_ok and o.sync is None and holds, (state, o)
+        if not o.member and state not in (State.PRIMARY, State.ALONE, State.STOPPED):
+            # Outside the members: no lead, no QEMU, no way back but being taken in.
+            assert d.state is State.SPARE, (state, o, d)
+            assert set(d.actions) <= {Act.FENCE} and (Act.FENCE in d.actions) == o.qemu_alive
+        if Act.TAKE_SPARE in d.actions:
+            assert state is State.ALONE and holds and o.arbiter_ok and o.sync is None, (state, o)
+            assert o.spare_heard and not o.reprotecting and not o.protection_off, (state, o)
+            assert o.peer_silent_s is not None and o.spare_after_s is not None
+            assert o.peer_silent_s >= o.spare_after_s, (state, o)
         if Act.REJOIN in d.actions:
             # Only a node whose QEMU is gone starts over: offering itself to a peer the
             # arbiter says leads alone, or, its bring-up failed, when nobody leads.
@@ -216,7 +230,7 @@ def test_safety_over_random_observations() -> None:
 def test_diagram_comes_from_the_table() -> None:
     text = diagram()
     assert "primary -> alone, fenced" in text
-    assert "alone -> fenced, primary" in text and "fenced -> starting" in text
+    assert "alone -> fenced, primary" in text and "fenced -> spare, starting" in text
     # The README shows the same diagram.
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for line in text.splitlines():
@@ -470,3 +484,53 @@ def test_the_primary_waits_a_moment_for_its_guest_when_the_secondarys_powered_of
     assert "expecting mine to follow" in d.reason
     late = dataclasses.replace(o, peer_guest_stopped_s=5.0, sync=None)
     assert decide(State.PRIMARY, late, T).state is State.ALONE
+
+
+SPARE_DUE = dataclasses.replace(
+    ALONE_OK,
+    peer_qemu_alive=False,
+    peer_state=None,
+    peer_ready=False,
+    spare="c",
+    spare_heard=True,
+    peer_silent_s=12.0,
+    spare_after_s=10.0,
+)
+
+
+def test_a_leader_alone_takes_the_spare_once_its_peer_stayed_silent() -> None:
+    d = decide(State.ALONE, SPARE_DUE, T)
+    assert d.state is State.ALONE and d.actions == (Act.TAKE_SPARE, Act.RENEW), d
+    assert "b silent for 12 s; taking the spare c" in d.reason
+    # Not before the wait, not to a spare nobody hears, not with re-protection off
+    # or in backoff, not blind, not while re-protecting, not switched off.
+    for o in (
+        dataclasses.replace(SPARE_DUE, peer_silent_s=9.0),
+        dataclasses.replace(SPARE_DUE, peer_silent_s=None),
+        dataclasses.replace(SPARE_DUE, spare_heard=False),
+        dataclasses.replace(SPARE_DUE, spare=None),
+        dataclasses.replace(SPARE_DUE, reprotect=False),
+        dataclasses.replace(SPARE_DUE, arbiter_ok=False),
+        dataclasses.replace(SPARE_DUE, protection_off=True),
+    ):
+        assert Act.TAKE_SPARE not in decide(State.ALONE, o, T).actions, o
+    busy = decide(State.ALONE, dataclasses.replace(SPARE_DUE, reprotecting=True), T)
+    assert Act.TAKE_SPARE not in busy.actions, busy
+    # A primary in COLO never drops its secondary for the spare.
+    assert Act.TAKE_SPARE not in decide(State.PRIMARY, SPARE_DUE, T).actions
+
+
+def test_a_node_outside_the_members_stands_by_and_joins_once_taken_in() -> None:
+    out = dataclasses.replace(FAILED, node="c", member=False, leader=Leader("a", 9))
+    for state in (State.STARTING, State.SECONDARY, State.DOWN, State.FENCED, State.SPARE):
+        d = decide(state, out, T)
+        assert d.state is State.SPARE and d.actions == (), (state, d)
+        assert "spare: standing by" in d.reason
+    running = decide(State.SECONDARY, dataclasses.replace(out, qemu_alive=True), T)
+    assert running.state is State.SPARE and running.actions == (Act.FENCE,), running
+    # Taken in: it rejoins a leader that runs alone, like any failed node.
+    taken = dataclasses.replace(out, member=True)
+    d = decide(State.SPARE, taken, T)
+    assert d.state is State.STARTING and d.actions == (Act.REJOIN,), d
+    waiting = decide(State.SPARE, dataclasses.replace(taken, peer_state="primary"), T)
+    assert waiting.state is State.SPARE and "waiting for a to bring me in" in waiting.reason

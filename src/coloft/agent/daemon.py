@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1
 MIN_WAIT_S = 0.005
-TERMINAL = (State.FENCED, State.DOWN, State.STOPPED)
+TERMINAL = (State.FENCED, State.DOWN, State.STOPPED, State.SPARE)
 POLL_S = 0.2
 FULL_POLL_S = 1.0
 CHANNEL_POLL_S = 0.1
@@ -62,6 +62,8 @@ START_ARBITER_WAIT_S = 30.0
 PEER_WAIT_S = 2.0
 INTENT_ANSWER_S = 2.0
 KILL_WAIT_S = 1.0
+# A spare counts as standing by while its heartbeats arrived this recently.
+SPARE_HEARD_S = 1.0
 # On-time probe replies in a row before a broken comparison path counts as working.
 PROBE_RECOVER_STREAK = 5
 QEMU_EVENTS_SHOWN = (
@@ -92,7 +94,11 @@ class Agent:
         self.spec = spec
         self.pair = spec.vm.name
         self.node = spec.node(node)
-        self.peer = spec.peer_of(node)
+        # The two nodes running the pair (the arbiter's record once a spare replaced
+        # one); a node outside them stands by, its peer the leader.
+        self.members = spec.first_members
+        self.members_recorded: tuple[str, str] | None = None  # as the arbiter has them
+        self.peer = spec.node(self._peer_name(None, spec.primary.name))
         self.arbiter = arbiter
         self.choice = choice
         self.timing = lease_timing(spec)
@@ -159,19 +165,57 @@ class Agent:
         self.reprotect: dict[str, Any] | None = None
         self.sync_seen = reprotect.SyncProgress()
         self.peer_guest_stop_seen: float | None = None
-        paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
-        if self.node.lan_address and self.peer.lan_address:
-            paths[LAN] = (self.node.lan_address, self.peer.lan_address)
         self.heartbeat = Heartbeat(
             self.pair,
             self.node.name,
-            paths,
+            self.peer.name,
+            self._paths(),
             (port(self.node, HEARTBEAT), port(self.peer, HEARTBEAT)),
             spec.heartbeat.interval_ms / 1000.0,
             self._heartbeat_state,
             self._peer_changed,
             certs.heartbeat_key(spec.certs_of(self.node)) if spec.security.tls else None,
         )
+
+    def _paths(self) -> dict[str, tuple[str, str]]:
+        paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
+        if self.node.lan_address and self.peer.lan_address:
+            paths[LAN] = (self.node.lan_address, self.peer.lan_address)
+        return paths
+
+    def _peer_name(self, leader: Leader | None, current: str) -> str:
+        """The other member; for a node outside the members, the leader (which
+        hears it standing by), else the current one."""
+        me = self.node.name
+        if me in self.members:
+            a, b = self.members
+            return b if a == me else a
+        if leader is not None and leader.node != me:
+            return leader.node
+        return current
+
+    async def _members_seen(self, members: tuple[str, str]) -> None:
+        if members != self.members:
+            self.note("members", f"the pair runs on {members[0]} and {members[1]}")
+            self.members = members
+        name = self._peer_name(self.leader, self.peer.name)
+        if name == self.peer.name:
+            return
+        self.peer = self.spec.node(name)
+        self.peer_lost_noted = False
+        self.peer_guest_stop_seen = None
+        self.targeted = False
+        # Shielded: an arbiter call's deadline must not leave the sockets half moved.
+        await asyncio.shield(
+            self.heartbeat.retarget(name, self._paths(), port(self.peer, HEARTBEAT))
+        )
+        self.note("members", f"my peer is {name} now")
+
+    def _spare(self) -> str | None:
+        """The node a leader may take in place of a silent peer."""
+        if self.spec.spare is None:
+            return None
+        return next(n.name for n in self.spec.nodes if n.name not in self.members)
 
     # ---------------------------------------------------------------- events
 
@@ -243,6 +287,8 @@ class Agent:
         self.leader, self.sync, self.switch = record.leader, record.sync, record.protection
         self.source = record.source
         self.arbiter_ok, self.arbiter_error = True, None
+        self.members_recorded = record.members
+        await self._members_seen(record.members or self.spec.first_members)
 
     def _observation(self, now: float) -> Observation:
         msg, heard, repl = self._peer(now)
@@ -256,6 +302,7 @@ class Agent:
             self.peer_guest_stop_seen = now
         if self.state is State.STARTING and peer_reprotecting:
             self.targeted = True
+        spare = self._spare()
         synced = (
             int(msg.get("checkpoints") or 0) > 0 and heard
             if role is Role.PRIMARY
@@ -292,6 +339,11 @@ class Agent:
             if self.peer_guest_stop_seen is None
             else now - self.peer_guest_stop_seen,
             bring_up_failed=self.bring_up_failed,
+            member=self.node.name in self.members,
+            spare=spare,
+            spare_heard=spare is not None and self.heartbeat.heard_from(spare, now, SPARE_HEARD_S),
+            peer_silent_s=self.heartbeat.silent_s(now, self.spec.heartbeat.timeout_s),
+            spare_after_s=None if spare is None else self.spec.reprotect.spare_after_s,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -380,7 +432,7 @@ class Agent:
         self._note_detection(o)
         d = decide(self.state, o, self.timing)
         changed = d.state is not self.state
-        if d.state in TERMINAL and not changed and d.actions == ():
+        if d.state in TERMINAL and d.state is not State.SPARE and not changed and d.actions == ():
             d = Decision(d.state, (), self.reason)  # keep the reason that got us here
         if changed or d.reason != self.reason:
             level = logging.WARNING if d.state in (State.FENCED, State.ALONE) else logging.INFO
@@ -465,6 +517,8 @@ class Agent:
                 self._start_reprotect()
             elif act is Act.ABANDON:
                 self._abandon("the new secondary was lost")
+            elif act is Act.TAKE_SPARE and o.spare is not None and self.my_epoch is not None:
+                await self._take_spare(o.spare, self.my_epoch)
         except ColoftError as e:
             self.note("error", f"{act.value} failed: {e}", logging.ERROR)
 
@@ -485,7 +539,9 @@ class Agent:
 
     async def _acquire(self) -> bool:
         sent = time.monotonic()
-        got = await self.arbiter.acquire(self.pair, self.node.name, self.timing.ttl_s)
+        got = await self.arbiter.acquire(
+            self.pair, self.node.name, self.timing.ttl_s, self.members_recorded
+        )
         if got is None:
             return False
         self.my_epoch, self.renew_sent_at, self.renew_tried_at = got.epoch, sent, sent
@@ -493,6 +549,16 @@ class Agent:
         self.note("lease", f"leadership acquired (epoch {got.epoch})", logging.WARNING)
         self.wake.set()
         return True
+
+    async def _take_spare(self, spare: str, epoch: int) -> None:
+        members = (self.node.name, spare)
+        if not await self.arbiter.set_members(self.pair, members, epoch):
+            return
+        self.sync = None
+        self.note("reprotect", f"{self.peer.name} stayed silent: taking the spare {spare} in")
+        self.members_recorded = members
+        await self._members_seen(members)
+        self.wake.set()
 
     def _start_failover(self, action: failover.Action) -> None:
         if self.busy is not None and not self.busy.done():
@@ -571,7 +637,7 @@ class Agent:
         )
         if (before, self.state) in done:
             self.backoff = self.backoff.succeeded()
-        elif before is State.STARTING and self.state in TERMINAL:
+        elif before is State.STARTING and self.state in TERMINAL and self.state is not State.SPARE:
             self.bring_up_failed = True
             self.backoff = self.backoff.failed(now)
             self.note(
@@ -802,6 +868,8 @@ class Agent:
             return health.Verdict("stopped", False, self.reason, "guest-shutdown")
         if self.state in (State.FENCED, State.DOWN):
             return health.Verdict("failed", False, self.reason, self.state.value)
+        if self.state is State.SPARE:
+            return health.Verdict("spare", False, self.reason, "spare")
         if self.state is not State.PRIMARY:
             msg, heard, _ = self._peer(now)
             p = msg.get("protection") if heard else None
@@ -1116,6 +1184,12 @@ class Agent:
                 self.state, self.reason = State.DOWN, f"arbiter unreachable: {self.arbiter_error}"
                 return
             await asyncio.sleep(0.5)
+        if self.node.name not in self.members:
+            a, b = self.members
+            why = f"not a member of the pair ({a} and {b} run it): standing by as its spare"
+            self.note("start", why)
+            self.state, self.reason = State.SPARE, why
+            return
         if self.leader is not None and self.leader.node == self.peer.name:
             # Whether the leader still brings the pair up, only its heartbeats say.
             with contextlib.suppress(TimeoutError):
@@ -1292,6 +1366,7 @@ class Agent:
             "vm": self.pair,
             "node": self.node.name,
             "peer": self.peer.name,
+            "members": list(self.members),
             "agent_pid": os.getpid(),
             "boot": self.boot,
             "state": self.state.value,

@@ -11,11 +11,13 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from coloft.core.ha import State
+
 LABELS = ("pair", "node")
 PAUSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RTT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35)
 QMP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
-STATES = ("starting", "primary", "secondary", "alone", "fenced", "down", "stopped")
+STATES = tuple(s.value for s in State)
 
 
 def _new(values: Iterable[float], total: int, seen: int) -> list[float]:

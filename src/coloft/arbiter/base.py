@@ -55,6 +55,10 @@ def source_key(pair: str) -> str:
     return f"/coloft/{pair}/source"
 
 
+def members_key(pair: str) -> str:
+    return f"/coloft/{pair}/members"
+
+
 def pair_prefix(pair: str) -> str:
     """The prefix of every key of one pair (the slash keeps vm1 apart from vm10)."""
     return f"/coloft/{pair}/"
@@ -67,14 +71,18 @@ class Arbiter(Protocol):
     ArbiterUnavailable; it never blocks much longer than its deadline.
     """
 
-    async def acquire(self, pair: str, node: str, ttl_s: float) -> Leader | None:
-        """Become leader iff no live leader key exists, with a fresh lease of ttl_s.
+    async def acquire(
+        self, pair: str, node: str, ttl_s: float, members: tuple[str, str] | None = None
+    ) -> Leader | None:
+        """Become leader iff no live leader key exists and the recorded members are
+        still `members` (None: never recorded), with a fresh lease of ttl_s.
 
-        Returns None if another node leads. If `node` already holds the key (an
-        earlier attempt whose answer was lost), returns that leadership as is.
-        Winning also names `node` the pair's source, in the same write: whoever
-        leads serves the guest from its own disk, so after it no other disk may
-        start the guest until it leads again (the source outlives every lease).
+        Returns None if another node leads or the members changed. If `node`
+        already holds the key (an earlier attempt whose answer was lost), returns
+        that leadership as is. Winning also names `node` the pair's source, in the
+        same write: whoever leads serves the guest from its own disk, so after it
+        no other disk may start the guest until it leads again (the source
+        outlives every lease).
         """
         ...
 
@@ -103,9 +111,16 @@ class Arbiter(Protocol):
         leader_epoch is current; it outlives leaders like the sync record."""
         ...
 
+    async def set_members(self, pair: str, members: tuple[str, str], leader_epoch: int) -> bool:
+        """Record the two nodes that run the pair from now on (a spare replacing a
+        lost node) and clear sync in the same write, iff leader_epoch is current:
+        a node outside the members never runs the guest, and the new one may take
+        over only once it is named sync after its first checkpoint."""
+        ...
+
     async def record(self, pair: str) -> PairRecord:
         """Leader, sync (the node allowed to take over automatically), switch (None:
-        never set, the spec decides) and source, in one read."""
+        never set, the spec decides), source and members, in one read."""
         ...
 
     async def close(self) -> None:

@@ -42,6 +42,7 @@ from coloft.arbiter.base import (
     Leader,
     PairRecord,
     leader_key,
+    members_key,
     pair_prefix,
     parse_endpoint,
     protection_key,
@@ -49,6 +50,7 @@ from coloft.arbiter.base import (
     sync_key,
 )
 from coloft.errors import ConfigError, ProtocolError
+from coloft.model.leader import members_of, members_text
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +113,23 @@ class EtcdArbiter:
         except etcd_errors.ClientError as exc:
             raise ProtocolError(f"etcd {endpoint}: {what}: rejected: {exc}") from exc
 
-    async def acquire(self, pair: str, node: str, ttl_s: float) -> Leader | None:
-        key = leader_key(pair).encode()
+    async def acquire(
+        self, pair: str, node: str, ttl_s: float, members: tuple[str, str] | None = None
+    ) -> Leader | None:
+        key, members_k = leader_key(pair).encode(), members_key(pair).encode()
         # etcd leases are whole seconds; round up so we never hold less than asked.
         ttl = max(1, math.ceil(ttl_s))
 
         async def body(c: Any) -> Leader | None:
             lease = await c.lease(ttl)
             tx = c.transactions
+            same = (
+                tx.version(members_k) == 0
+                if members is None
+                else tx.value(members_k) == members_text(members).encode()
+            )
             won, responses = await c.transaction(
-                compare=[tx.create(key) == 0],
+                compare=[tx.create(key) == 0, same],
                 success=[
                     tx.put(key, node.encode(), lease=lease.id),
                     tx.put(source_key(pair).encode(), node.encode()),
@@ -134,6 +143,8 @@ class EtcdArbiter:
                     await c.revoke_lease(lease.id)
             kvs = responses[-1]
             if not kvs:
+                if not won:
+                    return None  # nobody leads, but the members are not the ones we read
                 # The holder expired between compare and range: impossible in one txn.
                 raise ProtocolError(f"etcd: acquire {pair}: txn returned no leader key")
             value, kv = kvs[0]
@@ -220,19 +231,36 @@ class EtcdArbiter:
 
         return await self._call(f"switch protection of {pair} epoch {leader_epoch}", body)
 
+    async def set_members(self, pair: str, members: tuple[str, str], leader_epoch: int) -> bool:
+        async def body(c: Any) -> bool:
+            tx = c.transactions
+            done, _ = await c.transaction(
+                compare=[tx.create(leader_key(pair).encode()) == leader_epoch],
+                success=[
+                    tx.put(members_key(pair).encode(), members_text(members).encode()),
+                    tx.delete(sync_key(pair).encode()),
+                ],
+                failure=[],
+            )
+            return bool(done)
+
+        return await self._call(f"set members of {pair} to {members} epoch {leader_epoch}", body)
+
     async def record(self, pair: str) -> PairRecord:
         leader_k, sync_k = leader_key(pair).encode(), sync_key(pair).encode()
         switch_k, source_k = protection_key(pair).encode(), source_key(pair).encode()
+        members_k = members_key(pair).encode()
 
         async def body(c: Any) -> PairRecord:
             kvs = {kv.key: kv for kv in await c.get_prefix(pair_prefix(pair).encode())}
             lead, sync, switch = kvs.get(leader_k), kvs.get(sync_k), kvs.get(switch_k)
-            source = kvs.get(source_k)
+            source, members = kvs.get(source_k), kvs.get(members_k)
             return PairRecord(
                 None if lead is None else Leader(lead.value.decode(), int(lead.create_revision)),
                 None if sync is None else str(sync.value.decode()),
                 None if switch is None else switch.value == b"on",
                 None if source is None else str(source.value.decode()),
+                None if members is None else _members(pair, members.value.decode()),
             )
 
         return await self._call(f"read {pair}", body)
@@ -243,3 +271,11 @@ class EtcdArbiter:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._deadline_s):
                     await client.close()
+
+
+def _members(pair: str, text: str) -> tuple[str, str]:
+    members = members_of(text)
+    if members is None:
+        # Only set_members writes the key: anything else is someone's hand edit.
+        raise ProtocolError(f"etcd: {members_key(pair)} is {text!r}, not two node names")
+    return members

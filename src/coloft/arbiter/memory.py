@@ -33,6 +33,7 @@ class MemoryArbiter:
         self._sync: dict[str, str] = {}
         self._protection: dict[str, bool] = {}
         self._source: dict[str, str] = {}
+        self._members: dict[str, tuple[str, str]] = {}
         self.available = True
 
     def _check(self, op: str) -> None:
@@ -51,11 +52,15 @@ class MemoryArbiter:
         self._revision += 1
         return self._revision
 
-    async def acquire(self, pair: str, node: str, ttl_s: float) -> Leader | None:
+    async def acquire(
+        self, pair: str, node: str, ttl_s: float, members: tuple[str, str] | None = None
+    ) -> Leader | None:
         self._check("acquire")
         current = self._live(pair)
         if current is not None:
             return Leader(current.node, current.epoch) if current.node == node else None
+        if self._members.get(pair) != members:
+            return None
         epoch = self._bump()
         self._leaders[pair] = _Lease(node, epoch, ttl_s, self._clock() + ttl_s)
         self._source[pair] = node
@@ -105,12 +110,25 @@ class MemoryArbiter:
         self._bump()
         return True
 
+    async def set_members(self, pair: str, members: tuple[str, str], leader_epoch: int) -> bool:
+        self._check("set_members")
+        if not self._is_current(pair, leader_epoch):
+            return False
+        self._members[pair] = members
+        self._sync.pop(pair, None)
+        self._bump()
+        return True
+
     async def record(self, pair: str) -> PairRecord:
         self._check("record")
         current = self._live(pair)
         leader = None if current is None else Leader(current.node, current.epoch)
         return PairRecord(
-            leader, self._sync.get(pair), self._protection.get(pair), self._source.get(pair)
+            leader,
+            self._sync.get(pair),
+            self._protection.get(pair),
+            self._source.get(pair),
+            self._members.get(pair),
         )
 
     async def close(self) -> None:

@@ -90,6 +90,7 @@ def plan(spec: Path, as_json: bool) -> None:
                         for st in steps
                     ],
                     "listeners": listening,
+                    "spare": None if s.spare is None else s.spare.name,
                 },
                 indent=1,
             )
@@ -98,6 +99,11 @@ def plan(spec: Path, as_json: bool) -> None:
     for node, role in ((s.primary, "primary"), (s.secondary, "secondary")):
         click.echo(f"# {role} on node {node.name}")
         click.echo(shlex.join(commands[node.name]) + "\n")
+    if s.spare is not None:
+        click.echo(
+            f"# spare on node {s.spare.name}: runs nothing until a node stays lost for "
+            f"{s.reprotect.spare_after_s:g} s, then starts as the new secondary\n"
+        )
     click.echo("# bring-up steps")
     for i, st in enumerate(steps, 1):
         args = json.dumps(st.arguments) if st.arguments else ""

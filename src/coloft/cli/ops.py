@@ -101,7 +101,8 @@ def switchover(
     old = leader_of(s)
     if old is None or not view["protected"]:
         raise ColoftError(f"{spec.vm.name}: not PROTECTED ({view['reason']}); no switchover")
-    new = spec.peer_of(old).name
+    # The leader's peer: with a spare node, the members may not be the spec's first two.
+    new = str((s[old] or {}).get("peer") or spec.peer_of(old).name)
     started = time.time()
     answer = api.call(api.socket_path(spec, old), "POST", "/failover", {"force": False})
     if answer["state"] != "fenced":

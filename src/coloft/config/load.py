@@ -331,6 +331,7 @@ def _reprotect(source: Path, table: Mapping[str, Any]) -> ReprotectSpec:
         backoff_s=r.number("backoff_s", d.backoff_s, 0.1, 600, " s"),
         backoff_max_s=r.number("backoff_max_s", d.backoff_max_s, 0.1, 3600, " s"),
         disk_mib_s=r.integer("disk_mib_s", default=d.disk_mib_s, low=0, high=1_000_000),
+        spare_after_s=r.number("spare_after_s", d.spare_after_s, 0.5, 86400, " s"),
     )
     r.finish()
     if p.backoff_max_s < p.backoff_s:
@@ -370,14 +371,22 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     vm = _vm(source, table("vm", True))
     nodes_table = table("nodes", True)
     nodes = [_node(source, name, t) for name, t in nodes_table.items()]
-    if len(nodes) != 2:
-        raise ConfigError(f"{source}: [nodes]: a pair needs exactly two nodes, found {len(nodes)}")
-    primary = top.string("primary", default=nodes[0].name)
     names = [n.name for n in nodes]
+    spare = top.string("spare", default="")
+    if spare and spare not in names:
+        raise ConfigError(f"{source}: spec.spare: {spare!r} is not one of the nodes {names}")
+    wanted = 3 if spare else 2
+    if len(nodes) != wanted:
+        what = "two nodes and the spare" if spare else "exactly two nodes (three with `spare`)"
+        raise ConfigError(f"{source}: [nodes]: a pair needs {what}, found {len(nodes)}")
+    runs = [n for n in nodes if n.name != spare]
+    primary = top.string("primary", default=runs[0].name)
     if primary not in names:
         raise ConfigError(f"{source}: spec.primary: {primary!r} is not one of the nodes {names}")
-    if primary != nodes[0].name:
-        nodes.reverse()
+    if primary == spare:
+        raise ConfigError(f"{source}: spec.primary: {primary!r} is the spare; name another node")
+    runs.sort(key=lambda n: n.name != primary)
+    nodes = runs + [n for n in nodes if n.name == spare]
     tuning = _tuning(source, table("tuning", False))
     arbiter = _arbiter(source, table("arbiter", False))
     heartbeat = _heartbeat(source, table("heartbeat", False))
@@ -395,7 +404,7 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
     return PairSpec(
         source=source,
         vm=vm,
-        nodes=(nodes[0], nodes[1]),
+        nodes=tuple(nodes),
         tuning=tuning,
         qemu_binary=binary,
         arbiter=arbiter,
@@ -408,18 +417,23 @@ def parse_spec(source: Path, data: Mapping[str, Any]) -> PairSpec:
 
 
 def _cross_checks(source: Path, vm: VmSpec, nodes: list[NodeSpec]) -> None:
-    a, b = nodes
+    for i, b in enumerate(nodes):
+        for a in nodes[:i]:
+            _apart(source, vm, a, b)
+
+
+def _apart(source: Path, vm: VmSpec, a: NodeSpec, b: NodeSpec) -> None:
     if a.replication_address == b.replication_address:
         raise ConfigError(
             f"{source}: [nodes.{b.name}].replication_address: same as node "
-            f"{a.name!r}; the two nodes must be different hosts"
+            f"{a.name!r}; the nodes must be different hosts"
         )
     disks = {(a.disk or vm.disk), (b.disk or vm.disk)}
     # Without namespaces each node is a host of its own (an agent runs on each).
     same_host = a.netns is not None and a.netns == b.netns
     if same_host and len(disks) == 1:
         raise ConfigError(
-            f"{source}: [nodes.{b.name}].disk: both nodes would open "
+            f"{source}: [nodes.{b.name}].disk: nodes {a.name!r} and {b.name!r} would open "
             f"{vm.disk} on the same host; give each node its own disk copy"
         )
 

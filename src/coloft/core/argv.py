@@ -73,15 +73,16 @@ def tap_name(spec: PairSpec) -> str:
 
 
 def tls_objects(spec: PairSpec, node: NodeSpec) -> list[str]:
-    """Credentials for both ends and the allow-list of identities: the peer's
-    certificate name (its node name) only."""
+    """Credentials for both ends and the allow-list of identities: the certificate
+    names of the pair's other nodes only (its peer, and the spare that may replace
+    it while this QEMU runs)."""
     d = spec.certs_of(node)
-    peer = spec.peer_of(node.name).name
+    others = [n.name for n in spec.nodes if n.name != node.name]
     peers = {
         "qom-type": "authz-list",
         "id": TLS_PEERS,
         "policy": "deny",
-        "rules": [{"match": f"CN={peer}", "policy": "allow", "format": "exact"}],
+        "rules": [{"match": f"CN={o}", "policy": "allow", "format": "exact"} for o in others],
     }
     return [
         "-object",

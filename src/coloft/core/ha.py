@@ -28,7 +28,11 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
   cleared, then alone, and no re-protection until it is switched on again;
 - a leader that runs alone re-protects only with a peer that is ready as a new
   secondary, abandons the attempt when that peer is lost, and is PRIMARY again only
-  once its QEMU is in COLO.
+  once its QEMU is in COLO;
+- with a spare node, a leader whose peer stayed silent past `spare_after_s` while
+  the spare's agent is heard records itself and the spare as the pair's members
+  (clearing sync in the same write) and re-protects with the spare; a node outside
+  the members is a SPARE: it runs no QEMU and never takes the lead.
 
 The transition table below is the whole state machine: decide() may only move
 along it (checked, like h11's table), and `diagram()` prints it.
@@ -58,6 +62,8 @@ class State(Enum):
     DOWN = "down"
     # The guest powered itself off: nothing runs, nothing takes over.
     STOPPED = "stopped"
+    # Not one of the pair's two members: stands by to replace a lost one.
+    SPARE = "spare"
 
 
 class Intent(Enum):
@@ -77,18 +83,30 @@ class Act(Enum):
     REJOIN = "rejoin"
     REPROTECT = "reprotect"
     ABANDON = "abandon-reprotect"
+    TAKE_SPARE = "take-spare"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset(
-        {State.STARTING, State.PRIMARY, State.SECONDARY, State.FENCED, State.DOWN, State.STOPPED}
+        {
+            State.STARTING,
+            State.PRIMARY,
+            State.SECONDARY,
+            State.FENCED,
+            State.DOWN,
+            State.STOPPED,
+            State.SPARE,
+        }
     ),
     State.PRIMARY: frozenset({State.PRIMARY, State.ALONE, State.FENCED, State.STOPPED}),
-    State.SECONDARY: frozenset({State.SECONDARY, State.ALONE, State.DOWN, State.STOPPED}),
+    State.SECONDARY: frozenset(
+        {State.SECONDARY, State.ALONE, State.DOWN, State.STOPPED, State.SPARE}
+    ),
     State.ALONE: frozenset({State.ALONE, State.PRIMARY, State.FENCED, State.STOPPED}),
-    State.FENCED: frozenset({State.FENCED, State.STARTING, State.STOPPED}),
-    State.DOWN: frozenset({State.DOWN, State.STARTING, State.STOPPED}),
+    State.FENCED: frozenset({State.FENCED, State.STARTING, State.STOPPED, State.SPARE}),
+    State.DOWN: frozenset({State.DOWN, State.STARTING, State.STOPPED, State.SPARE}),
     State.STOPPED: frozenset({State.STOPPED}),
+    State.SPARE: frozenset({State.SPARE, State.STARTING, State.STOPPED}),
 }
 
 
@@ -135,6 +153,15 @@ class Observation:
     peer_guest_stopped_s: float | None = None
     # My last bring-up (or rejoin) failed before reaching COLO.
     bring_up_failed: bool = False
+    # A spare node: whether I am one of the pair's two members now, the spare a
+    # leader may take (None: the spec names none, or it is my peer already), whether
+    # its agent is heard, how long my peer has been silent on every path (None while
+    # heard), and after how long a silent peer is replaced.
+    member: bool = True
+    spare: str | None = None
+    spare_heard: bool = False
+    peer_silent_s: float | None = None
+    spare_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +288,14 @@ def _alone(o: Observation) -> Decision:
         )
     if o.reprotecting:
         return Decision(State.ALONE, (Act.RENEW,), f"re-protecting: bringing {o.peer} into COLO")
+    if _spare_due(o):
+        assert o.peer_silent_s is not None
+        return Decision(
+            State.ALONE,
+            (Act.TAKE_SPARE, Act.RENEW),
+            f"{o.peer} silent for {o.peer_silent_s:.0f} s; taking the spare {o.spare} "
+            "as my new secondary",
+        )
     ready = o.peer_ready and o.peer_state == State.STARTING.value and not peer_lost
     if ready and o.reprotect and o.arbiter_ok:
         return Decision(
@@ -269,6 +304,28 @@ def _alone(o: Observation) -> Decision:
             f"{o.peer} is ready as a new secondary; re-protecting",
         )
     return Decision(State.ALONE, (Act.RENEW,), f"leader (epoch {o.my_epoch}), alone")
+
+
+def _spare_due(o: Observation) -> bool:
+    silent = o.peer_silent_s
+    return (
+        o.spare is not None
+        and o.spare_heard
+        and o.reprotect
+        and o.arbiter_ok
+        and not o.protection_off
+        and o.spare_after_s is not None
+        and silent is not None
+        and silent >= o.spare_after_s
+    )
+
+
+def _standing_by(o: Observation) -> Decision:
+    """A node outside the pair's members: nothing of the guest runs here."""
+    who = f"{o.leader.node} leads the pair" if o.leader else "nobody leads the pair now"
+    return Decision(
+        State.SPARE, (Act.FENCE,) if o.qemu_alive else (), f"spare: standing by ({who})"
+    )
 
 
 def _handing_over(state: State, o: Observation) -> Decision:
@@ -447,14 +504,22 @@ def first_role(
 
 
 def decide(state: State, o: Observation, timing: LeaseTiming) -> Decision:
-    if state in (State.FENCED, State.DOWN):
+    if not o.member and state not in (State.PRIMARY, State.ALONE, State.STOPPED):
+        # Only a leader writes the members, itself among them: a leader is always one.
+        d = _standing_by(o)
+    elif state in (State.FENCED, State.DOWN, State.SPARE):
         # A terminal node never lets a QEMU run, whatever started it meanwhile.
         if (stopped := _peer_stopped(o)) is not None:
             d = stopped
         elif o.qemu_alive:
             d = Decision(state, (Act.FENCE,), f"{state.value}: stopping a QEMU that still runs")
         else:
-            d = _rejoin(state, o) or Decision(state, (), f"{state.value}; needs re-protection")
+            waiting = (
+                f"spare taken into the pair; waiting for {o.peer} to bring me in"
+                if state is State.SPARE
+                else f"{state.value}; needs re-protection"
+            )
+            d = _rejoin(state, o) or Decision(state, (), waiting)
     elif state is State.STOPPED:
         d = (
             Decision(state, (Act.FENCE,), "stopped: stopping a QEMU that still runs")

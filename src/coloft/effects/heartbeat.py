@@ -113,12 +113,16 @@ class _Receiver(asyncio.DatagramProtocol):
 
 
 class Heartbeat:
-    """Sends our state to the peer on every path and records what the peer sends."""
+    """Sends our state to the peer on every path and records what the peer sends.
+
+    Another node of the pair heard on our port (a spare standing by) is only noted
+    as alive: its messages never count as the peer's."""
 
     def __init__(
         self,
         pair: str,
         node: str,
+        peer_node: str,
         paths: dict[str, tuple[str, str]],  # path -> (our address, peer's address)
         ports: tuple[int, int],  # (ours, the peer's)
         interval_s: float,
@@ -129,20 +133,51 @@ class Heartbeat:
         self.key = key
         self.pair = pair
         self.node = node
+        self.peer_node = peer_node
         self.paths = paths
         self.port, self.peer_port = ports
         self.interval_s = interval_s
         self.state = state
         self.on_peer = on_peer
         self.peer = PeerView(paths={p: PathState() for p in paths})
+        self.others: dict[str, float] = {}  # another node -> when last heard
+        self.since = time.monotonic()  # when we started listening for this peer
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._receivers: list[_Receiver] = []
         self._seq = 0
         self._kick = asyncio.Event()
 
+    async def retarget(
+        self, peer_node: str, paths: dict[str, tuple[str, str]], peer_port: int
+    ) -> None:
+        """Another node is the peer from now on: nothing heard from the old one counts.
+        Our sockets stay (our addresses are the same), but for a path the new peer lacks."""
+        for path in list(self._transports):
+            if path not in paths or paths[path][0] != self.paths[path][0]:
+                self._transports.pop(path).close()
+        self.peer_node, self.paths, self.peer_port = peer_node, paths, peer_port
+        self.peer = PeerView(paths={p: PathState() for p in paths})
+        await self.open()
+        self.send_now()
+
+    def silent_s(self, now: float, timeout_s: float) -> float | None:
+        """How long the peer has not been heard on any path (None: heard within
+        timeout_s); counted from when we started listening if it never was."""
+        if self.peer.any_fresh(now, timeout_s):
+            return None
+        heard = [p.last_at for p in self.peer.paths.values() if p.last_at is not None]
+        return now - max(heard, default=self.since)
+
+    def heard_from(self, node: str, now: float, within_s: float) -> bool:
+        at = self.others.get(node)
+        return at is not None and now - at <= within_s
+
     async def open(self) -> None:
+        self.since = time.monotonic()
         loop = asyncio.get_running_loop()
         for path, (here, _there) in self.paths.items():
+            if path in self._transports:
+                continue
 
             def receive(message: dict[str, Any], path: str = path) -> None:
                 self._received(path, message)
@@ -161,7 +196,12 @@ class Heartbeat:
         return sum(r.rejected for r in self._receivers)
 
     def _received(self, path: str, message: dict[str, Any]) -> None:
-        if message.get("pair") != self.pair or message.get("node") == self.node:
+        sender = message.get("node")
+        if message.get("pair") != self.pair or sender == self.node:
+            return
+        if sender != self.peer_node:
+            if isinstance(sender, str):
+                self.others[sender] = time.monotonic()
             return
         p = self.peer.paths[path]
         if self.key is not None:

@@ -106,6 +106,18 @@ class _Node:
             self.bad_as_secondary_since = started
 
 
+def _best_secondary(nodes: dict[str, _Node], primary: str) -> _Node:
+    """The other node most able to back the claim (with a spare there are two): the
+    one that is a COLO secondary now, else the one that stopped being one last."""
+    others = [o for o in nodes.values() if o.name != primary]
+
+    def unfit(o: _Node) -> float:
+        since = o.bad_as_secondary_since
+        return float("-inf") if since is None else -since
+
+    return min(others, key=unfit)
+
+
 @dataclass
 class ProtectionOracle:
     spec: PairSpec
@@ -139,8 +151,7 @@ class ProtectionOracle:
                 for name, n in nodes.items():
                     if self._protected(name):
                         self.yes += 1
-                        other = next(o for o in nodes.values() if o.name != name)
-                        self._check(started, n, other, fresh_s)
+                        self._check(started, n, _best_secondary(nodes, name), fresh_s)
                 self.samples += 1
                 self._stop.wait(max(0.0, SAMPLE_S - (time.monotonic() - started)))
         finally:

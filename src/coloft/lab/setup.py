@@ -94,11 +94,13 @@ def lab_spec(
     checkpoint_at_start: bool = True,
     tls: bool = True,
     guest: str | None = None,
+    spare_after_s: float | None = None,
 ) -> PairSpec:
     """examples/lab.toml with the given checkpoint interval, re-protection on or off,
-    guest memory, colo-compare queue length and TLS on or off, and the guest of
-    examples/guests/GUEST.toml instead of the plain one, as a file of its own (agents
-    read the spec from its file); the lab must be up to run it."""
+    guest memory, colo-compare queue length and TLS on or off, the guest of
+    examples/guests/GUEST.toml instead of the plain one, and host c as the spare node
+    taken after `spare_after_s`, as a file of its own (agents read the spec from its
+    file); the lab must be up to run it."""
     text = _set(EXAMPLE_SPEC.read_text(), "checkpoint_interval_ms", str(interval_ms))
     text = _set(text, "auto", "true" if reprotect else "false")
     text = _set(text, "memory_mib", str(memory_mib))
@@ -110,13 +112,22 @@ def lab_spec(
         text = _set(text, "kernel", f'"{LAB_DIR}/vmlinuz-{guest}"')
         text = _set(text, "initrd", f'"{LAB_DIR}/initrd-{guest}.gz"')
     LAB_DIR.mkdir(parents=True, exist_ok=True)
+    if spare_after_s is not None:
+        disk = LAB_DIR / "disk-c.raw"
+        _fresh_disk(LAB_DIR / "disk.raw", disk)
+        text = _set(text, "spare_after_s", f"{spare_after_s:g}")
+        text = 'spare = "c"\n' + text.replace("[tuning]", _node_table("c", 9000, disk) + "[tuning]")
     tag = f"{interval_ms}ms-{memory_mib}m-q{max_queue_size}"
     tag += "" if guest is None else f"-{guest}"
     tag += ("" if reprotect else "-noreprotect") + ("" if checkpoint_at_start else "-late")
     tag += "" if tls else "-plain"
+    tag += "" if spare_after_s is None else f"-spare{spare_after_s:g}"
     path = LAB_DIR / f"lab-{tag}.toml"
     path.write_text(text)
-    return load_spec(path)
+    spec = load_spec(path)
+    if spec.spare is not None:
+        certs.make(spec, spec.certs_dir())  # the spare's certificate too
+    return spec
 
 
 def _node_table(host: str, port_base: int, disk: Path) -> str:

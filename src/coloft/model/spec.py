@@ -113,6 +113,9 @@ class ReprotectSpec:
     backoff_max_s: float = 60.0
     # Cap of the disk copy to the new secondary; 0 = no cap.
     disk_mib_s: int = 0
+    # With a spare node: how long a primary running alone waits for its lost
+    # secondary to come back before it takes the spare as its new secondary.
+    spare_after_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ class SecuritySpec:
 class PairSpec:
     source: Path
     vm: VmSpec
-    nodes: tuple[NodeSpec, NodeSpec]
+    # The primary and the secondary the pair starts with, then the spare if any.
+    nodes: tuple[NodeSpec, ...]
     tuning: Tuning
     qemu_binary: Path | None = None
     arbiter: ArbiterSpec = ArbiterSpec()
@@ -154,14 +158,26 @@ class PairSpec:
     def secondary(self) -> NodeSpec:
         return self.nodes[1]
 
+    @property
+    def spare(self) -> NodeSpec | None:
+        """A third node that may replace a lost one (it runs nothing until then)."""
+        return self.nodes[2] if len(self.nodes) > 2 else None
+
+    @property
+    def first_members(self) -> tuple[str, str]:
+        """The two nodes that run the pair until the arbiter records others."""
+        return self.nodes[0].name, self.nodes[1].name
+
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
             if n.name == name:
                 return n
         raise KeyError(name)
 
-    def peer_of(self, name: str) -> NodeSpec:
-        return self.nodes[1] if self.nodes[0].name == name else self.nodes[0]
+    def peer_of(self, name: str, members: tuple[str, ...] | None = None) -> NodeSpec:
+        """The other member of the pair (the first members unless told otherwise)."""
+        a, b = members or self.first_members
+        return self.node(b if a == name else a)
 
     def disk_of(self, node: NodeSpec) -> Path:
         return node.disk if node.disk is not None else self.vm.disk
