@@ -284,6 +284,12 @@ class Agent:
                 log.error("arbiter read failed unexpectedly: %r", e)
             self.arbiter_ok, self.arbiter_error = False, str(e) or repr(e)
             return
+        names = {n.name for n in self.spec.nodes}
+        if record.members is not None and not set(record.members) <= names:
+            # Only a leader of this spec writes members: these are someone else's.
+            self.arbiter_ok = False
+            self.arbiter_error = f"members {record.members}: not nodes of this spec {sorted(names)}"
+            return
         self.leader, self.sync, self.switch = record.leader, record.sync, record.protection
         self.source = record.source
         self.arbiter_ok, self.arbiter_error = True, None
