@@ -94,10 +94,8 @@ class Agent:
         self.spec = spec
         self.pair = spec.vm.name
         self.node = spec.node(node)
-        # The two nodes running the pair (the arbiter's record once a spare replaced
-        # one); a node outside them stands by, its peer the leader.
-        self.members = spec.first_members
-        self.members_recorded: tuple[str, str] | None = None  # as the arbiter has them
+        # The pair's members as the arbiter records them (None: never changed).
+        self.members_recorded: tuple[str, str] | None = None
         self.peer = spec.node(self._peer_name(None, spec.primary.name))
         self.arbiter = arbiter
         self.choice = choice
@@ -183,6 +181,12 @@ class Agent:
             paths[LAN] = (self.node.lan_address, self.peer.lan_address)
         return paths
 
+    @property
+    def members(self) -> tuple[str, str]:
+        """The two nodes running the pair; a node outside them stands by, its peer
+        the leader."""
+        return self.members_recorded or self.spec.first_members
+
     def _peer_name(self, leader: Leader | None, current: str) -> str:
         """The other member; for a node outside the members, the leader (which
         hears it standing by), else the current one."""
@@ -194,10 +198,11 @@ class Agent:
             return leader.node
         return current
 
-    async def _members_seen(self, members: tuple[str, str]) -> None:
-        if members != self.members:
-            self.note("members", f"the pair runs on {members[0]} and {members[1]}")
-            self.members = members
+    async def _members_read(self, recorded: tuple[str, str] | None) -> None:
+        before, self.members_recorded = self.members, recorded
+        if self.members != before:
+            a, b = self.members
+            self.note("members", f"the pair runs on {a} and {b}")
         name = self._peer_name(self.leader, self.peer.name)
         if name == self.peer.name:
             return
@@ -293,8 +298,7 @@ class Agent:
         self.leader, self.sync, self.switch = record.leader, record.sync, record.protection
         self.source = record.source
         self.arbiter_ok, self.arbiter_error = True, None
-        self.members_recorded = record.members
-        await self._members_seen(record.members or self.spec.first_members)
+        await self._members_read(record.members)
 
     def _observation(self, now: float) -> Observation:
         msg, heard, repl = self._peer(now)
@@ -562,8 +566,7 @@ class Agent:
             return
         self.sync = None
         self.note("reprotect", f"{self.peer.name} stayed silent: taking the spare {spare} in")
-        self.members_recorded = members
-        await self._members_seen(members)
+        await self._members_read(members)
         self.wake.set()
 
     def _start_failover(self, action: failover.Action) -> None:
