@@ -151,6 +151,7 @@ class Agent:
         self.reconnector = policy.Reconnector()
         self.yanking: asyncio.Task[None] | None = None
         self.give_up: str | None = None
+        self.giving_up: asyncio.Task[None] | None = None
         self.compare = compare_log.CompareSigns()
         self.worst_unproven_s = 0.0
         # Re-protection (core.reprotect): the leader's attempt, a failed node's rejoin.
@@ -1036,17 +1037,36 @@ class Agent:
         chosen = policy.policy_for(v.code, self.spec.policy)
         if chosen is None:
             return
-        what = policy.meaning(chosen, v.code)
+        if chosen is not Policy.RUN_ALONE:
+            self._note_policy(chosen, v.code)
+        elif self.give_up is None and (self.giving_up is None or self.giving_up.done()):
+            self.giving_up = asyncio.create_task(self._give_up(v.code))
+
+    def _note_policy(self, chosen: Policy, code: str) -> None:
         self.note(
             "policy",
-            f"{v.code}: {what}",
-            level,
-            code=v.code,
+            f"{code}: {policy.meaning(chosen, code)}",
+            logging.WARNING,
+            code=code,
             policy=chosen.value,
-            applied=policy.applied_at_once(chosen, v.code),
+            applied=policy.applied_at_once(chosen, code),
         )
-        if chosen is Policy.RUN_ALONE and self.give_up is None:
-            self.give_up = v.code
+
+    async def _give_up(self, code: str) -> None:
+        """Drop the secondary for `code` once my QEMU has answered once more. A guest that
+        powers off makes the secondary close the checkpoint stream right after my QEMU
+        emitted SHUTDOWN; the socket table can show the close before that event is read,
+        and a reply is only read after every event QEMU sent before it."""
+        q = self.qemu
+        if q is not None and q.session is not None and q.alive():
+            with contextlib.suppress(ColoftError):
+                await q.session.execute("query-status", deadline_s=0.5)
+            await asyncio.sleep(0)  # the event pump runs before this task resumes
+        if (q is not None and q.guest_shutdown) or self.protection.protected:
+            return
+        if self.give_up is None and self.state in (State.PRIMARY, State.ALONE):
+            self._note_policy(Policy.RUN_ALONE, code)
+            self.give_up = code
             self.wake.set()
 
     def _reestablish(self, now: float) -> None:
