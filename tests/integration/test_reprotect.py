@@ -191,7 +191,8 @@ def test_a_spare_node_replaces_a_host_that_does_not_come_back(
     """b's host dies (agent and QEMU) and stays down: after spare_after_s the primary
     takes the spare c in as its new secondary and is PROTECTED with it; then a's QEMU
     dies and c takes over, with a rejoining as c's secondary. b's agent, back, stands
-    by as the spare. No acknowledged write lost, one client connection throughout."""
+    by as the spare. Then a's disk goes: it fails to start twice and c takes b in.
+    No acknowledged write lost, one client connection throughout."""
     pair = make_pair(lab_spec(interval_ms=2000, spare_after_s=3))
     asyncio.run(up_and_serving(pair))
     assert (pair.status("c") or {}).get("state") == "spare"
@@ -225,6 +226,22 @@ def test_a_spare_node_replaces_a_host_that_does_not_come_back(
         views = pair.wait_for(lambda s: (s["b"] or {}).get("state") == "spare", 30, "b standing by")
         b = views["b"]
         assert b is not None and b["members"] == ["a", "c"] and b["qemu"]["pid"] is None, b
+        # a's storage goes: its agent is heard but cannot start a QEMU, so c does not
+        # wait for it to go quiet and takes the spare b after two failed starts.
+        pair.spec.disk_of(pair.spec.node("a")).unlink()
+        kill_qemu(pair, "a")
+        views = pair.wait_for(
+            lambda s: (
+                protected_by("c")(s)
+                and (s["c"] or {})["members"] == ["c", "b"]
+                and (s["a"] or {}).get("state") == "spare"
+            ),
+            120,
+            "c protected with the spare b, a standing by",
+        )
+        c = views["c"]
+        assert c is not None and c["sync"] == "b", c
+        assert any("a failed its last 2 starts" in e["text"] for e in c["events"]), c["events"]
     finally:
         watch.stop()
     check_client(tmp_path, client, watch)

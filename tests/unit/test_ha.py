@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from coloft.core.ha import (
+    SPARE_AFTER_FAILED_STARTS,
     TRANSITIONS,
     Act,
     Decision,
@@ -176,6 +177,7 @@ def random_observation(rng: random.Random) -> Observation:
         spare_heard=rng.random() < 0.5,
         peer_silent_s=rng.choice([None, 1.0, 20.0]),
         spare_after_s=rng.choice([None, 10.0]),
+        peer_failed_starts=rng.choice([0, 0, 1, 2, 5]),
     )
 
 
@@ -203,8 +205,11 @@ def test_safety_over_random_observations() -> None:
         if Act.TAKE_SPARE in d.actions:
             assert state is State.ALONE and holds and o.arbiter_ok and o.sync is None, (state, o)
             assert o.spare_heard and not o.reprotecting and not o.protection_off, (state, o)
-            assert o.peer_silent_s is not None and o.spare_after_s is not None
-            assert o.peer_silent_s >= o.spare_after_s, (state, o)
+            assert o.spare_after_s is not None
+            if o.peer_silent_s is not None:
+                assert o.peer_silent_s >= o.spare_after_s, (state, o)
+            else:
+                assert o.peer_failed_starts >= SPARE_AFTER_FAILED_STARTS, (state, o)
         if Act.REJOIN in d.actions:
             # Only a node whose QEMU is gone starts over: offering itself to a peer the
             # arbiter says leads alone, or, its bring-up failed, when nobody leads.
@@ -518,6 +523,24 @@ def test_a_leader_alone_takes_the_spare_once_its_peer_stayed_silent() -> None:
     assert Act.TAKE_SPARE not in busy.actions, busy
     # A primary in COLO never drops its secondary for the spare.
     assert Act.TAKE_SPARE not in decide(State.PRIMARY, SPARE_DUE, T).actions
+
+
+def test_a_leader_alone_takes_the_spare_when_its_heard_peer_keeps_failing_to_start() -> None:
+    heard = dataclasses.replace(SPARE_DUE, peer_silent_s=None, peer_state="down")
+    failing = dataclasses.replace(heard, peer_failed_starts=SPARE_AFTER_FAILED_STARTS)
+    d = decide(State.ALONE, failing, T)
+    assert d.state is State.ALONE and d.actions == (Act.TAKE_SPARE, Act.RENEW), d
+    assert "b failed its last 2 starts; taking the spare c" in d.reason
+    # One failure is not enough; nor is failing with the spare unheard or while the
+    # peer is being brought in.
+    for o in (
+        dataclasses.replace(heard, peer_failed_starts=1),
+        dataclasses.replace(failing, spare_heard=False),
+        dataclasses.replace(failing, reprotect=False),
+    ):
+        assert Act.TAKE_SPARE not in decide(State.ALONE, o, T).actions, o
+    busy = decide(State.ALONE, dataclasses.replace(failing, reprotecting=True), T)
+    assert Act.TAKE_SPARE not in busy.actions, busy
 
 
 def test_a_node_outside_the_members_stands_by_and_joins_once_taken_in() -> None:

@@ -26,7 +26,16 @@ from coloft.agent import api, journal
 from coloft.agent.metrics import Families, Metrics
 from coloft.arbiter.base import Arbiter, ArbiterUnavailable
 from coloft.core import channels, choreography, compare_log, failover, health, policy, reprotect
-from coloft.core.ha import Act, Decision, Intent, Observation, State, decide, first_role
+from coloft.core.ha import (
+    Act,
+    Decision,
+    Intent,
+    Observation,
+    State,
+    decide,
+    first_role,
+    spare_due,
+)
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at, read_due
 from coloft.core.pace import until_beat
@@ -264,6 +273,7 @@ class Agent:
             "channels": self.channels,
             "reprotecting": self.reprotecting,
             "guest_stopped": self.qemu is not None and self.qemu.guest_shutdown,
+            "failed_starts": self.backoff.failures,
         }
 
     def _in_colo(self) -> bool:
@@ -355,6 +365,7 @@ class Agent:
             spare_heard=spare is not None and self.heartbeat.heard_from(spare, now, SPARE_HEARD_S),
             peer_silent_s=self.heartbeat.silent_s(now, self.spec.heartbeat.timeout_s),
             spare_after_s=None if spare is None else self.spec.reprotect.spare_after_s,
+            peer_failed_starts=int(msg.get("failed_starts") or 0) if heard else 0,
         )
 
     def _stalled_s(self, now: float) -> float | None:
@@ -529,7 +540,7 @@ class Agent:
             elif act is Act.ABANDON:
                 self._abandon("the new secondary was lost")
             elif act is Act.TAKE_SPARE and o.spare is not None and self.my_epoch is not None:
-                await self._take_spare(o.spare, self.my_epoch)
+                await self._take_spare(o.spare, self.my_epoch, spare_due(o) or "lost")
         except ColoftError as e:
             self.note("error", f"{act.value} failed: {e}", logging.ERROR)
 
@@ -561,12 +572,12 @@ class Agent:
         self.wake.set()
         return True
 
-    async def _take_spare(self, spare: str, epoch: int) -> None:
+    async def _take_spare(self, spare: str, epoch: int, why: str) -> None:
         members = (self.node.name, spare)
         if not await self.arbiter.set_members(self.pair, members, epoch):
             return
         self.sync = None
-        self.note("reprotect", f"{self.peer.name} stayed silent: taking the spare {spare} in")
+        self.note("reprotect", f"{self.peer.name} {why}: taking the spare {spare} in")
         await self._members_read(members)
         self.wake.set()
 

@@ -29,8 +29,9 @@ Safety rules (Patroni's lease discipline, the issue's split-brain rules):
 - a leader that runs alone re-protects only with a peer that is ready as a new
   secondary, abandons the attempt when that peer is lost, and is PRIMARY again only
   once its QEMU is in COLO;
-- with a spare node, a leader whose peer stayed silent past `spare_after_s` while
-  the spare's agent is heard records itself and the spare as the pair's members
+- with a spare node, a leader whose peer stayed silent past `spare_after_s`, or
+  failed its last SPARE_AFTER_FAILED_STARTS starts in a row, while the spare's
+  agent is heard records itself and the spare as the pair's members
   (clearing sync in the same write) and re-protects with the spare; a node outside
   the members is a SPARE: it runs no QEMU and never takes the lead.
 
@@ -51,6 +52,9 @@ from coloft.model.steps import Role
 # The guests run the same code: when the secondary's powers itself off, the
 # primary's follows within moments; past this, the secondary counts as lost.
 GUEST_STOP_GRACE_S = 3.0
+# A member that failed this many starts in a row (its disk gone, its QEMU refused) is
+# replaced by the spare even though its agent is heard: one failure may be bad luck.
+SPARE_AFTER_FAILED_STARTS = 2
 
 
 class State(Enum):
@@ -156,12 +160,14 @@ class Observation:
     # A spare node: whether I am one of the pair's two members now, the spare a
     # leader may take (None: the spec names none, or it is my peer already), whether
     # its agent is heard, how long my peer has been silent on every path (None while
-    # heard), and after how long a silent peer is replaced.
+    # heard), after how long a silent peer is replaced, and how many of its starts in
+    # a row failed (as its heartbeats say).
     member: bool = True
     spare: str | None = None
     spare_heard: bool = False
     peer_silent_s: float | None = None
     spare_after_s: float | None = None
+    peer_failed_starts: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,13 +294,12 @@ def _alone(o: Observation) -> Decision:
         )
     if o.reprotecting:
         return Decision(State.ALONE, (Act.RENEW,), f"re-protecting: bringing {o.peer} into COLO")
-    if _spare_due(o):
-        assert o.peer_silent_s is not None
+    due = spare_due(o)
+    if due is not None:
         return Decision(
             State.ALONE,
             (Act.TAKE_SPARE, Act.RENEW),
-            f"{o.peer} silent for {o.peer_silent_s:.0f} s; taking the spare {o.spare} "
-            "as my new secondary",
+            f"{o.peer} {due}; taking the spare {o.spare} as my new secondary",
         )
     ready = o.peer_ready and o.peer_state == State.STARTING.value and not peer_lost
     if ready and o.reprotect and o.arbiter_ok:
@@ -306,18 +311,19 @@ def _alone(o: Observation) -> Decision:
     return Decision(State.ALONE, (Act.RENEW,), f"leader (epoch {o.my_epoch}), alone")
 
 
-def _spare_due(o: Observation) -> bool:
+def spare_due(o: Observation) -> str | None:
+    """Why the peer is replaced by the spare now, or None."""
+    if o.spare is None or not o.spare_heard or o.spare_after_s is None:
+        return None
+    if not o.reprotect or not o.arbiter_ok or o.protection_off:
+        return None
     silent = o.peer_silent_s
-    return (
-        o.spare is not None
-        and o.spare_heard
-        and o.reprotect
-        and o.arbiter_ok
-        and not o.protection_off
-        and o.spare_after_s is not None
-        and silent is not None
-        and silent >= o.spare_after_s
-    )
+    if silent is not None and silent >= o.spare_after_s:
+        return f"silent for {silent:.0f} s"
+    # Heard, but unable to serve as a secondary: no use waiting for it to go quiet.
+    if silent is None and o.peer_failed_starts >= SPARE_AFTER_FAILED_STARTS:
+        return f"failed its last {o.peer_failed_starts} starts"
+    return None
 
 
 def _standing_by(o: Observation) -> Decision:
