@@ -7,7 +7,7 @@ from collections import deque
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coloft.agent.metrics import Families, Metrics
+from coloft.agent.metrics import STATES, Families, Metrics
 from coloft.lab.fleet_demo import failovers_by_pair
 
 
@@ -60,6 +60,10 @@ def test_each_tick_adds_only_what_is_new() -> None:
     assert value(m, "coloft_protected") == 1.0
     assert value(m, "coloft_agent_state", state="primary") == 1.0
     assert value(m, "coloft_agent_state", state="alone") == 0.0
+    m.tick("primary", leading=True, protected=True, dt=0.1)
+    m.tick("alone", leading=True, protected=False, dt=0.1)
+    states = [s for s in STATES if value(m, "coloft_agent_state", state=s) == 1.0]
+    assert states == ["alone"], states
     m.checkpoints_seen(3, [10.0, 20.0, 300.0], 1)
     m.checkpoints_seen(4, [10.0, 20.0, 300.0, 40.0], 2)
     assert value(m, "coloft_checkpoints_total") == 4
@@ -79,6 +83,12 @@ def test_each_tick_adds_only_what_is_new() -> None:
     assert value(m, "coloft_probe_rtt_seconds_sum") == 0.006
     m.qmp_seen(2, deque([("stop", 0.001, True), ("cont", 0.5, False)]))
     assert value(m, "coloft_qmp_errors_total", command="cont") == 1
+    # A full window: only its newest entry is new.
+    calls = deque([("query-status", 0.001, True)] * 999 + [("cont", 0.2, False)], maxlen=1000)
+    m.qmp_seen(3, calls)
+    assert value(m, "coloft_qmp_errors_total", command="cont") == 2
+    with pytest.raises(AssertionError, match="no sample"):
+        value(m, "coloft_qmp_command_seconds_count", command="query-status")
     m.compare_seen(timeouts=3, drops=0)
     m.compare_seen(timeouts=1, drops=2)  # signs start over with a new pair
     assert value(m, "coloft_compare_timed_out_packets_total") == 4

@@ -7,7 +7,8 @@ no hook sits in the hot paths of QEMU's events or the probe.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -18,14 +19,14 @@ PAUSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RTT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35)
 QMP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 STATES = tuple(s.value for s in State)
+T = TypeVar("T")
 
 
-def _new(values: Iterable[float], total: int, seen: int) -> list[float]:
+def _new(window: Sequence[T], total: int, seen: int) -> list[T]:
     """The values of a bounded window (a deque, a tuple) that came after `seen` of
-    `total` so far."""
-    window = list(values)
+    `total` so far. Read from the end: the window may be long and is read every tick."""
     fresh = min(max(0, total - seen), len(window))
-    return window[len(window) - fresh :] if fresh else []
+    return [window[-i] for i in range(fresh, 0, -1)]
 
 
 class Families:
@@ -111,8 +112,13 @@ class Families:
             registry=r,
         )
         self._link: dict[str, dict[str, int]] = {}
+        self._link_reading: dict[str, dict[str, int]] = {}
 
     def link_seen(self, node: str, counters: dict[str, int]) -> None:
+        # Every pair of the host hands over the same reading (effects.link keeps it).
+        if self._link_reading.get(node) is counters:
+            return
+        self._link_reading[node] = counters
         seen = self._link.setdefault(node, {})
         for key, metric, direction in (
             ("rx_bytes", self.link_bytes, "rx"),
@@ -125,7 +131,8 @@ class Families:
             before = seen.get(key, counters[key])
             # The interface counts from zero again when it is made anew.
             delta = counters[key] - before if counters[key] >= before else counters[key]
-            metric.labels(node=node, direction=direction).inc(delta)
+            if delta or key not in seen:
+                metric.labels(node=node, direction=direction).inc(delta)
             seen[key] = counters[key]
 
 
@@ -161,55 +168,71 @@ class Metrics:
             "timeouts": 0,
             "drops": 0,
         }
-        for s in STATES:
-            self.state.labels(**self.labels, state=s).set(0)
+        # The children this pair updates every tick, looked up once: labels() is
+        # the costliest part of an update.
+        self._states = {s: self.state.labels(**self.labels, state=s) for s in STATES}
+        for child in self._states.values():
+            child.set(0)
+        self._state: str | None = None
+        self._protected = self.protected.labels(**self.labels)
+        self._unprotected = self.unprotected.labels(**self.labels)
+        self._checkpoints = self.checkpoints.labels(**self.labels)
+        self._forced = self.forced.labels(**self.labels)
+        self._pause = self.pause.labels(**self.labels)
+        self._probe = self.probe.labels(**self.labels)
+        self._compare = {
+            "timeouts": self.compare_timeouts.labels(**self.labels),
+            "drops": self.compare_drops.labels(**self.labels),
+        }
 
     def tick(self, state: str, leading: bool, protected: bool, dt: float) -> None:
-        for s in STATES:
-            self.state.labels(**self.labels, state=s).set(1 if s == state else 0)
-        self.protected.labels(**self.labels).set(1 if leading and protected else 0)
+        if state != self._state:
+            if self._state is not None:
+                self._states[self._state].set(0)
+            self._states[state].set(1)
+            self._state = state
+        self._protected.set(1 if leading and protected else 0)
         if leading and not protected and dt > 0:
-            self.unprotected.labels(**self.labels).inc(dt)
+            self._unprotected.inc(dt)
 
-    def checkpoints_seen(self, count: int, pauses_ms: Iterable[float], forced: int = 0) -> None:
+    def checkpoints_seen(self, count: int, pauses_ms: Sequence[float], forced: int = 0) -> None:
         if forced < self._seen["forced"]:
             self._seen["forced"] = 0
-        self.forced.labels(**self.labels).inc(forced - self._seen["forced"])
-        self._seen["forced"] = forced
+        if forced > self._seen["forced"]:
+            self._forced.inc(forced - self._seen["forced"])
+            self._seen["forced"] = forced
         if count < self._seen["checkpoints"]:
             self._seen["checkpoints"] = 0  # a new QEMU counts from zero
+        if count == self._seen["checkpoints"]:
+            return
         for p in _new(pauses_ms, count, self._seen["checkpoints"]):
-            self.pause.labels(**self.labels).observe(p / 1000.0)
-        self.checkpoints.labels(**self.labels).inc(count - self._seen["checkpoints"])
+            self._pause.observe(p / 1000.0)
+        self._checkpoints.inc(count - self._seen["checkpoints"])
         self._seen["checkpoints"] = count
 
-    def probe_seen(self, matched: int, rtts_ms: Iterable[float]) -> None:
+    def probe_seen(self, matched: int, rtts_ms: Sequence[float]) -> None:
         if matched < self._seen["probe"]:
             self._seen["probe"] = 0  # a new probe counts from zero
         for v in _new(rtts_ms, matched, self._seen["probe"]):
-            self.probe.labels(**self.labels).observe(v / 1000.0)
+            self._probe.observe(v / 1000.0)
         self._seen["probe"] = matched
 
-    def qmp_seen(self, total: int, calls: Iterable[tuple[str, float, bool]]) -> None:
+    def qmp_seen(self, total: int, calls: Sequence[tuple[str, float, bool]]) -> None:
         if total < self._seen["qmp"]:
             self._seen["qmp"] = 0
-        window = list(calls)
-        fresh = min(max(0, total - self._seen["qmp"]), len(window))
-        for command, seconds, ok in window[len(window) - fresh :] if fresh else []:
+        for command, seconds, ok in _new(calls, total, self._seen["qmp"]):
             self.qmp.labels(**self.labels, command=command).observe(seconds)
             if not ok:
                 self.qmp_errors.labels(**self.labels, command=command).inc()
         self._seen["qmp"] = total
 
     def compare_seen(self, timeouts: int, drops: int) -> None:
-        for key, total, counter in (
-            ("timeouts", timeouts, self.compare_timeouts),
-            ("drops", drops, self.compare_drops),
-        ):
+        for key, total in (("timeouts", timeouts), ("drops", drops)):
             if total < self._seen[key]:
                 self._seen[key] = 0
-            counter.labels(**self.labels).inc(total - self._seen[key])
-            self._seen[key] = total
+            if total > self._seen[key]:
+                self._compare[key].inc(total - self._seen[key])
+                self._seen[key] = total
 
     def link_seen(self, counters: dict[str, int]) -> None:
         self.families.link_seen(self.labels["node"], counters)

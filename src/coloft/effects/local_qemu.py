@@ -136,6 +136,9 @@ class LocalQemu:
         if self.proc is None:
             return []
         try:
+            # Asked ten times a second; QEMU seldom writes.
+            if os.stat(self.proc.stderr_path).st_size <= self._log_offset:
+                return []
             with open(self.proc.stderr_path, "rb") as f:
                 f.seek(self._log_offset)
                 data = f.read(limit)
