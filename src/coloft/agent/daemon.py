@@ -1064,16 +1064,26 @@ class Agent:
         )
 
     async def _give_up(self, code: str) -> None:
-        """Drop the secondary for `code` once my QEMU has answered once more. A guest that
-        powers off makes the secondary close the checkpoint stream right after my QEMU
-        emitted SHUTDOWN; the socket table can show the close before that event is read,
-        and a reply is only read after every event QEMU sent before it."""
+        """Drop the secondary for `code` once my QEMU has answered once more. A channel
+        also closes when my own QEMU dies, and when its guest powers off (the secondary
+        closes the checkpoint stream right after my QEMU emitted SHUTDOWN); the socket
+        table can show the close before the exit or the event is read. Dropping the
+        secondary then would clear sync and leave nobody to take over. A reply is only
+        read after every event QEMU sent before it."""
         q = self.qemu
-        if q is not None and q.session is not None and q.alive():
-            with contextlib.suppress(ColoftError):
+        while q is not None and q is self.qemu and q.alive() and q.session is not None:
+            try:
                 await q.session.execute("query-status", deadline_s=0.5)
-            await asyncio.sleep(0)  # the event pump runs before this task resumes
-        if (q is not None and q.guest_shutdown) or self.protection.protected:
+            except ColoftError:
+                # Dead or hung: its exit or the hang check decides, and sync stays.
+                if await q.wait_exit(0.5):
+                    return
+                continue
+            break
+        else:
+            return
+        await asyncio.sleep(0)  # the event pump runs before this task resumes
+        if q.guest_shutdown or not q.alive() or self.protection.protected:
             return
         if self.give_up is None and self.state in (State.PRIMARY, State.ALONE):
             self._note_policy(Policy.RUN_ALONE, code)
