@@ -1071,17 +1071,18 @@ class Agent:
         secondary then would clear sync and leave nobody to take over. A reply is only
         read after every event QEMU sent before it."""
         q = self.qemu
-        while q is not None and q is self.qemu and q.alive() and q.session is not None:
+        if q is None or q.session is None:
+            return
+        while True:
+            if q is not self.qemu or not q.alive():
+                return
             try:
                 await q.session.execute("query-status", deadline_s=0.5)
+                break
             except ColoftError:
                 # Dead or hung: its exit or the hang check decides, and sync stays.
                 if await q.wait_exit(0.5):
                     return
-                continue
-            break
-        else:
-            return
         await asyncio.sleep(0)  # the event pump runs before this task resumes
         if q.guest_shutdown or not q.alive() or self.protection.protected:
             return
