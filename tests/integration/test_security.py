@@ -96,7 +96,10 @@ def test_strangers_are_refused_everywhere_and_do_not_delay_a_failover(
         )
         # Heartbeats forged in a's name (no key) are turned away by b's agent.
         intruder.forge_heartbeats(
-            b.replication_address, ports.port(b, ports.HEARTBEAT), spec.vm.name, a.name
+            b.replication_address,
+            ports.heartbeat_port(b, spec.heartbeat.port),
+            spec.vm.name,
+            a.name,
         )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ agent itself is exercised against real QEMU in the integration suite."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -58,8 +59,8 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
         assert b.peer.fresh(REPLICATION, t, 0.1) and b.peer.fresh(LAN, t, 0.1)
         assert b.peer.message is not None and b.peer.message["state"] == "primary"
         assert changes, "the first message from the peer is news"
-        # Cut a's replication path only: b still hears a on the LAN.
-        a._transports.pop(REPLICATION).close()
+        # a stops using its replication path: b still hears a on the LAN.
+        await a.retarget("b", {LAN: paths_a[LAN]}, ports[1])
         await asyncio.sleep(0.2)
         t = time.monotonic()
         assert not b.peer.fresh(REPLICATION, t, 0.1) and b.peer.fresh(LAN, t, 0.1)
@@ -366,6 +367,105 @@ def test_one_line_shows_the_checkpoint_rate_and_the_time_unprotected() -> None:
     assert "| 30 checkpoints/min (33 % forced) |" in line, line
 
 
+def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -> None:
+    from coloft.effects import heartbeat as hb
+
+    async def scenario() -> None:
+        shared = free_udp_port()
+        keys = {"p": b"p" * 32, "q": b"q" * 32}
+        hub = hb.Hub()
+        beats = [
+            Heartbeat(
+                name,
+                "a",
+                "b",
+                {REPLICATION: ("127.0.0.1", "127.0.0.3")},
+                (shared, shared),
+                0.05,
+                functools.partial(dict, boot="a1", state="primary", vm=name),
+                lambda: None,
+                keys[name],
+                hub,
+            )
+            for name in ("p", "q")
+        ]
+        # The peer host: one plain socket where both pairs' heartbeats go.
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.3", shared))
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        for h in beats:
+            await h.open()
+        tasks = [asyncio.create_task(h.run()) for h in beats]
+        datagrams = [await asyncio.wait_for(loop.sock_recv(peer, 65536), 1) for _ in range(3)]
+        for data in datagrams:
+            items = data.split(b"\n")
+            assert len(items) == 2, data
+            bodies = {}
+            for item in items:
+                body = json.loads(item[hb.MAC_LEN :])
+                assert hb.seal(keys[body["pair"]], item[hb.MAC_LEN :]) == item, "own pair's key"
+                bodies[body["pair"]] = body
+            assert {n: b["vm"] for n, b in bodies.items()} == {"p": "p", "q": "q"}
+        # The other side: b's pairs on their shared socket hear a's, each its own.
+        hub_b = hb.Hub()
+        heard = {
+            name: Heartbeat(
+                name,
+                "b",
+                "a",
+                {REPLICATION: ("127.0.0.4", "127.0.0.1")},
+                (shared, shared),
+                0.05,
+                dict,
+                lambda: None,
+                keys[name],
+                hub_b,
+            )
+            for name in ("p", "q")
+        }
+        for h in heard.values():
+            await h.open()
+        ep = next(iter(heard["p"]._endpoints.values()))
+        assert ep is next(iter(heard["q"]._endpoints.values())), "one socket for both pairs"
+        a_bundle = datagrams[-1].split(b"\n")
+        stranger = hb.seal(b"x" * 32, json.dumps({"pair": "r", "node": "a"}).encode())
+        ep.datagram_received(b"\n".join([*a_bundle, stranger]), ("127.0.0.1", shared))
+        for name, h in heard.items():
+            assert h.peer.message is not None and h.peer.message["vm"] == name
+            assert h.peer.paths[REPLICATION].count == 1 and h.rejected == 0
+        assert ep.unreadable == 0, "a pair not run here is no fault of the datagram"
+        # q's message under p's key is p's problem only; garbage is counted apart.
+        q_item = json.loads(a_bundle[1][hb.MAC_LEN :])
+        forged = {**q_item, "pair": "p", "seq": q_item["seq"] + 10}
+        forged_item = hb.seal(keys["q"], json.dumps(forged).encode())
+        ep.datagram_received(b"\n".join([forged_item, b"not json"]), ("127.0.0.1", shared))
+        assert (heard["p"].rejected, heard["q"].rejected, ep.unreadable) == (1, 0, 1)
+        # A pair whose state cannot be read fails its own run(); the other beats on.
+        calls = 0
+
+        def broken() -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("no state")
+
+        beats[0].state = broken
+        with pytest.raises(RuntimeError, match="no state"):
+            await asyncio.wait_for(tasks[0], 1)
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(peer, 65536), 1)
+            if len(data.split(b"\n")) == 1:
+                break
+        assert json.loads(data[hb.MAC_LEN :])["pair"] == "q" and calls == 1
+        tasks[1].cancel()
+        for h in [*beats, *heard.values()]:
+            h.close()
+        assert not hub._endpoints and not hub_b._endpoints, "the last pair closes the socket"
+        peer.close()
+
+    asyncio.run(scenario())
+
+
 def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_path() -> None:
     from coloft.effects import heartbeat as hb
 
@@ -390,10 +490,14 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
         body |= {"path": path, "unix": unix or 1000.0 + seq}
         return hb.seal(k, json.dumps(body).encode())
 
+    # Each path's socket, without binding one: datagrams are handed to it directly.
+    sockets = {path: hb._Endpoint(here) for path, (here, _there) in b.paths.items()}
+    for ep in sockets.values():
+        ep.members["p"] = b
+    b._endpoints = dict(sockets)
+
     def deliver(path: str, data: bytes) -> None:
-        receiver = hb._Receiver(lambda m: b._received(path, m), key)
-        receiver.datagram_received(data, ("127.0.0.9", 1))
-        b._receivers.append(receiver)
+        sockets[path].datagram_received(data, ("127.0.0.9", 1))
 
     deliver(REPLICATION, datagram(1, REPLICATION))
     assert b.peer.paths[REPLICATION].count == 1 and heard == ["x"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from coloft.config.load import check_together, load_spec
+from coloft.core.ports import heartbeat_port
 from coloft.errors import ConfigError
 from coloft.model.spec import Accel, PairSpec, Policy
 
@@ -191,6 +192,9 @@ def test_example_names_its_witness_and_heartbeat_paths() -> None:
     assert spec.arbiter.embedded_netns == "coloft-w"
     assert spec.heartbeat.timeout_s == pytest.approx(0.15)
     assert spec.primary.lan_address == "192.0.2.1"
+    # The lab's pairs share one heartbeat port; without it each pair has its own.
+    assert heartbeat_port(spec.primary, spec.heartbeat.port) == 9460
+    assert heartbeat_port(spec.primary, 0) == spec.primary.port_base + 6
 
 
 def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
@@ -213,6 +217,7 @@ def test_arbiter_defaults_to_an_embedded_etcd_here(tmp_path: Path) -> None:
         ("[arbiter]\nembedded = 'yes'\n", "[arbiter].embedded: expected a boolean"),
         ("[arbiter]\nttl = 2\n", "unknown key 'ttl'"),
         ("[heartbeat]\nmisses = 1\n", "[heartbeat].misses: 1 is out of range 2..100"),
+        ("[heartbeat]\nport = 70000\n", "[heartbeat].port: 70000 is out of range 0..65535"),
         ("[heartbeat]\ninterval_ms = 'fast'\n", "[heartbeat].interval_ms: expected an integer"),
         (
             "[policy]\nmirror = 'reconnect'\n",

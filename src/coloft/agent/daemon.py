@@ -39,16 +39,16 @@ from coloft.core.ha import (
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at, read_due
 from coloft.core.pace import until_beat
-from coloft.core.ports import HEARTBEAT, NBD, port
+from coloft.core.ports import NBD, heartbeat_port, port
 from coloft.effects import certs, link, sdnotify, sockets
 from coloft.effects.executor import run_steps
-from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat
+from coloft.effects.heartbeat import LAN, REPLICATION, Heartbeat, Hub
 from coloft.effects.local_qemu import LocalQemu
 from coloft.effects.probe import IcmpProbe
 from coloft.effects.qemu_binary import QemuChoice
 from coloft.errors import ColoftError, FatalError
 from coloft.model.leader import Leader
-from coloft.model.spec import PairSpec, Policy
+from coloft.model.spec import NodeSpec, PairSpec, Policy
 from coloft.model.status import SideStatus
 from coloft.model.steps import Role, Step, Until
 
@@ -99,6 +99,7 @@ class Agent:
         arbiter: Arbiter,
         choice: QemuChoice,
         families: Families | None = None,
+        hub: Hub | None = None,
     ) -> None:
         self.spec = spec
         self.pair = spec.vm.name
@@ -178,12 +179,16 @@ class Agent:
             self.node.name,
             self.peer.name,
             self._paths(),
-            (port(self.node, HEARTBEAT), port(self.peer, HEARTBEAT)),
+            (self._heartbeat_port(self.node), self._heartbeat_port(self.peer)),
             spec.heartbeat.interval_ms / 1000.0,
             self._heartbeat_state,
             self._peer_changed,
             certs.heartbeat_key(spec.certs_of(self.node)) if spec.security.tls else None,
+            hub,
         )
+
+    def _heartbeat_port(self, node: NodeSpec) -> int:
+        return heartbeat_port(node, self.spec.heartbeat.port)
 
     def _paths(self) -> dict[str, tuple[str, str]]:
         paths = {REPLICATION: (self.node.replication_address, self.peer.replication_address)}
@@ -222,7 +227,7 @@ class Agent:
         self.targeted = False
         # Shielded: an arbiter call's deadline must not leave the sockets half moved.
         await asyncio.shield(
-            self.heartbeat.retarget(name, self._paths(), port(self.peer, HEARTBEAT))
+            self.heartbeat.retarget(name, self._paths(), self._heartbeat_port(self.peer))
         )
         self.note("members", f"my peer is {name} now")
 

@@ -18,6 +18,7 @@ from coloft.agent.metrics import Families
 from coloft.arbiter.etcd import EtcdArbiter
 from coloft.config.load import check_together
 from coloft.effects import qemu_binary
+from coloft.effects.heartbeat import Hub
 from coloft.model.spec import PairSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
     with contextlib.suppress(PermissionError):
         os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     families = Families()
+    hub = Hub()  # pairs sharing a heartbeat port share its sockets and datagrams
     # One etcd client per pair: a call that times out drops its client's channel, and
     # that must not cancel the other pairs' renewals.
     arbiters: list[EtcdArbiter] = []
@@ -45,7 +47,7 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
         choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
         arbiter = EtcdArbiter(spec.arbiter.endpoints, deadline_s=spec.arbiter.call_deadline_s)
         arbiters.append(arbiter)
-        return Agent(spec, node, arbiter, choice, families)
+        return Agent(spec, node, arbiter, choice, families, hub)
 
     agents = [make(spec) for spec in specs]
     for a in agents:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from coloft.arbiter.base import parse_endpoint
 from coloft.core.argv import tap_name
 from coloft.core.lease import LeaseTiming, problems
-from coloft.core.ports import HEARTBEAT, all_ports, port
+from coloft.core.ports import HEARTBEAT, all_ports
 from coloft.errors import ConfigError
 from coloft.model.spec import (
     Accel,
@@ -300,6 +300,7 @@ def _heartbeat(source: Path, table: Mapping[str, Any]) -> HeartbeatSpec:
     h = HeartbeatSpec(
         interval_ms=r.integer("interval_ms", default=50, low=10, high=10_000, unit=" ms"),
         misses=r.integer("misses", default=3, low=2, high=100),
+        port=r.integer("port", default=0, low=0, high=65535),
     )
     r.finish()
     return h
@@ -455,8 +456,9 @@ def load_spec(path: Path) -> PairSpec:
 
 def check_together(specs: Sequence[PairSpec], node: str) -> None:
     """Pairs one agent runs on host `node`: each has that node, names and TAP devices
-    differ, and no port of one pair is a port of another on the same address (the
-    metrics port alone is shared: one endpoint serves every pair)."""
+    differ, and no channel port of one pair is a port of another on the same address
+    (the metrics port is shared: one endpoint serves every pair; so may heartbeat
+    ports be)."""
     seen: dict[str, Path] = {}
     taps: dict[str, str] = {}
     disks: dict[Path, str] = {}
@@ -485,11 +487,9 @@ def check_together(specs: Sequence[PairSpec], node: str) -> None:
                 f"{spec.source}: disk {disk} on node {node!r} is also pair {disks[disk]!r}'s"
             )
         disks[disk] = spec.vm.name
-        # Channels listen on the replication address, heartbeats on both.
-        taken = [(n.replication_address, p) for p in [*all_ports(n), port(n, HEARTBEAT)]]
-        if n.lan_address:
-            taken.append((n.lan_address, port(n, HEARTBEAT)))
-        for address, p in taken:
+        # Channels listen on the replication address. Heartbeats are UDP, and an
+        # agent's pairs share their sockets (effects.heartbeat.Hub): never a conflict.
+        for address, p in [(n.replication_address, p) for p in all_ports(n)]:
             other = used.get((address, p))
             if other is not None:
                 raise ConfigError(

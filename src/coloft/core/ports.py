@@ -19,5 +19,10 @@ def port(node: NodeSpec, offset: int) -> int:
     return node.port_base + offset
 
 
+def heartbeat_port(node: NodeSpec, shared: int) -> int:
+    """Where `node` hears heartbeats: the port pairs share (`[heartbeat] port`), else its own."""
+    return shared or port(node, HEARTBEAT)
+
+
 def all_ports(node: NodeSpec) -> list[int]:
     return [node.port_base + o for o in (MIRROR, COMPARE_SECONDARY_IN, NBD, MIGRATION)]

@@ -10,6 +10,12 @@ With a pair key (replication security on), each datagram carries an HMAC-SHA256
 of its body, and the body names the path it was sent on: a forged datagram, one
 replayed from the other path, or an old one replayed on its own path (also one of
 an earlier run of the peer's agent) never counts as the peer being heard.
+
+All pairs of an agent share one Hub: one socket per local address and port, and one
+sender on the beat. Pairs that share a heartbeat port (`[heartbeat] port`) share its
+sockets, and their messages for the same peer address go out in one datagram (one
+message per line, each sealed with its own pair's key): a host with N pairs on
+another host sends and receives one datagram per path per beat, not N.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from coloft.core.pace import until_beat
 
 log = logging.getLogger(__name__)
 
-MAX_DATAGRAM = 4096
+MAX_DATAGRAM = 4096  # one pair's message
+# A bundle stays below this: a few IP fragments at most on a 1500-byte MTU.
+MAX_BUNDLE = 8192
 MAC_LEN = 64  # hex SHA-256
+# A beat's sender wakes on the clock; timers may fire this much before it.
+BEAT_SLACK_S = 0.001
 CLOCK_SAMPLES = 20
 REPLICATION = "replication"
 LAN = "lan"
@@ -79,37 +89,134 @@ def seal(key: bytes | None, body: bytes) -> bytes:
     return hmac.new(key, body, hashlib.sha256).hexdigest().encode() + body
 
 
-def opened(key: bytes | None, data: bytes) -> bytes | None:
-    """The body of an authentic datagram, else None."""
-    if key is None:
-        return data
-    mac, body = data[:MAC_LEN], data[MAC_LEN:]
-    good = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
-    return body if hmac.compare_digest(mac, good) else None
+class _Endpoint(asyncio.DatagramProtocol):
+    """One local (address, port) socket and the pairs' heartbeats listening on it."""
 
-
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, on_message: Callable[[dict[str, Any]], None], key: bytes | None) -> None:
-        self.on_message = on_message
-        self.key = key
-        self.rejected = 0
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.members: dict[str, Heartbeat] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.unreadable = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        body = opened(self.key, data[: MAX_DATAGRAM + MAC_LEN])
-        if body is None:
-            self.rejected += 1
-            if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
-                log.warning(
-                    "heartbeat: %d unauthenticated datagrams, last from %s", self.rejected, addr[0]
-                )
+        for item in data.split(b"\n"):
+            # A sealed message starts with its MAC (hex), a plain one with its JSON.
+            mac, body = (None, item) if item[:1] == b"{" else (item[:MAC_LEN], item[MAC_LEN:])
+            if not self._deliver(mac, body, addr[0]):
+                self.unreadable += 1
+                if self.unreadable in (1, 10, 100) or self.unreadable % 1000 == 0:
+                    log.warning(
+                        "heartbeat: %d unreadable messages, last from %s", self.unreadable, addr[0]
+                    )
+
+    def _deliver(self, mac: bytes | None, body: bytes, sender: str) -> bool:
+        """False when the body is no heartbeat message."""
+        message = _parsed(body)
+        if message is None:
+            return False
+        member = self.members.get(str(message.get("pair")))
+        if member is None:  # another pair's: not ours to judge
+            return True
+        try:
+            member.accept(self.address, mac, body, message, sender)
+        except (TypeError, ValueError):  # a field of the wrong kind
+            return False
+        return True
+
+    def send(self, there: tuple[str, int], items: list[bytes]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for item in items:
+            if chunk and size + len(item) > MAX_BUNDLE:
+                self._sendto(there, chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item) + 1
+        if chunk:
+            self._sendto(there, chunk)
+
+    def _sendto(self, there: tuple[str, int], chunk: list[bytes]) -> None:
+        if self.transport is None or self.transport.is_closing():
             return
         try:
-            message = json.loads(body)
-        except ValueError:
-            log.warning("heartbeat: unreadable datagram from %s", addr[0])
-            return
-        if isinstance(message, dict):
-            self.on_message(message)
+            self.transport.sendto(b"\n".join(chunk), there)
+        except OSError as e:  # e.g. no route while a link is down: that is the signal
+            log.debug("heartbeat from %s: %s", self.address, e)
+
+
+class Hub:
+    """An agent's heartbeat sockets and its one sender, shared by all its pairs."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[tuple[str, int], _Endpoint] = {}
+        self._beating: list[Heartbeat] = []
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def attach(self, hb: Heartbeat, address: str, port: int) -> _Endpoint:
+        ep = self._endpoints.get((address, port))
+        if ep is None:
+            ep = _Endpoint(address)
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda ep=ep: ep,  # type: ignore[misc]
+                local_addr=(address, port),
+            )
+            ep.transport = transport
+            self._endpoints[(address, port)] = ep
+        # A pair's restarted loop takes its place from the old one.
+        ep.members[hb.pair] = hb
+        return ep
+
+    def detach(self, hb: Heartbeat, ep: _Endpoint) -> None:
+        if ep.members.get(hb.pair) is hb:
+            del ep.members[hb.pair]
+        if not ep.members and ep.transport is not None:
+            ep.transport.close()
+            self._endpoints = {k: v for k, v in self._endpoints.items() if v is not ep}
+
+    def start(self, hb: Heartbeat) -> None:
+        self._beating.append(hb)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        self.kick()
+
+    def stop(self, hb: Heartbeat) -> None:
+        if hb in self._beating:
+            self._beating.remove(hb)
+        if not self._beating and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def _run(self) -> None:
+        while self._beating:
+            now = time.monotonic()
+            bundles: dict[tuple[_Endpoint, tuple[str, int]], list[bytes]] = {}
+            for hb in list(self._beating):
+                if not (hb.kicked or now >= hb.next_at - BEAT_SLACK_S):
+                    continue
+                hb.kicked = False
+                hb.next_at = now + until_beat(hb.interval_s, now)
+                try:
+                    outgoing = hb.outgoing()
+                except Exception as e:  # that pair's loop fails, not every pair's heartbeats
+                    hb.fail(e)
+                    self.stop(hb)
+                    continue
+                for ep, there, item in outgoing:
+                    bundles.setdefault((ep, there), []).append(item)
+            for (ep, there), items in bundles.items():
+                ep.send(there, items)
+            if not self._beating:
+                return
+            wait = min(hb.next_at for hb in self._beating) - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._kick.wait()
+            self._kick.clear()
 
 
 class Heartbeat:
@@ -129,6 +236,7 @@ class Heartbeat:
         state: Callable[[], dict[str, Any]],
         on_peer: Callable[[], None],
         key: bytes | None = None,
+        hub: Hub | None = None,
     ) -> None:
         self.key = key
         self.pair = pair
@@ -139,22 +247,25 @@ class Heartbeat:
         self.interval_s = interval_s
         self.state = state
         self.on_peer = on_peer
+        self.hub = hub or Hub()
         self.peer = PeerView(paths={p: PathState() for p in paths})
         self.others: dict[str, float] = {}  # another node -> when last heard
         self.since = time.monotonic()  # when we started listening for this peer
-        self._transports: dict[str, asyncio.DatagramTransport] = {}
-        self._receivers: list[_Receiver] = []
+        self._endpoints: dict[str, _Endpoint] = {}  # path -> our socket for it
+        self.rejected = 0  # messages turned away as unauthenticated
         self._seq = 0
-        self._kick = asyncio.Event()
+        self.kicked = False
+        self.next_at = 0.0
+        self._failed: asyncio.Future[None] | None = None
 
     async def retarget(
         self, peer_node: str, paths: dict[str, tuple[str, str]], peer_port: int
     ) -> None:
         """Another node is the peer from now on: nothing heard from the old one counts.
         Our sockets stay (our addresses are the same), but for a path the new peer lacks."""
-        for path in list(self._transports):
+        for path in list(self._endpoints):
             if path not in paths or paths[path][0] != self.paths[path][0]:
-                self._transports.pop(path).close()
+                self.hub.detach(self, self._endpoints.pop(path))
         self.peer_node, self.paths, self.peer_port = peer_node, paths, peer_port
         self.peer = PeerView(paths={p: PathState() for p in paths})
         await self.open()
@@ -174,26 +285,29 @@ class Heartbeat:
 
     async def open(self) -> None:
         self.since = time.monotonic()
-        loop = asyncio.get_running_loop()
         for path, (here, _there) in self.paths.items():
-            if path in self._transports:
-                continue
+            if path not in self._endpoints:
+                self._endpoints[path] = await self.hub.attach(self, here, self.port)
 
-            def receive(message: dict[str, Any], path: str = path) -> None:
+    def accept(
+        self, address: str, mac: bytes | None, body: bytes, message: dict[str, Any], sender: str
+    ) -> None:
+        """A message for our pair that arrived at our `address`."""
+        if self.key is not None:
+            good = hmac.new(self.key, body, hashlib.sha256).hexdigest().encode()
+            if mac is None or not hmac.compare_digest(mac, good):
+                self.rejected += 1
+                if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                    log.warning(
+                        "heartbeat: %d unauthenticated datagrams, last from %s",
+                        self.rejected,
+                        sender,
+                    )
+                return
+        for path, ep in self._endpoints.items():
+            if ep.address == address:
                 self._received(path, message)
-
-            receiver = _Receiver(receive, self.key)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda receiver=receiver: receiver,  # type: ignore[misc]
-                local_addr=(here, self.port),
-            )
-            self._transports[path] = transport
-            self._receivers.append(receiver)
-
-    @property
-    def rejected(self) -> int:
-        """Datagrams turned away as unauthenticated, on all paths."""
-        return sum(r.rejected for r in self._receivers)
+                return
 
     def _received(self, path: str, message: dict[str, Any]) -> None:
         sender = message.get("node")
@@ -229,33 +343,48 @@ class Heartbeat:
                 self.on_peer()
 
     def send_now(self) -> None:
-        self._kick.set()
+        self.kicked = True
+        self.hub.kick()
 
-    def _send(self) -> None:
+    def outgoing(self) -> list[tuple[_Endpoint, tuple[str, int], bytes]]:
+        """This beat's sealed message for each path, and where it goes."""
         self._seq += 1
         body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
-        for path, transport in self._transports.items():
-            _here, there = self.paths[path]
+        out = []
+        for path, ep in self._endpoints.items():
             stamped = {**body, "path": path, "unix": time.time()}
-            data = seal(self.key, json.dumps(stamped).encode())
-            try:
-                transport.sendto(data, (there, self.peer_port))
-            except OSError as e:  # e.g. no route while a link is down: that is the signal
-                log.debug("heartbeat on %s: %s", path, e)
+            item = seal(self.key, json.dumps(stamped).encode())
+            out.append((ep, (self.paths[path][1], self.peer_port), item))
+        return out
+
+    def fail(self, error: Exception) -> None:
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(error)
 
     async def run(self) -> None:
-        while True:
-            self._send()
-            wait = until_beat(self.interval_s, time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._kick.wait()
-            self._kick.clear()
+        """Beat until cancelled; raises what building our message raised."""
+        self._failed = asyncio.get_running_loop().create_future()
+        self.hub.start(self)
+        try:
+            await self._failed
+        finally:
+            self.hub.stop(self)
+            self._failed = None
 
     def close(self) -> None:
-        for t in self._transports.values():
-            t.close()
-        self._transports.clear()
+        for ep in self._endpoints.values():
+            self.hub.detach(self, ep)
+        self._endpoints.clear()
+
+
+def _parsed(body: bytes) -> dict[str, Any] | None:
+    if len(body) > MAX_DATAGRAM:
+        return None
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 def _newer(stamp: tuple[str, int, float], newest: tuple[str, int, float] | None) -> bool:

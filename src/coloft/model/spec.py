@@ -75,6 +75,9 @@ class ArbiterSpec:
 class HeartbeatSpec:
     interval_ms: int = 50
     misses: int = 3
+    # One UDP port on every node for the heartbeats of all pairs that name it (0: each
+    # pair its own, port_base + ports.HEARTBEAT).
+    port: int = 0
 
     @property
     def timeout_s(self) -> float:
