@@ -46,7 +46,7 @@ contract: setup
 	$(BIN)/pytest -q tests/contract $(PYTEST_ARGS)
 
 integration: setup
-	$(BIN)/pytest -v tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest -v --durations=20 tests/integration $(PYTEST_ARGS)
 
 test: setup check contract integration
 

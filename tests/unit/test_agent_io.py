@@ -466,6 +466,43 @@ def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -
     asyncio.run(scenario())
 
 
+def test_a_broken_heartbeat_sender_fails_every_pair_loop_instead_of_going_quiet() -> None:
+    from coloft.effects import heartbeat as hb
+
+    async def scenario() -> None:
+        hub, port = hb.Hub(), free_udp_port()
+        beats = [
+            Heartbeat(
+                name,
+                "a",
+                "b",
+                {REPLICATION: ("127.0.0.1", "127.0.0.3")},
+                (port, port),
+                0.05,
+                dict,
+                lambda: None,
+                None,
+                hub,
+            )
+            for name in ("p", "q")
+        ]
+        for h in beats:
+            await h.open()
+
+        def broken(there: tuple[str, int], items: list[bytes]) -> None:
+            raise RuntimeError("send broke")
+
+        next(iter(hub._endpoints.values())).send = broken  # type: ignore[method-assign]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(h.run() for h in beats), return_exceptions=True), 1
+        )
+        assert [str(r) for r in results] == ["send broke", "send broke"]
+        for h in beats:
+            h.close()
+
+    asyncio.run(scenario())
+
+
 def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_path() -> None:
     from coloft.effects import heartbeat as hb
 

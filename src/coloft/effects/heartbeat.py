@@ -178,6 +178,7 @@ class Hub:
         self._beating.append(hb)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
+            self._task.add_done_callback(self._ended)
         self.kick()
 
     def stop(self, hb: Heartbeat) -> None:
@@ -189,6 +190,13 @@ class Hub:
 
     def kick(self) -> None:
         self._kick.set()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        # The sender failing silently would leave every pair unheard: their loops fail.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            for hb in list(self._beating):
+                hb.fail(error)
+            self._beating.clear()
 
     async def _run(self) -> None:
         while self._beating:
@@ -357,7 +365,7 @@ class Heartbeat:
             out.append((ep, (self.paths[path][1], self.peer_port), item))
         return out
 
-    def fail(self, error: Exception) -> None:
+    def fail(self, error: BaseException) -> None:
         if self._failed is not None and not self._failed.done():
             self._failed.set_exception(error)
 
