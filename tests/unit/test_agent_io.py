@@ -466,6 +466,20 @@ def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -
     asyncio.run(scenario())
 
 
+def test_a_heartbeat_port_another_agent_holds_is_named() -> None:
+    async def scenario() -> None:
+        port = free_udp_port()
+        paths = {REPLICATION: ("127.0.0.1", "127.0.0.3")}
+        first = Heartbeat("p", "a", "b", paths, (port, port), 0.05, dict, lambda: None)
+        other_agent = Heartbeat("q", "a", "b", paths, (port, port), 0.05, dict, lambda: None)
+        await first.open()
+        with pytest.raises(ColoftError, match=f"heartbeat port {port} on 127.0.0.1: .*in use"):
+            await other_agent.open()
+        first.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_broken_heartbeat_sender_fails_every_pair_loop_instead_of_going_quiet() -> None:
     from coloft.effects import heartbeat as hb
 

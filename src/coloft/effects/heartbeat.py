@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coloft.core.pace import until_beat
+from coloft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,16 @@ class Hub:
         ep = self._endpoints.get((address, port))
         if ep is None:
             ep = _Endpoint(address)
-            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda ep=ep: ep,  # type: ignore[misc]
-                local_addr=(address, port),
-            )
+            try:
+                transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda ep=ep: ep,  # type: ignore[misc]
+                    local_addr=(address, port),
+                )
+            except OSError as e:
+                raise ConfigError(
+                    f"heartbeat port {port} on {address}: {e.strerror or e}; pairs share a "
+                    "[heartbeat] port within one agent only (one agent per pair: leave it 0)"
+                ) from e
             ep.transport = transport
             self._endpoints[(address, port)] = ep
         # A pair's restarted loop takes its place from the old one.
