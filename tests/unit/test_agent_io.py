@@ -367,6 +367,31 @@ def test_one_line_shows_the_checkpoint_rate_and_the_time_unprotected() -> None:
     assert "| 30 checkpoints/min (33 % forced) |" in line, line
 
 
+def on_one_port(
+    hub: Any,
+    port: int,
+    nodes: tuple[str, str],
+    here_there: tuple[str, str],
+    keys: dict[str, bytes] | None = None,
+    state: Any = dict,
+) -> dict[str, Heartbeat]:
+    """Pairs p and q of one agent, sharing its heartbeat port on one path."""
+    return {
+        name: Heartbeat(
+            name,
+            *nodes,
+            {REPLICATION: here_there},
+            (port, port),
+            0.05,
+            functools.partial(state, vm=name),
+            lambda: None,
+            None if keys is None else keys[name],
+            hub,
+        )
+        for name in ("p", "q")
+    }
+
+
 def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -> None:
     from coloft.effects import heartbeat as hb
 
@@ -374,21 +399,10 @@ def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -
         shared = free_udp_port()
         keys = {"p": b"p" * 32, "q": b"q" * 32}
         hub = hb.Hub()
-        beats = [
-            Heartbeat(
-                name,
-                "a",
-                "b",
-                {REPLICATION: ("127.0.0.1", "127.0.0.3")},
-                (shared, shared),
-                0.05,
-                functools.partial(dict, boot="a1", state="primary", vm=name),
-                lambda: None,
-                keys[name],
-                hub,
-            )
-            for name in ("p", "q")
-        ]
+        sending: Any = functools.partial(dict, boot="a1", state="primary")
+        beats = list(
+            on_one_port(hub, shared, ("a", "b"), ("127.0.0.1", "127.0.0.3"), keys, sending).values()
+        )
         # The peer host: one plain socket where both pairs' heartbeats go.
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.bind(("127.0.0.3", shared))
@@ -409,21 +423,7 @@ def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -
             assert {n: b["vm"] for n, b in bodies.items()} == {"p": "p", "q": "q"}
         # The other side: b's pairs on their shared socket hear a's, each its own.
         hub_b = hb.Hub()
-        heard = {
-            name: Heartbeat(
-                name,
-                "b",
-                "a",
-                {REPLICATION: ("127.0.0.4", "127.0.0.1")},
-                (shared, shared),
-                0.05,
-                dict,
-                lambda: None,
-                keys[name],
-                hub_b,
-            )
-            for name in ("p", "q")
-        }
+        heard = on_one_port(hub_b, shared, ("b", "a"), ("127.0.0.4", "127.0.0.1"), keys)
         for h in heard.values():
             await h.open()
         ep = next(iter(heard["p"]._endpoints.values()))
@@ -485,21 +485,7 @@ def test_a_broken_heartbeat_sender_fails_every_pair_loop_instead_of_going_quiet(
 
     async def scenario() -> None:
         hub, port = hb.Hub(), free_udp_port()
-        beats = [
-            Heartbeat(
-                name,
-                "a",
-                "b",
-                {REPLICATION: ("127.0.0.1", "127.0.0.3")},
-                (port, port),
-                0.05,
-                dict,
-                lambda: None,
-                None,
-                hub,
-            )
-            for name in ("p", "q")
-        ]
+        beats = list(on_one_port(hub, port, ("a", "b"), ("127.0.0.1", "127.0.0.3")).values())
         for h in beats:
             await h.open()
 
