@@ -528,7 +528,7 @@ def test_keyed_heartbeats_count_only_authentic_fresh_datagrams_from_their_own_pa
         return hb.seal(k, json.dumps(body).encode())
 
     # Each path's socket, without binding one: datagrams are handed to it directly.
-    sockets = {path: hb._Endpoint(here) for path, (here, _there) in b.paths.items()}
+    sockets = {path: hb._Endpoint(here, 1) for path, (here, _there) in b.paths.items()}
     for ep in sockets.values():
         ep.members["p"] = b
     b._endpoints = dict(sockets)

@@ -93,8 +93,8 @@ def seal(key: bytes | None, body: bytes) -> bytes:
 class _Endpoint(asyncio.DatagramProtocol):
     """One local (address, port) socket and the pairs' heartbeats listening on it."""
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, address: str, port: int) -> None:
+        self.address, self.port = address, port
         self.members: dict[str, Heartbeat] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.unreadable = 0
@@ -105,7 +105,7 @@ class _Endpoint(asyncio.DatagramProtocol):
             mac, body = (None, item) if item[:1] == b"{" else (item[:MAC_LEN], item[MAC_LEN:])
             if not self._deliver(mac, body, addr[0]):
                 self.unreadable += 1
-                if self.unreadable in (1, 10, 100) or self.unreadable % 1000 == 0:
+                if _worth_a_line(self.unreadable):
                     log.warning(
                         "heartbeat: %d unreadable messages, last from %s", self.unreadable, addr[0]
                     )
@@ -157,7 +157,7 @@ class Hub:
     async def attach(self, hb: Heartbeat, address: str, port: int) -> _Endpoint:
         ep = self._endpoints.get((address, port))
         if ep is None:
-            ep = _Endpoint(address)
+            ep = _Endpoint(address, port)
             try:
                 transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
                     lambda ep=ep: ep,  # type: ignore[misc]
@@ -179,7 +179,7 @@ class Hub:
             del ep.members[hb.pair]
         if not ep.members and ep.transport is not None:
             ep.transport.close()
-            self._endpoints = {k: v for k, v in self._endpoints.items() if v is not ep}
+            del self._endpoints[(ep.address, ep.port)]
 
     def start(self, hb: Heartbeat) -> None:
         self._beating.append(hb)
@@ -312,7 +312,7 @@ class Heartbeat:
             good = hmac.new(self.key, body, hashlib.sha256).hexdigest().encode()
             if mac is None or not hmac.compare_digest(mac, good):
                 self.rejected += 1
-                if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                if _worth_a_line(self.rejected):
                     log.warning(
                         "heartbeat: %d unauthenticated datagrams, last from %s",
                         self.rejected,
@@ -390,6 +390,11 @@ class Heartbeat:
         for ep in self._endpoints.values():
             self.hub.detach(self, ep)
         self._endpoints.clear()
+
+
+def _worth_a_line(count: int) -> bool:
+    """Log the 1st, 10th, 100th and every 1000th of a kind of bad datagram, not each."""
+    return count in (1, 10, 100) or count % 1000 == 0
 
 
 def _parsed(body: bytes) -> dict[str, Any] | None:
