@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import aetcd  # type: ignore[import-untyped]
 import pytest
 
 from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader, PairRecord
+from coloft.arbiter.base import leader_key
 from coloft.arbiter.embedded import ETCD_BINARY, EtcdProcess, start_etcd
 from coloft.arbiter.etcd import EtcdArbiter
 from coloft.arbiter.memory import MemoryArbiter
@@ -386,6 +388,7 @@ def test_etcd_restart_keeps_live_leader(etcd_server: EtcdServer, pair: str) -> N
         try:
             won = must_lead(await arb.acquire(pair, "a", 10), "a")
             assert await arb.set_sync(pair, "b", won.epoch)
+            assert await arb.renew(pair, "a", won.epoch)  # its keep-alive stream is open
             etcd_server.stop()
             await _assert_unavailable_in_time(arb, pair)
             etcd_server.start()
@@ -396,6 +399,36 @@ def test_etcd_restart_keeps_live_leader(etcd_server: EtcdServer, pair: str) -> N
             after = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
             assert after.epoch > won.epoch, "epochs must keep growing across restarts"
         finally:
+            await arb.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_renewal_just_after_a_read_is_refused_once_the_lease_is_gone(
+    etcd_server: EtcdServer, pair: str
+) -> None:
+    """A renewal trusts the leader key a fresh read saw, but never a lease etcd dropped
+    meanwhile (revoked here, as expiry would): the keep-alive answers TTL 0."""
+
+    async def scenario() -> None:
+        arb = EtcdArbiter([etcd_server.endpoint], deadline_s=DEADLINE_S)
+        host, port = etcd_server.endpoint.rsplit(":", 1)
+        other = aetcd.Client(host=host, port=int(port), timeout=DEADLINE_S)
+        try:
+            won = must_lead(await arb.acquire(pair, "a", 10), "a")
+            assert await arb.renew(pair, "a", won.epoch)
+            assert (await arb.record(pair)).leader == won
+            kv = await other.get(leader_key(pair).encode())
+            await other.revoke_lease(kv.lease)
+            assert not await arb.renew(pair, "a", won.epoch), "renewed a revoked lease"
+            assert not await arb.renew(pair, "a", won.epoch), "renewed a revoked lease twice"
+            assert (await arb.record(pair)).leader is None
+            again = must_lead(await arb.acquire(pair, "b", TTL_S), "b")
+            assert again.epoch > won.epoch
+            assert not await arb.renew(pair, "a", won.epoch), "renewed an epoch that is over"
+            assert await arb.renew(pair, "b", again.epoch)
+        finally:
+            await other.close()
             await arb.close()
 
     asyncio.run(scenario())

@@ -2,8 +2,15 @@
 
 Every public call is one bounded unit: all of its RPCs share one deadline
 (asyncio.timeout, and the same value as the gRPC deadline so etcd can drop the
-work too). Nothing is cached between calls except the connection, so an agent
-that restarts can renew the leadership it held by epoch alone.
+work too). Between calls an arbiter keeps its connection, one lease keep-alive
+stream on it (opening a stream per renewal cost twice the renewal itself), and
+the leader key each pair's last read found. A renewal that such a read, sent
+within SEEN_FRESH_S, found naming this node and epoch only sends the keep-alive
+(a steady leader reads its record every half second anyway); any other renewal
+reads the key first, so an agent that restarts renews the leadership it held by
+epoch alone. That is safe because nothing but its holder's resign or the lease's
+expiry deletes a leader key: a keep-alive answered with a TTL proves the lease,
+and so the key, still there (a key deleted by hand shows in the next read).
 
 After a failed call the channel is thrown away and the next call dials the next
 endpoint: a fresh channel connects at once, instead of waiting out gRPC's
@@ -25,6 +32,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -34,7 +42,9 @@ from typing import Any, TypeVar
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd  # type: ignore[import-untyped]
+import grpc  # type: ignore[import-untyped]
 from aetcd import exceptions as etcd_errors
+from aetcd import rpc
 
 from coloft.arbiter.base import (
     DEFAULT_DEADLINE_S,
@@ -65,6 +75,10 @@ _UNREACHABLE = (
 )
 
 
+# How long a read's view of a leader key stands in for the check before a renewal.
+SEEN_FRESH_S = 1.0
+
+
 class EtcdArbiter:
     """Arbiter backed by an etcd v3 cluster (3.4 or newer)."""
 
@@ -77,6 +91,9 @@ class EtcdArbiter:
         self._deadline_s = deadline_s
         self._index = 0
         self._client: Any = None
+        self._stream: Any = None  # the keep-alive stream on _client's channel
+        # pair -> (node, epoch, lease) of its leader key, and when that read was sent
+        self._seen: dict[str, tuple[tuple[str, int, int], float]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -89,7 +106,13 @@ class EtcdArbiter:
             self._client = aetcd.Client(host=host, port=port, timeout=self._deadline_s)
         return self._client
 
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+
     async def _drop(self) -> None:
+        self._drop_stream()
         client, self._client = self._client, None
         self._index = (self._index + 1) % len(self._endpoints)
         if client is not None:
@@ -121,6 +144,7 @@ class EtcdArbiter:
         ttl = max(1, math.ceil(ttl_s))
 
         async def body(c: Any) -> Leader | None:
+            sent = time.monotonic()
             lease = await c.lease(ttl)
             tx = c.transactions
             same = (
@@ -149,6 +173,7 @@ class EtcdArbiter:
                 raise ProtocolError(f"etcd: acquire {pair}: txn returned no leader key")
             value, kv = kvs[0]
             holder = Leader(value.decode(), int(kv.create_revision))
+            self._saw(pair, holder, int(kv.lease), sent)
             # Our own key from an earlier attempt whose answer was lost counts as ours.
             return holder if holder.node == node else None
 
@@ -158,14 +183,54 @@ class EtcdArbiter:
         key = leader_key(pair).encode()
 
         async def body(c: Any) -> bool:
-            kv = await c.get(key)
-            if kv is None or kv.create_revision != epoch or kv.value != node.encode():
-                return False
-            reply = await c.refresh_lease(kv.lease)
+            lease = self._lease_seen(pair, node, epoch, time.monotonic())
+            if lease is None:
+                sent = time.monotonic()
+                kv = await c.get(key)
+                if kv is None or kv.create_revision != epoch or kv.value != node.encode():
+                    self._seen.pop(pair, None)
+                    return False
+                lease = int(kv.lease)
+                self._saw(pair, Leader(node, epoch), lease, sent)
             # etcd answers a keepalive for an expired lease with TTL 0, not an error.
-            return reply is not None and int(reply.TTL) > 0
+            if await self._keep_alive(c, lease) > 0:
+                return True
+            self._seen.pop(pair, None)
+            return False
 
         return await self._call(f"renew {pair} for {node} epoch {epoch}", body)
+
+    def _saw(self, pair: str, leader: Leader, lease: int, sent: float) -> None:
+        self._seen[pair] = ((leader.node, leader.epoch, lease), sent)
+
+    def _lease_seen(self, pair: str, node: str, epoch: int, now: float) -> int | None:
+        seen = self._seen.get(pair)
+        if seen is None or now - seen[1] > SEEN_FRESH_S:
+            return None
+        (holder, held_epoch, lease), _ = seen
+        return lease if (holder, held_epoch) == (node, epoch) else None
+
+    async def _keep_alive(self, c: Any, lease: int) -> int:
+        """One keep-alive on the arbiter's stream: the lease's TTL now, 0 if it is gone."""
+        await c.connect()
+        if self._stream is None:
+            self._stream = c.leasestub.LeaseKeepAlive(metadata=c.metadata)
+        stream = self._stream
+        try:
+            await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            reply = await stream.read()
+        except grpc.aio.AioRpcError as e:
+            self._drop_stream()
+            raise etcd_errors.ConnectionFailedError(f"keep-alive stream: {e.details()}") from e
+        except BaseException:
+            # Cut off between request and answer: a later read would take this answer
+            # for its own, so the stream goes.
+            self._drop_stream()
+            raise
+        if reply is grpc.aio.EOF or int(reply.ID) != lease:
+            self._drop_stream()
+            raise etcd_errors.ConnectionFailedError("keep-alive stream: ended or answered amiss")
+        return int(reply.TTL)
 
     async def leader(self, pair: str) -> Leader | None:
         async def body(c: Any) -> Leader | None:
@@ -184,6 +249,7 @@ class EtcdArbiter:
                 success=[tx.get(key), tx.delete(key)],
                 failure=[],
             )
+            self._seen.pop(pair, None)
             if not done or not responses[0]:
                 return
             _, kv = responses[0][0]
@@ -252,11 +318,18 @@ class EtcdArbiter:
         members_k = members_key(pair).encode()
 
         async def body(c: Any) -> PairRecord:
+            sent = time.monotonic()
             kvs = {kv.key: kv for kv in await c.get_prefix(pair_prefix(pair).encode())}
             lead, sync, switch = kvs.get(leader_k), kvs.get(sync_k), kvs.get(switch_k)
             source, members = kvs.get(source_k), kvs.get(members_k)
+            leader = None
+            if lead is None:
+                self._seen.pop(pair, None)
+            else:
+                leader = Leader(lead.value.decode(), int(lead.create_revision))
+                self._saw(pair, leader, int(lead.lease), sent)
             return PairRecord(
-                None if lead is None else Leader(lead.value.decode(), int(lead.create_revision)),
+                leader,
                 None if sync is None else str(sync.value.decode()),
                 None if switch is None else switch.value == b"on",
                 None if source is None else str(source.value.decode()),
@@ -266,6 +339,7 @@ class EtcdArbiter:
         return await self._call(f"read {pair}", body)
 
     async def close(self) -> None:
+        self._drop_stream()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
