@@ -22,7 +22,7 @@ import pytest
 from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader, PairRecord
 from coloft.arbiter.base import leader_key
 from coloft.arbiter.embedded import ETCD_BINARY, EtcdProcess, start_etcd
-from coloft.arbiter.etcd import EtcdArbiter
+from coloft.arbiter.etcd import EtcdArbiter, SharedReads
 from coloft.arbiter.memory import MemoryArbiter
 
 CLIENT_URL = "http://127.0.0.1:23791"
@@ -106,13 +106,31 @@ class MemoryHarness:
         return [down]
 
 
+class SharingArbiter(EtcdArbiter):
+    """An etcd arbiter reading through SharedReads of its own, closed with it."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.shared = SharedReads(endpoints, DEADLINE_S)
+        super().__init__(endpoints, deadline_s=DEADLINE_S, reads=self.shared)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.shared.close()
+
+
 @dataclass
 class EtcdHarness:
     server: EtcdServer
     silent_port: int
+    shared_reads: bool = False
+
+    def _arbiter(self, endpoint: str) -> EtcdArbiter:
+        if self.shared_reads:
+            return SharingArbiter([endpoint])
+        return EtcdArbiter([endpoint], deadline_s=DEADLINE_S)
 
     def make(self) -> Arbiter:
-        return EtcdArbiter([self.server.endpoint], deadline_s=DEADLINE_S)
+        return self._arbiter(self.server.endpoint)
 
     async def pass_time(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -121,8 +139,8 @@ class EtcdHarness:
         # A closed port (refused at once) and a listener that never speaks:
         # the second is what a hung etcd looks like to the client.
         return [
-            EtcdArbiter([f"127.0.0.1:{_closed_port()}"], deadline_s=DEADLINE_S),
-            EtcdArbiter([f"127.0.0.1:{self.silent_port}"], deadline_s=DEADLINE_S),
+            self._arbiter(f"127.0.0.1:{_closed_port()}"),
+            self._arbiter(f"127.0.0.1:{self.silent_port}"),
         ]
 
 
@@ -140,12 +158,13 @@ def silent_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(params=["memory", "etcd", "etcd-shared-reads"])
 def harness(request: pytest.FixtureRequest) -> Harness:
     if request.param == "memory":
         return MemoryHarness()
     server: EtcdServer = request.getfixturevalue("etcd_server")
-    return EtcdHarness(server, request.getfixturevalue("silent_port"))
+    shared = request.param == "etcd-shared-reads"
+    return EtcdHarness(server, request.getfixturevalue("silent_port"), shared)
 
 
 @pytest.fixture
@@ -430,6 +449,41 @@ def test_a_renewal_just_after_a_read_is_refused_once_the_lease_is_gone(
         finally:
             await other.close()
             await arb.close()
+
+    asyncio.run(scenario())
+
+
+def test_pairs_reading_on_one_turn_share_one_transaction_each_its_own_record(
+    etcd_server: EtcdServer, pair: str
+) -> None:
+    """Reads asked together go out as one transaction; each pair gets its own record
+    (vm1 apart from vm10), and a renewal trusts the leader key such a read saw."""
+
+    async def scenario() -> None:
+        endpoint = etcd_server.endpoint
+        reads = SharedReads([endpoint], DEADLINE_S)
+        names = [f"{pair}-1", f"{pair}-10", f"{pair}-2"]
+        arbs = [EtcdArbiter([endpoint], DEADLINE_S, reads=reads) for _ in names]
+        try:
+            leaders = [
+                must_lead(await a.acquire(n, "a", 10), "a")
+                for a, n in zip(arbs, names, strict=True)
+            ]
+            assert await arbs[1].set_sync(names[1], "b", leaders[1].epoch)
+            before = reads.batches
+            got = await asyncio.gather(*(a.record(n) for a, n in zip(arbs, names, strict=True)))
+            assert reads.batches == before + 1, "three reads on one turn, more than one read"
+            assert [r.leader for r in got] == leaders
+            assert [r.sync for r in got] == [None, "b", None]
+            for a, n, held in zip(arbs, names, leaders, strict=True):
+                assert await a.renew(n, "a", held.epoch)
+            assert (await arbs[0].record(names[0])).leader == leaders[0]
+            assert (await arbs[2].record(names[2])).leader == leaders[2]
+            assert reads.batches == before + 3, "reads on separate turns go out separately"
+        finally:
+            for a in arbs:
+                await a.close()
+            await reads.close()
 
     asyncio.run(scenario())
 

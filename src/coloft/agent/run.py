@@ -15,7 +15,7 @@ from coloft.agent import api
 from coloft.agent.daemon import Agent
 from coloft.agent.launch import LocalPair, pid_file
 from coloft.agent.metrics import Families
-from coloft.arbiter.etcd import EtcdArbiter
+from coloft.arbiter.etcd import EtcdArbiter, SharedReads
 from coloft.config.load import check_together
 from coloft.effects import qemu_binary
 from coloft.effects.heartbeat import Hub
@@ -40,12 +40,18 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
     families = Families()
     hub = Hub()  # pairs sharing a heartbeat port share its sockets and datagrams
     # One etcd client per pair: a call that times out drops its client's channel, and
-    # that must not cancel the other pairs' renewals.
+    # that must not cancel the other pairs' renewals. Their record reads go out together.
     arbiters: list[EtcdArbiter] = []
+    reads: dict[tuple[str, ...], SharedReads] = {}
 
     def make(spec: PairSpec) -> Agent:
         choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
-        arbiter = EtcdArbiter(spec.arbiter.endpoints, deadline_s=spec.arbiter.call_deadline_s)
+        deadline = spec.arbiter.call_deadline_s
+        endpoints = tuple(spec.arbiter.endpoints)
+        if endpoints not in reads:
+            reads[endpoints] = SharedReads(endpoints, deadline)
+        shared = reads[endpoints]
+        arbiter = EtcdArbiter(endpoints, deadline_s=deadline, reads=shared)
         arbiters.append(arbiter)
         return Agent(spec, node, arbiter, choice, families, hub)
 
@@ -74,6 +80,8 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
             server.close()
         for arbiter in arbiters:
             await arbiter.close()
+        for shared in reads.values():
+            await shared.close()
 
 
 async def _restarting(
