@@ -466,6 +466,24 @@ def test_pairs_sharing_a_heartbeat_port_share_one_datagram_per_path_and_beat() -
     asyncio.run(scenario())
 
 
+def test_pairs_of_one_agent_opening_a_shared_port_at_once_share_its_socket() -> None:
+    """The pairs of an agent start together: both must get the one socket, not one of
+    them a port its sibling bound a moment before (as a fleet's start once did)."""
+    from coloft.effects import heartbeat as hb
+
+    async def scenario() -> None:
+        hub = hb.Hub()
+        beats = on_one_port(hub, free_udp_port(), ("a", "b"), ("127.0.0.1", "127.0.0.3"))
+        await asyncio.gather(*(h.open() for h in beats.values()))
+        ep = next(iter(beats["p"]._endpoints.values()))
+        assert ep is next(iter(beats["q"]._endpoints.values()))
+        assert set(ep.members) == {"p", "q"} and len(hub._endpoints) == 1
+        for h in beats.values():
+            h.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_heartbeat_port_another_agent_holds_is_named() -> None:
     async def scenario() -> None:
         port = free_udp_port()

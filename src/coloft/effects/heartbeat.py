@@ -153,25 +153,31 @@ class Hub:
         self._beating: list[Heartbeat] = []
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._attaching = asyncio.Lock()
 
     async def attach(self, hb: Heartbeat, address: str, port: int) -> _Endpoint:
-        ep = self._endpoints.get((address, port))
-        if ep is None:
-            ep = _Endpoint(address, port)
-            try:
-                transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda ep=ep: ep,  # type: ignore[misc]
-                    local_addr=(address, port),
-                )
-            except OSError as e:
-                raise ConfigError(
-                    f"heartbeat port {port} on {address}: {e.strerror or e}; pairs share a "
-                    "[heartbeat] port within one agent only (one agent per pair: leave it 0)"
-                ) from e
-            ep.transport = transport
-            self._endpoints[(address, port)] = ep
-        # A pair's restarted loop takes its place from the old one.
-        ep.members[hb.pair] = hb
+        # Pairs starting together must not both open the socket they are to share.
+        async with self._attaching:
+            ep = self._endpoints.get((address, port))
+            if ep is None:
+                ep = await self._open(address, port)
+            # A pair's restarted loop takes its place from the old one.
+            ep.members[hb.pair] = hb
+            return ep
+
+    async def _open(self, address: str, port: int) -> _Endpoint:
+        ep = _Endpoint(address, port)
+        try:
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: ep, local_addr=(address, port)
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"heartbeat port {port} on {address}: {e.strerror or e}; pairs share a "
+                "[heartbeat] port within one agent only (one agent per pair: leave it 0)"
+            ) from e
+        ep.transport = transport
+        self._endpoints[(address, port)] = ep
         return ep
 
     def detach(self, hb: Heartbeat, ep: _Endpoint) -> None:

@@ -113,7 +113,9 @@ class LocalQemu:
 
     async def start(self) -> None:
         """Launch QEMU and connect both monitors; a QEMU that fails to start is named."""
-        self._prepare()
+        # qemu-img and ip take tens of ms each on a busy host: in the loop, that time
+        # would silence the heartbeats of every other pair of this agent.
+        await asyncio.to_thread(self._prepare)
         argv = qemu_argv(self.spec, self.node, self.role, self.choice.binary, self.choice.accel)
         # The agent already runs inside the node's namespace when it has one.
         netns = self.node.netns if _outside(self.node.netns) else None
