@@ -1278,9 +1278,15 @@ class Agent:
             await self.arbiter.clear_sync(self.pair, self.my_epoch)
         if self.state in TERMINAL:
             return
-        self.qemu = LocalQemu(
+        qemu = LocalQemu(
             self.spec, self.node, role, self.choice, self._qemu_exited, self._qemu_event
         )
+        # Prepared before it counts as ours: until it is launched, no QEMU runs to watch.
+        await qemu.prepare()
+        if self.state in TERMINAL:  # fenced or stopped meanwhile: launch nothing
+            await asyncio.to_thread(qemu.cleanup)
+            return
+        self.qemu = qemu
         await self._run_bring_up(role)
 
     async def _run_bring_up(self, role: Role) -> None:

@@ -74,6 +74,7 @@ class LocalQemu:
         self.exited_at: float | None = None
         self.exited = asyncio.Event()
         self.stopping = False
+        self.prepared = False
         # STOP -> RESUME pairs of this QEMU: one per checkpoint, on either side.
         self.checkpoints = health.Checkpoints()
         self._log_offset = 0
@@ -98,6 +99,13 @@ class LocalQemu:
         if kind not in ("STOP", "RESUME") and self.on_event is not None:
             self.on_event(kind, data)
 
+    async def prepare(self) -> None:
+        """Run directory, overlays and tap, off the event loop: qemu-img and ip take tens
+        of ms each on a busy host, which in the loop would silence the heartbeats of the
+        agent's other pairs."""
+        await asyncio.to_thread(self._prepare)
+        self.prepared = True
+
     def _prepare(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.paths.qmp, self.paths.qmp_oob, self.paths.qmp_watch, self.paths.pidfile):
@@ -113,9 +121,8 @@ class LocalQemu:
 
     async def start(self) -> None:
         """Launch QEMU and connect both monitors; a QEMU that fails to start is named."""
-        # qemu-img and ip take tens of ms each on a busy host: in the loop, that time
-        # would silence the heartbeats of every other pair of this agent.
-        await asyncio.to_thread(self._prepare)
+        if not self.prepared:
+            await self.prepare()
         argv = qemu_argv(self.spec, self.node, self.role, self.choice.binary, self.choice.accel)
         # The agent already runs inside the node's namespace when it has one.
         netns = self.node.netns if _outside(self.node.netns) else None
