@@ -2,7 +2,8 @@
 
 The decision core is unit-tested against MemoryArbiter; that is only sound if
 the memory backend behaves like the real one. So every behaviour below runs on
-both, and the etcd side uses a real etcd-server on unusual ports.
+both, the etcd side on a real etcd-server on unusual ports, and once more with its
+reads going through SharedReads, as an agent's pairs read.
 """
 
 from __future__ import annotations
