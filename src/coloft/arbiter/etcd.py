@@ -332,14 +332,10 @@ class EtcdArbiter:
                 raise ArbiterUnavailable(
                     f"etcd {self.endpoint}: read {pair}: no answer within {self._deadline_s:g}s"
                 ) from exc
-            return self._record_of(pair, kvs, sent)
-
-        async def body(c: Any) -> PairRecord:
-            sent = time.monotonic()
-            kvs = {kv.key: kv for kv in await c.get_prefix(pair_prefix(pair).encode())}
-            return self._record_of(pair, kvs, sent)
-
-        return await self._call(f"read {pair}", body)
+        else:
+            found, sent = await self.records([pair])
+            kvs = found[pair]
+        return self._record_of(pair, kvs, sent)
 
     async def records(self, pairs: Sequence[str]) -> tuple[dict[str, dict[bytes, Any]], float]:
         """Every key of each pair, in one transaction, and when it was sent."""
