@@ -80,6 +80,12 @@ def make_pair(lab: None) -> Iterator[Callable[[PairSpec], LocalPair]]:
         for node in pair.agents:
             # Shown by pytest when the test failed: what each agent decided and did.
             print(f"--- agent {node} log (tail) ---\n{pair.log_tail(node, 6000)}")
+        for n in pair.spec.nodes:
+            # The last QEMU of each node (an earlier one's last words are in its agent's log).
+            stderr = pair.spec.run_dir_of(n) / "qemu.stderr"
+            if stderr.exists():
+                tail = stderr.read_text(errors="replace")[-1500:]
+                print(f"--- {n.name}'s QEMU stderr (tail) ---\n{tail}")
         shutil.rmtree(api.run_root(pair.spec), ignore_errors=True)
         alive = [pid for pid in pids if pid_alive(pid)]
         assert not alive, f"pids still alive after teardown: {alive}"

@@ -1212,7 +1212,8 @@ class Agent:
         if q is not None and q.guest_shutdown:
             self.note("qemu", f"my QEMU (pid {q.pid}) exited: the guest powered itself off")
         elif q is not None and not q.stopping:
-            self.note("detected", f"my QEMU (pid {q.pid}) exited", logging.WARNING)
+            how = q.proc.death() if q.proc is not None else "unknown"
+            self.note("detected", f"my QEMU (pid {q.pid}) exited ({how})", logging.WARNING)
         self.heartbeat.send_now()
         self.wake.set()
 

@@ -55,6 +55,10 @@ def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
+# Enough of QEMU's stderr to hold its last line (an assertion message is one line).
+LAST_WORDS_CHARS = 600
+
+
 @dataclass
 class QemuProcess:
     node: str
@@ -75,6 +79,18 @@ class QemuProcess:
         except OSError:
             return ""
         return text[-limit:].strip()
+
+    def death(self) -> str:
+        """How an exited QEMU ended and the last thing it wrote, for the agent's event."""
+        code = self.popen.returncode
+        if code is None:
+            how = "still running"
+        elif code < 0:
+            how = f"killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exit code {code}"
+        lines = self.stderr_tail(LAST_WORDS_CHARS).splitlines()
+        return f"{how}; it last wrote: {lines[-1]}" if lines else how
 
     def failure(self) -> str:
         return (
