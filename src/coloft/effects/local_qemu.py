@@ -113,11 +113,16 @@ class LocalQemu:
         disk = self.spec.disk_of(self.node)
         if not disk.is_file():
             raise FatalError(f"{self.node.name}: disk image {disk} does not exist")
-        if self.role is Role.SECONDARY:
-            size = disk.stat().st_size
-            _qemu_img_create(self.paths.active, size)
-            _qemu_img_create(self.paths.hidden, size)
-        tap.ensure_tap(self.node.netns, tap_name(self.spec), self.node.bridge)
+        try:
+            if self.role is Role.SECONDARY:
+                size = disk.stat().st_size
+                _qemu_img_create(self.paths.active, size)
+                _qemu_img_create(self.paths.hidden, size)
+            tap.ensure_tap(self.node.netns, tap_name(self.spec), self.node.bridge)
+        except BaseException:
+            # Nothing half-made stays behind: this QEMU never becomes the agent's to clean.
+            self.cleanup()
+            raise
 
     async def start(self) -> None:
         """Launch QEMU and connect both monitors; a QEMU that fails to start is named."""
