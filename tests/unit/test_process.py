@@ -23,3 +23,7 @@ def test_a_qemu_killed_by_a_signal_names_it_and_its_last_line(tmp_path: Path) ->
 
 def test_a_qemu_that_exited_says_its_code(tmp_path: Path) -> None:
     assert ended(tmp_path, "exit 3").death() == "exit code 3"
+
+
+def test_a_qemu_killed_by_a_nameless_signal_says_its_number(tmp_path: Path) -> None:
+    assert ended(tmp_path, "kill -s RTMIN+3 $$").death() == "killed by signal 37"

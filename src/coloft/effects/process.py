@@ -86,7 +86,10 @@ class QemuProcess:
         if code is None:
             how = "still running"
         elif code < 0:
-            how = f"killed by {signal.Signals(-code).name}"
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal has no name
+                how = f"killed by signal {-code}"
         else:
             how = f"exit code {code}"
         lines = self.stderr_tail(LAST_WORDS_CHARS).splitlines()
