@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the lab's qemu-system-x86_64 from Debian's own QEMU source package with
-# colo-tcg-bql.patch applied (stock QEMU deadlocks in COLO checkpoints under TCG:
-# see the patch header). The result is cached outside the checkout, keyed by
-# source version and patch hash, so a fresh clone on the same machine reuses it.
+# the patches beside this script applied (each header says why: stock QEMU
+# deadlocks in COLO checkpoints under TCG; colo-compare misparses an input that
+# reconnected mid-packet). The result is cached outside the checkout, keyed by
+# source version and patch hashes, so a fresh clone on the same machine reuses it.
 #
 # Prints the path of the binary on its last line of stdout.
 set -euo pipefail
@@ -11,9 +12,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 version=${COLOFT_QEMU_DEB_VERSION:-1:10.0.13+ds-0+deb13u1}
 suite=${COLOFT_QEMU_DEB_SUITE:-trixie}
 cache=${COLOFT_CACHE:-/var/cache/coloft}
-patch="$here/colo-tcg-bql.patch"
+patches=("$here/colo-tcg-bql.patch" "$here/colo-compare-reconnect.patch")
 # Contents only: the same sources in another checkout must give the same key.
-key="$(echo "$version" | tr ':+~' '___')-$(cat "$patch" "$0" | sha256sum | cut -c1-12)"
+key="$(echo "$version" | tr ':+~' '___')-$(cat "${patches[@]}" "$0" | sha256sum | cut -c1-12)"
 prefix="$cache/qemu/$key"
 binary="$prefix/qemu-system-x86_64"
 
@@ -51,7 +52,9 @@ upstream=${version#*:}
 upstream=${upstream%-*}
 tar -C "$work" -xf "$work/qemu_${upstream}.orig.tar.xz"
 src=$(find "$work" -maxdepth 1 -type d -name 'qemu-*' | head -n 1)
-patch -d "$src" -p1 --forward <"$patch" >&2
+for p in "${patches[@]}"; do
+    patch -d "$src" -p1 --forward <"$p" >&2
+done
 # The +ds tarball has no EDK2 firmware blobs; unpacking them would fail the build.
 sed -i 's/unpack_edk2_blobs = bzip2.found()/unpack_edk2_blobs = false/' "$src/meson.build"
 

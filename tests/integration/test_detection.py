@@ -44,7 +44,9 @@ def says_protected(sock: Path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("fault", ["drop-mirror", "reset-mirror", "drop-compare", "reset-compare"])
+@pytest.mark.parametrize(
+    "fault", ["drop-mirror", "reset-mirror", "drop-compare", "reset-compare", "cut-compare"]
+)
 def test_broken_channel_is_degraded_within_a_second_and_named(
     make_pair: Callable[[PairSpec], LocalPair], tmp_path: Path, fault: str
 ) -> None:

@@ -21,6 +21,11 @@ def test_reset_lets_its_own_resets_through() -> None:
     assert "chain output" not in rules
 
 
+def test_cut_resets_only_what_is_longer_than_a_packets_length_piece() -> None:
+    rules = channel_fault_ruleset("repl", [9001], "cut")
+    assert 'iifname "repl" tcp dport { 9001 } ip length > 110 tcp flags & rst == 0 reject' in rules
+
+
 def test_no_ports_only_removes_the_table() -> None:
     assert channel_fault_ruleset("lo", [], "drop").splitlines() == [
         "add table inet coloft_chan",

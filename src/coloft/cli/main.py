@@ -493,7 +493,7 @@ def lab_status(as_json: bool) -> None:
     type=click.Choice(sorted([*FAULT_NAMES, "kill-host"])),
     help="Inject this fault into the protected pair at 40% of the run; the summary "
     "gains a `failover` object, or for a comparison-path fault (drop-/reset-mirror|compare, "
-    "drop-replication, freeze-secondary; lifted after 5 s) a `protection` object.",
+    "cut-compare, drop-replication, freeze-secondary; lifted after 5 s) a `protection` object.",
 )
 @click.option(
     "--reprotect",

@@ -34,6 +34,9 @@ PATH_FAULTS: dict[str, tuple[str, str]] = {
     "reset-mirror": ("mirror", "reset"),
     "drop-compare": ("compare", "drop"),
     "reset-compare": ("compare", "reset"),
+    # Reset mid-packet: the reconnected stream must be parsed from its start again
+    # (lab/qemu/colo-compare-reconnect.patch).
+    "cut-compare": ("compare", "cut"),
     # The checkpoint stream and the NBD disk replication, heartbeats untouched.
     "drop-replication": ("replication", "drop"),
     "freeze-secondary": ("secondary", "SIGSTOP its QEMU"),

@@ -705,19 +705,28 @@ _CHANNEL_TABLE = "coloft_chan"
 DIRECTIONS = ("both", "out", "in")
 
 
+# A reset sent in answer to a segment must itself get through the output rule.
+_RESET = "tcp flags & rst == 0 reject with tcp reset"
+# "cut" resets only segments longer than this (IP length, bytes). Each packet on a
+# COLO channel is written in pieces, length first (4 bytes; 26 in a TLS record)
+# and the frame after it (a TCP frame is 54 bytes or more): the length gets
+# through, the frame does not, so the connection dies inside a packet.
+CUT_ABOVE = 110
+VERDICTS = {"drop": "drop", "reset": _RESET, "cut": f"ip length > {CUT_ABOVE} {_RESET}"}
+
+
 def channel_fault_ruleset(
     iface: str, ports: Sequence[int], mode: str, direction: str = "both"
 ) -> str:
-    """nft rules that drop, or reset with TCP RST, the TCP segments to or from `ports`
-    on `iface` (one channel's connection, the rest of the link untouched): those
-    leaving this host (`out`), arriving (`in`), or both."""
-    if mode not in ("drop", "reset"):
-        raise ValueError(f"mode must be drop or reset, not {mode!r}")
+    """nft rules that drop, reset with TCP RST, or cut (reset inside a packet) the TCP
+    segments to or from `ports` on `iface` (one channel's connection, the rest of the
+    link untouched): those leaving this host (`out`), arriving (`in`), or both."""
+    if mode not in VERDICTS:
+        raise ValueError(f"mode must be one of {', '.join(VERDICTS)}, not {mode!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     _check_ifname(iface)
-    # A reset sent in answer to a segment must itself get through the output rule.
-    verdict = "drop" if mode == "drop" else "tcp flags & rst == 0 reject with tcp reset"
+    verdict = VERDICTS[mode]
     elems = ", ".join(str(p) for p in sorted(set(ports)))
     out = [f"add table inet {_CHANNEL_TABLE}", f"delete table inet {_CHANNEL_TABLE}"]
     if ports:
@@ -738,7 +747,8 @@ def channel_fault_ruleset(
 def break_channel(
     ns: str, iface: str, ports: Sequence[int], mode: str, direction: str = "both"
 ) -> None:
-    """Silently drop (``drop``) or reset (``reset``) the TCP connections on ``ports``."""
+    """Silently drop (``drop``), reset (``reset``) or reset inside a packet (``cut``)
+    the TCP connections on ``ports``."""
     _run(
         ["ip", "netns", "exec", ns, "nft", "-f", "-"],
         stdin=channel_fault_ruleset(iface, ports, mode, direction),
