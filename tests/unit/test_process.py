@@ -27,3 +27,12 @@ def test_a_qemu_that_exited_says_its_code(tmp_path: Path) -> None:
 
 def test_a_qemu_killed_by_a_nameless_signal_says_its_number(tmp_path: Path) -> None:
     assert ended(tmp_path, "kill -s RTMIN+3 $$").death() == "killed by signal 37"
+
+
+def test_a_qemu_that_failed_to_start_is_named_with_its_end_and_stderr(tmp_path: Path) -> None:
+    proc = ended(tmp_path, "echo 'could not open disk' >&2; exit 1")
+    assert proc.failure().splitlines() == [
+        "a: QEMU exited (exit code 1)",
+        "  command: sh",
+        "  stderr: could not open disk",
+    ]

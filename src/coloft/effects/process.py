@@ -74,30 +74,35 @@ class QemuProcess:
         return self.popen.poll() is None
 
     def stderr_tail(self, limit: int = 2000) -> str:
+        # Only the end is read: with colo-compare's trace events on, the file grows.
         try:
-            text = self.stderr_path.read_text(errors="replace")
+            with open(self.stderr_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
-        return text[-limit:].strip()
+        return text.strip()
+
+    def how_it_ended(self) -> str:
+        code = self.popen.returncode
+        if code is None:
+            return "still running"
+        if code >= 0:
+            return f"exit code {code}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {-code}"
 
     def death(self) -> str:
         """How an exited QEMU ended and the last thing it wrote, for the agent's event."""
-        code = self.popen.returncode
-        if code is None:
-            how = "still running"
-        elif code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:  # a real-time signal has no name
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exit code {code}"
+        how = self.how_it_ended()
         lines = self.stderr_tail(LAST_WORDS_CHARS).splitlines()
         return f"{how}; it last wrote: {lines[-1]}" if lines else how
 
     def failure(self) -> str:
         return (
-            f"{self.node}: QEMU exited with code {self.popen.returncode}\n"
+            f"{self.node}: QEMU exited ({self.how_it_ended()})\n"
             f"  command: {shlex.join(self.argv)}\n  stderr: {self.stderr_tail() or '(empty)'}"
         )
 
