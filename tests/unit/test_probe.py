@@ -90,3 +90,21 @@ def test_probes_of_one_process_share_a_socket_and_get_only_their_replies() -> No
     for p in (one, two):
         # Each probe counted its own replies only: never more answers than echoes sent.
         assert p.sent >= 5 and p.sent - 1 <= len(p.answers) <= p.sent, (p.sent, len(p.answers))
+
+
+def test_a_reply_read_late_keeps_the_time_it_arrived() -> None:
+    # The socket is read on the probe's beat, not when a reply comes: the round trip
+    # must still be the reply's own, from the kernel's stamp.
+    async def scenario() -> IcmpProbe:
+        probe = IcmpProbe("127.0.0.1", None, every_s=10.0)
+        task = asyncio.create_task(probe.run())
+        await asyncio.sleep(0.3)
+        probe.collect()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return probe
+
+    probe = asyncio.run(scenario())
+    assert probe.sent == 1 and len(probe.answers) == 1
+    sent, replied = probe.answers[0]
+    assert 0 <= replied - sent < 0.1, replied - sent

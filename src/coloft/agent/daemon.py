@@ -979,6 +979,7 @@ class Agent:
         """Protected only while the comparison path itself is shown to work."""
         breaks = channels.broken(self.channels, msg.get("channels") or {})
         if self.probe is not None and self.qemu is not None:
+            self.probe.collect()
             self.probe.settle(now, self.qemu.checkpoints.starts)
         probe = self.probe
         if probe is not None and probe.rtts_ms and not self.path_broken:
