@@ -1147,7 +1147,11 @@ class Agent:
                 if full:
                     # Cleared before asking: an event during the query asks again.
                     self.side_due, full_at = False, now
-                self.side = await q.query(None if full else self.side)
+                    self.side = await q.query()
+                elif self.side is not None and q.can_glance(self.side):
+                    self.side = q.glance(self.side, now)
+                else:
+                    self.side = await q.query(self.side)
                 hung = await q.hung(time.monotonic())
                 if hung and not self.hung:
                     self.note(
@@ -1157,6 +1161,8 @@ class Agent:
                 self.hung = hung
             else:
                 self.side_due = True
+                if q is not None:
+                    q.skim()
             await asyncio.sleep(until_beat(POLL_S, time.monotonic()))
 
     async def _watch_path(self) -> None:

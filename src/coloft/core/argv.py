@@ -51,6 +51,11 @@ class RunPaths:
         return self.run_dir / "qmp-watch.sock"
 
     @property
+    def qmp_poll(self) -> Path:
+        # A fourth monitor for the agent's steady polls, read without waiting (effects.qmp_poll).
+        return self.run_dir / "qmp-poll.sock"
+
+    @property
     def console(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -131,6 +136,10 @@ def qemu_argv(spec: PairSpec, node: NodeSpec, role: Role, binary: Path, accel: A
         f"socket,id=qmp2,path={paths.qmp_watch},server=on,wait=off",
         "-mon",
         "chardev=qmp2,mode=control",
+        "-chardev",
+        f"socket,id=qmp3,path={paths.qmp_poll},server=on,wait=off",
+        "-mon",
+        "chardev=qmp3,mode=control",
         "-pidfile",
         str(paths.pidfile),
     ]

@@ -1,4 +1,4 @@
-"""One QEMU on this host: launch, two QMP monitors, exit and hang detection, cleanup."""
+"""One QEMU on this host: launch, its QMP monitors, exit and hang detection, cleanup."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from coloft.core import health
 from coloft.core.argv import RunPaths, qemu_argv, tap_name
@@ -19,6 +20,7 @@ from coloft.effects import tap
 from coloft.effects.process import QemuProcess, launch, wait_started
 from coloft.effects.qemu_binary import QemuChoice
 from coloft.effects.qmp import QmpSession
+from coloft.effects.qmp_poll import QmpPoll
 from coloft.errors import ColoftError, FatalError
 from coloft.model.spec import NodeSpec, PairSpec
 from coloft.model.status import SideStatus
@@ -71,6 +73,7 @@ class LocalQemu:
         self.proc: QemuProcess | None = None
         self.session: QmpSession | None = None
         self.oob: QmpSession | None = None
+        self.poll: QmpPoll | None = None
         self.exited_at: float | None = None
         self.exited = asyncio.Event()
         self.stopping = False
@@ -108,7 +111,8 @@ class LocalQemu:
 
     def _prepare(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.qmp_oob, self.paths.qmp_watch, self.paths.pidfile):
+        p = self.paths
+        for stale in (p.qmp, p.qmp_oob, p.qmp_watch, p.qmp_poll, p.pidfile):
             stale.unlink(missing_ok=True)
         disk = self.spec.disk_of(self.node)
         if not disk.is_file():
@@ -125,7 +129,7 @@ class LocalQemu:
             raise
 
     async def start(self) -> None:
-        """Launch QEMU and connect both monitors; a QEMU that fails to start is named."""
+        """Launch QEMU and connect its monitors; a QEMU that fails to start is named."""
         if not self.prepared:
             await self.prepare()
         argv = qemu_argv(self.spec, self.node, self.role, self.choice.binary, self.choice.accel)
@@ -140,6 +144,8 @@ class LocalQemu:
             await self.session.connect()
             self.oob = QmpSession(f"{name}/oob", self.paths.qmp_oob)
             await self.oob.connect()
+            self.poll = QmpPoll(f"{name}/poll", self.paths.qmp_poll)
+            await self.poll.connect()
         except ColoftError as e:
             if self.proc is not None and not self.proc.alive():
                 raise FatalError(f"{e}\n{self.proc.failure()}") from e
@@ -190,14 +196,32 @@ class LocalQemu:
         role = self.role.value
         if self.proc is None or self.session is None or not self.alive():
             return SideStatus(self.node.name, role, self.pid, False)
+        session = self.session
+        t0 = time.monotonic()
+        answered_at = t0
+
+        async def run_state() -> dict[str, Any]:
+            nonlocal answered_at
+            answer: dict[str, Any] = await session.execute(
+                "query-status", deadline_s=QUERY_DEADLINE_S
+            )
+            answered_at = time.monotonic()
+            return answer
+
+        self.skim()
         try:
-            t0 = time.monotonic()
-            run = await self.session.execute("query-status", deadline_s=QUERY_DEADLINE_S)
-            qmp_ms = round((time.monotonic() - t0) * 1000.0, 2)
             if last is not None and last.alive and last.error is None and last.role == role:
+                run = await run_state()
+                qmp_ms = round((answered_at - t0) * 1000.0, 2)
                 return replace(last, run_state=run.get("status"), qmp_ms=qmp_ms)
-            colo = await self.session.execute("query-colo-status", deadline_s=QUERY_DEADLINE_S)
-            mig = await self.session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S)
+            # Asked together: QEMU answers in order, and the loop wakes once or twice, not
+            # three times.
+            run, colo, mig = await asyncio.gather(
+                run_state(),
+                session.execute("query-colo-status", deadline_s=QUERY_DEADLINE_S),
+                session.execute("query-migrate", deadline_s=QUERY_DEADLINE_S),
+            )
+            qmp_ms = round((answered_at - t0) * 1000.0, 2)
         except ColoftError as e:
             return SideStatus(self.node.name, role, self.pid, True, error=str(e))
         return SideStatus(
@@ -212,6 +236,41 @@ class LocalQemu:
             qmp_ms=qmp_ms,
         )
 
+    def can_glance(self, last: SideStatus) -> bool:
+        """A glance only updates a clean full answer about this QEMU."""
+        return (
+            self.poll is not None
+            and self.poll.connected
+            and last.alive
+            and last.error is None
+            and last.role == self.role.value
+            and last.pid == self.pid
+        )
+
+    def glance(self, last: SideStatus, now: float) -> SideStatus:
+        """The settled pair's poll, without a round trip: `last` updated with the answers
+        to the previous glance's questions, then the run state asked for again. None of
+        QEMU's answers yet, or no poll monitor, leaves `last` as it was."""
+        p = self.poll
+        if p is None or not self.alive():
+            return last
+        p.read()
+        answered = p.answers.pop("query-status", None)
+        error = p.errors.get("query-status")
+        p.ask(["query-status"], now)
+        if error is not None:
+            return replace(last, error=f"{p.name}: query-status: {error}")
+        if answered is None:
+            return last
+        return replace(last, run_state=answered.get("status"))
+
+    def skim(self) -> None:
+        """Read the poll monitor and drop what it said: the caller asks by its session,
+        and QEMU's events, sent to every monitor, must not pile up here."""
+        if self.poll is not None:
+            self.poll.read()
+            self.poll.answers.clear()
+
     async def hung(self, now: float) -> bool:
         """Main monitor silent past HUNG_AFTER_S and no out-of-band answer either.
 
@@ -221,7 +280,11 @@ class LocalQemu:
         """
         if self.session is None or not self.alive():
             return False
-        since = self.session.silent_since
+        silences = (
+            self.session.silent_since,
+            None if self.poll is None else self.poll.silent_since(),
+        )
+        since = min((t for t in silences if t is not None), default=None)
         if since is None or now - since < HUNG_AFTER_S:
             return False
         if self.oob is None:
@@ -252,7 +315,9 @@ class LocalQemu:
         for s in (self.session, self.oob):
             if s is not None:
                 await s.close()
-        self.session = self.oob = None
+        if self.poll is not None:
+            self.poll.close()
+        self.session = self.oob = self.poll = None
 
     def cleanup(self) -> None:
         """Kill QEMU by pid, remove its tap and run files; needs no event loop."""
@@ -261,7 +326,7 @@ class LocalQemu:
             self.proc.kill()
         tap.remove_tap(self.node.netns, tap_name(self.spec))
         p = self.paths
-        for f in (p.qmp, p.qmp_oob, p.qmp_watch, p.active, p.hidden, p.pidfile):
+        for f in (p.qmp, p.qmp_oob, p.qmp_watch, p.qmp_poll, p.active, p.hidden, p.pidfile):
             f.unlink(missing_ok=True)
 
 
