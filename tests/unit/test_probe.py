@@ -96,7 +96,8 @@ def test_a_reply_read_late_keeps_the_time_it_arrived() -> None:
     # The socket is read on the probe's beat, not when a reply comes: the round trip
     # must still be the reply's own, from the kernel's stamp.
     async def scenario() -> IcmpProbe:
-        probe = IcmpProbe("127.0.0.1", None, every_s=10.0)
+        # An hour-long beat: the probe sends once and reads nothing until collect().
+        probe = IcmpProbe("127.0.0.1", None, every_s=3600.0)
         task = asyncio.create_task(probe.run())
         await asyncio.sleep(0.3)
         probe.collect()

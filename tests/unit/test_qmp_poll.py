@@ -96,6 +96,34 @@ def test_a_monitor_that_stops_answering_is_silent_since_its_oldest_question(
     asyncio.run(scenario())
 
 
+def test_after_forget_a_late_answer_is_dropped_but_silence_still_counts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        server = Server(tmp_path / "qmp.sock")
+        async with await server.start():
+            poll = QmpPoll("t", server.path)
+            await poll.connect(1.0)
+            server.answering = False
+            poll.ask(["query-status"], 30.0)
+            await _settle()
+            poll.read()
+            poll.forget()  # the caller asked by its session meanwhile
+            assert poll.silent_since() == 30.0, "still unanswered: still silence"
+            late = {"return": {"status": "paused"}, "id": server.held[0]}
+            server.writers[0].write(json.dumps(late).encode() + b"\n")
+            await _settle()
+            poll.read()
+            assert "query-status" not in poll.answers, "an answer older than the caller's"
+            assert poll.silent_since() is None, "but an answer all the same"
+            server.answering = True
+            poll.ask(["query-status"], 30.2)
+            await _settle()
+            poll.read()
+            assert poll.answers["query-status"]["status"] == "running"
+            poll.close()
+
+    asyncio.run(scenario())
+
+
 def test_something_else_than_qmp_is_refused_with_its_path(tmp_path: Path) -> None:
     async def serve(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b'{"hello": 1}\n')

@@ -269,7 +269,7 @@ class LocalQemu:
         and QEMU's events, sent to every monitor, must not pile up here."""
         if self.poll is not None:
             self.poll.read()
-            self.poll.answers.clear()
+            self.poll.forget()
 
     async def hung(self, now: float) -> bool:
         """Main monitor silent past HUNG_AFTER_S and no out-of-band answer either.
@@ -280,6 +280,8 @@ class LocalQemu:
         """
         if self.session is None or not self.alive():
             return False
+        if self.poll is not None:
+            self.poll.read()  # an answer already in is no silence
         silences = (
             self.session.silent_since,
             None if self.poll is None else self.poll.silent_since(),

@@ -81,6 +81,8 @@ class _SharedSocket:
         # probes' beat instead of on every reply: a wakeup per reply and pair was most
         # of what a pair added to its agent's CPU.
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        # Replies wait up to a beat: room for many pairs' (the kernel caps it at rmem_max).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.probes: dict[int, IcmpProbe] = {}
 
     @classmethod
@@ -109,7 +111,8 @@ class _SharedSocket:
     def drain(self) -> None:
         """Hand every reply waiting in the socket to its probe, stamped with when it
         arrived (the kernel's wall-clock stamp, moved onto the monotonic clock)."""
-        to_monotonic = time.monotonic() - time.time()
+        drained_at = time.monotonic()
+        to_monotonic = drained_at - time.time()
         while True:
             try:
                 data, ancillary, _flags, (sender, _port) = self.sock.recvmsg(2048, STAMP_SPACE)
@@ -124,7 +127,8 @@ class _SharedSocket:
             kind, _code, _sum, ident, seq = struct.unpack("!BBHHH", data[header : header + 8])
             probe = self.probes.get(ident)
             if kind == ECHO_REPLY and probe is not None and sender == probe.target:
-                probe.replied(seq, _arrival(ancillary, to_monotonic))
+                # Never after now, whatever the wall clock did since the reply came.
+                probe.replied(seq, min(_arrival(ancillary, to_monotonic), drained_at))
 
 
 def _arrival(ancillary: list[tuple[int, int, bytes]], to_monotonic: float) -> float:
@@ -172,7 +176,7 @@ class IcmpProbe:
     def replied(self, seq: int, now: float) -> None:
         sent_at = self.outstanding.pop(seq, None)
         if sent_at is not None:
-            self.answered(sent_at, now)
+            self.answered(sent_at, max(sent_at, now))
 
     def answered(self, sent: float, replied: float) -> None:
         """A reply came: it counts at once as an answer, later (settle) as proof."""

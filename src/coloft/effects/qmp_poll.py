@@ -32,8 +32,8 @@ class QmpPoll:
         self.sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
-        # Questions sent and not answered yet: id -> (command, when sent).
-        self.pending: dict[str, tuple[str, float]] = {}
+        # Questions sent and not answered yet: id -> (command, when sent, answer wanted).
+        self.pending: dict[str, tuple[str, float, bool]] = {}
         # The latest answer to each command: its return value, or None after an error.
         self.answers: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
@@ -47,11 +47,11 @@ class QmpPoll:
             async with asyncio.timeout(deadline_s):
                 await loop.sock_connect(sock, str(self.path))
                 greeting = await self._read_line(loop, sock)
-                if "QMP" not in greeting:
+                if not isinstance(greeting, dict) or "QMP" not in greeting:
                     raise TransientError(f"{self.name}: not a QMP greeting: {greeting}")
                 await loop.sock_sendall(sock, b'{"execute": "qmp_capabilities"}\n')
                 reply = await self._read_line(loop, sock)
-                if "return" not in reply:
+                if not isinstance(reply, dict) or "return" not in reply:
                     raise TransientError(f"{self.name}: capabilities refused: {reply}")
         except (OSError, TimeoutError, ValueError) as e:
             sock.close()
@@ -74,21 +74,30 @@ class QmpPoll:
         """Send the questions; their answers are taken in by the next `read`."""
         if self.sock is None:
             return
+        asked = {}
         lines = []
         for command in commands:
             self._next_id += 1
             ident = f"p{self._next_id}"
             lines.append(json.dumps({"execute": command, "id": ident}).encode() + b"\n")
-            self.pending[ident] = (command, now)
+            asked[ident] = (command, now, True)
+        data = b"".join(lines)
         try:
-            # A few hundred bytes into an empty socket buffer: a short write means a
-            # QEMU that stopped reading long ago, and its silence is already counted.
-            self.sock.send(b"".join(lines))
+            sent = self.sock.send(data)
         except BlockingIOError:
-            pass
+            # QEMU has not read what it was asked before: that silence is counted already.
+            return
         except OSError as e:
             log.debug("%s: %s", self.name, e)
             self.close()
+            return
+        if sent < len(data):
+            # Half a question would garble the next: this monitor is given up, and the
+            # caller asks through its session.
+            log.debug("%s: short write, monitor given up", self.name)
+            self.close()
+            return
+        self.pending.update(asked)
 
     def read(self) -> None:
         """Take in whatever QEMU wrote since the last read (answers and events)."""
@@ -122,7 +131,9 @@ class QmpPoll:
         asked = self.pending.pop(str(msg["id"]), None)
         if asked is None:
             return
-        command = asked[0]
+        command, _sent, wanted = asked
+        if not wanted:
+            return
         if "return" in msg:
             self.answers[command] = msg["return"]
             self.errors.pop(command, None)
@@ -132,7 +143,14 @@ class QmpPoll:
 
     def silent_since(self) -> float | None:
         """When the oldest question still unanswered was sent (None: all answered)."""
-        return min((t for _c, t in self.pending.values()), default=None)
+        return min((t for _c, t, _w in self.pending.values()), default=None)
+
+    def forget(self) -> None:
+        """Drop what was answered and what will be: the caller has asked afresh by
+        another way. Questions still unanswered go on counting as silence."""
+        self.answers.clear()
+        self.errors.clear()
+        self.pending = {i: (c, t, False) for i, (c, t, _w) in self.pending.items()}
 
     def close(self) -> None:
         """Stop asking here: unanswered questions no longer count as silence (the
@@ -142,6 +160,7 @@ class QmpPoll:
             self.sock = None
         self.pending.clear()
         self.answers.clear()
+        self.errors.clear()
 
     @property
     def connected(self) -> bool:
