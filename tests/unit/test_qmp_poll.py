@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -49,21 +51,35 @@ async def _settle() -> None:
     await asyncio.sleep(0.05)
 
 
+async def exchange(poll: QmpPoll, command: str, at: float) -> None:
+    """Ask, give the server time to answer, read."""
+    poll.ask([command], at)
+    await _settle()
+    poll.read()
+
+
+@contextlib.asynccontextmanager
+async def connected(tmp_path: Path) -> AsyncIterator[tuple[Server, QmpPoll]]:
+    server = Server(tmp_path / "qmp.sock")
+    async with await server.start():
+        poll = QmpPoll("t", server.path)
+        await poll.connect(1.0)
+        try:
+            yield server, poll
+        finally:
+            poll.close()
+
+
 def test_answers_are_taken_in_by_the_next_read_only(tmp_path: Path) -> None:
     async def scenario() -> None:
-        server = Server(tmp_path / "qmp.sock")
-        async with await server.start():
-            poll = QmpPoll("t", server.path)
-            await poll.connect(1.0)
+        async with connected(tmp_path) as (_server, poll):
             poll.ask(["query-status"], 10.0)
             assert poll.silent_since() == 10.0 and "query-status" not in poll.answers
             await _settle()
             poll.read()
             assert poll.answers["query-status"] == {"status": "running", "running": True}
             assert poll.silent_since() is None, "answered; the event before it is ignored"
-            poll.ask(["query-nothing"], 11.0)
-            await _settle()
-            poll.read()
+            await exchange(poll, "query-nothing", 11.0)
             assert poll.answers["query-nothing"] is None and poll.errors["query-nothing"] == "no"
             poll.close()
 
@@ -74,17 +90,10 @@ def test_a_monitor_that_stops_answering_is_silent_since_its_oldest_question(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        server = Server(tmp_path / "qmp.sock")
-        async with await server.start():
-            poll = QmpPoll("t", server.path)
-            await poll.connect(1.0)
+        async with connected(tmp_path) as (server, poll):
             server.answering = False
-            poll.ask(["query-status"], 20.0)
-            await _settle()
-            poll.read()
-            poll.ask(["query-status"], 20.2)
-            await _settle()
-            poll.read()
+            await exchange(poll, "query-status", 20.0)
+            await exchange(poll, "query-status", 20.2)
             assert poll.silent_since() == 20.0 and len(server.held) == 2
             # The connection lost: nothing more can be learnt here, and nothing is counted.
             for w in server.writers:
@@ -98,14 +107,9 @@ def test_a_monitor_that_stops_answering_is_silent_since_its_oldest_question(
 
 def test_after_forget_a_late_answer_is_dropped_but_silence_still_counts(tmp_path: Path) -> None:
     async def scenario() -> None:
-        server = Server(tmp_path / "qmp.sock")
-        async with await server.start():
-            poll = QmpPoll("t", server.path)
-            await poll.connect(1.0)
+        async with connected(tmp_path) as (server, poll):
             server.answering = False
-            poll.ask(["query-status"], 30.0)
-            await _settle()
-            poll.read()
+            await exchange(poll, "query-status", 30.0)
             poll.forget()  # the caller asked by its session meanwhile
             assert poll.silent_since() == 30.0, "still unanswered: still silence"
             late = {"return": {"status": "paused"}, "id": server.held[0]}
@@ -115,9 +119,7 @@ def test_after_forget_a_late_answer_is_dropped_but_silence_still_counts(tmp_path
             assert "query-status" not in poll.answers, "an answer older than the caller's"
             assert poll.silent_since() is None, "but an answer all the same"
             server.answering = True
-            poll.ask(["query-status"], 30.2)
-            await _settle()
-            poll.read()
+            await exchange(poll, "query-status", 30.2)
             assert poll.answers["query-status"]["status"] == "running"
             poll.close()
 
