@@ -64,6 +64,20 @@ def test_a_late_reply_breaks_the_streak_and_proves_nothing() -> None:
     assert len(p.rtts_ms) == 1 and round(p.unproven_s(11.0), 6) == 0.9
 
 
+def test_a_lost_reply_breaks_the_streak_once_not_for_as_long_as_it_is_remembered() -> None:
+    p = IcmpProbe("192.0.2.10", None)
+    p.outstanding[1] = 10.0  # never answered
+    p.expire(10.2)
+    assert p.outstanding, "within the budget it may still come"
+    p.expire(10.4)
+    assert p.on_time_streak == 0 and not p.outstanding
+    for i in range(5):
+        sent = 10.5 + i * 0.1
+        p.answered(sent, sent + 0.005)
+        p.expire(sent + 0.05)  # what the probe does on each beat
+    assert p.on_time_streak == 5, "the lost reply no longer holds recovery back"
+
+
 def test_echo_request_checksum_is_valid() -> None:
     data = echo_request(0x1234, 7)
     total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))

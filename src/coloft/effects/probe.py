@@ -31,7 +31,6 @@ from coloft.core.pace import until_beat
 log = logging.getLogger(__name__)
 
 ECHO_REQUEST, ECHO_REPLY = 8, 0
-FORGET_AFTER_S = 30.0
 
 
 def _checksum(data: bytes) -> int:
@@ -167,6 +166,15 @@ class IcmpProbe:
         self.matched = 0  # all matched replies so far (rtts_ms keeps the last ones)
         self.sent = 0
 
+    def expire(self, now: float) -> None:
+        """A probe unanswered past the budget breaks the on-time streak, once: its reply,
+        should it still come, is late and proves nothing. (Kept waiting instead, one lost
+        reply held the streak at 0, and the pair DEGRADED, for as long as it was kept.)"""
+        for seq, sent in list(self.outstanding.items()):
+            if now - sent > self.budget_s:
+                del self.outstanding[seq]
+                self.on_time_streak = 0
+
     def collect(self) -> None:
         """Take in the replies that arrived since the socket was last read: before
         judging, so a reply that came is never counted as missing."""
@@ -219,11 +227,7 @@ class IcmpProbe:
             while True:
                 shared.drain()
                 now = time.monotonic()
-                for seq, t in list(self.outstanding.items()):
-                    if now - t > FORGET_AFTER_S:
-                        del self.outstanding[seq]
-                if any(now - t > self.budget_s for t in self.outstanding.values()):
-                    self.on_time_streak = 0
+                self.expire(now)
                 self.seq = (self.seq + 1) & 0xFFFF
                 try:
                     shared.sock.sendto(echo_request(self.ident, self.seq), (self.target, 0))
