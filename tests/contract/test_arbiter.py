@@ -3,7 +3,7 @@
 The decision core is unit-tested against MemoryArbiter; that is only sound if
 the memory backend behaves like the real one. So every behaviour below runs on
 both, the etcd side on a real etcd-server on unusual ports, and once more with its
-reads going through SharedReads, as an agent's pairs read.
+reads going through SharedLink, as an agent's pairs read.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from coloft.arbiter import Arbiter, ArbiterUnavailable, Leader, PairRecord
 from coloft.arbiter.base import leader_key
 from coloft.arbiter.embedded import ETCD_BINARY, EtcdProcess, start_etcd
-from coloft.arbiter.etcd import EtcdArbiter, SharedReads
+from coloft.arbiter.etcd import EtcdArbiter, SharedLink
 from coloft.arbiter.memory import MemoryArbiter
 
 CLIENT_URL = "http://127.0.0.1:23791"
@@ -108,11 +108,11 @@ class MemoryHarness:
 
 
 class SharingArbiter(EtcdArbiter):
-    """An etcd arbiter reading through SharedReads of its own, closed with it."""
+    """An etcd arbiter reading through SharedLink of its own, closed with it."""
 
     def __init__(self, endpoints: list[str]) -> None:
-        self.shared = SharedReads(endpoints, DEADLINE_S)
-        super().__init__(endpoints, deadline_s=DEADLINE_S, reads=self.shared)
+        self.shared = SharedLink(endpoints, DEADLINE_S)
+        super().__init__(endpoints, deadline_s=DEADLINE_S, link=self.shared)
 
     async def close(self) -> None:
         await super().close()
@@ -462,9 +462,9 @@ def test_pairs_reading_on_one_turn_share_one_transaction_each_its_own_record(
 
     async def scenario() -> None:
         endpoint = etcd_server.endpoint
-        reads = SharedReads([endpoint], DEADLINE_S)
+        reads = SharedLink([endpoint], DEADLINE_S)
         names = [f"{pair}-1", f"{pair}-10", f"{pair}-2"]
-        arbs = [EtcdArbiter([endpoint], DEADLINE_S, reads=reads) for _ in names]
+        arbs = [EtcdArbiter([endpoint], DEADLINE_S, link=reads) for _ in names]
         try:
             leaders = [
                 must_lead(await a.acquire(n, "a", 10), "a")
@@ -509,3 +509,57 @@ def test_check_names_each_etcd_endpoint_that_answers_and_each_that_does_not(
     for endpoint in (dead, hung):
         c = checks[f"arbiter {endpoint}"]
         assert not c.ok and "no answer" in c.detail and "firewall" in c.fix, c
+
+
+def test_renewals_on_one_turn_send_their_keep_alives_together_each_its_own_lease(
+    etcd_server: EtcdServer, pair: str
+) -> None:
+    """The pairs of an agent renew on one stream, in one round per turn, and each keeps
+    a lease of its own: a lease gone ends that pair's leadership alone, and a pair that
+    stops renewing loses its key while the others keep theirs."""
+
+    async def scenario() -> None:
+        endpoint = etcd_server.endpoint
+        link = SharedLink([endpoint], DEADLINE_S)
+        names = [f"{pair}-1", f"{pair}-2", f"{pair}-3"]
+        arbs = [EtcdArbiter([endpoint], DEADLINE_S, link=link) for _ in names]
+        host, port = endpoint.rsplit(":", 1)
+        other = aetcd.Client(host=host, port=int(port), timeout=DEADLINE_S)
+        try:
+            held = [
+                must_lead(await a.acquire(n, "a", TTL_S), "a")
+                for a, n in zip(arbs, names, strict=True)
+            ]
+            leases = [(await other.get(leader_key(n).encode())).lease for n in names]
+            assert len(set(leases)) == 3, "pairs share a lease: one's failure ends all"
+
+            async def renew_all(count: int) -> list[bool]:
+                due = list(zip(arbs, names, held, strict=True))[:count]
+                return await asyncio.gather(*(a.renew(n, "a", h.epoch) for a, n, h in due))
+
+            before = link.keep_alives
+            assert await renew_all(3) == [True] * 3
+            assert link.keep_alives == before + 1, "three renewals on one turn, several rounds"
+
+            # A round asked while another is under way waits for it, then goes out.
+            first = asyncio.create_task(renew_all(1))
+            await asyncio.sleep(0.001)
+            assert link.keep_alives == before + 2, "the first round is not out yet"
+            assert list(await asyncio.gather(first, renew_all(2))) == [[True], [True, True]]
+            assert link.keep_alives == before + 3
+
+            await other.revoke_lease(leases[0])
+            assert await renew_all(3) == [False, True, True], "one lease gone ended others"
+
+            for _ in range(3):  # well past the TTL: only the renewals keep a lease
+                await asyncio.sleep(TTL_S / 2)
+                assert await renew_all(2) == [False, True]
+            assert await arbs[1].leader(names[1]) == held[1]
+            assert await arbs[2].leader(names[2]) is None, "a key outlived its unrenewed lease"
+        finally:
+            await other.close()
+            for a in arbs:
+                await a.close()
+            await link.close()
+
+    asyncio.run(scenario())

@@ -49,3 +49,9 @@ def test_a_steady_pair_reads_its_arbiter_less_often_and_any_other_every_tick() -
     assert not read_due(5.0 + STEADY_READ_S - 0.01, 5.0, steady=True)
     assert read_due(5.0 + STEADY_READ_S, 5.0, steady=True)
     assert read_due(5.01, 5.0, steady=False)
+
+
+def test_steady_pairs_that_read_apart_read_again_on_one_tick() -> None:
+    for last in (5.01, 5.2, 5.45):
+        assert not read_due(5.49, last, steady=True)
+        assert read_due(5.0 + STEADY_READ_S + 0.001, last, steady=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coloft.core.pace import MIN_WAIT_S, until_beat
+from coloft.core.pace import MIN_WAIT_S, new_beat, until_beat
 
 
 @pytest.mark.parametrize(
@@ -21,3 +21,12 @@ def test_loops_started_apart_wake_together() -> None:
 
 def test_a_loop_right_on_a_beat_waits_a_whole_period_not_a_moment() -> None:
     assert until_beat(0.2, 4.0 - MIN_WAIT_S / 2) > MIN_WAIT_S
+
+
+def test_once_per_period_work_falls_on_one_tick_whatever_each_did_last() -> None:
+    # Two pairs that last renewed at different moments of one period are both due on
+    # the first tick of the next, and not before.
+    for last in (7.01, 7.38, 7.49):
+        assert not new_beat(0.5, last, 7.4999)
+        assert new_beat(0.5, last, 7.5)
+    assert new_beat(0.5, float("-inf"), 0.0), "never done: due at once"

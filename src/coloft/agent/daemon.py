@@ -38,7 +38,7 @@ from coloft.core.ha import (
 )
 from coloft.core.health import STALL_LIMIT_S
 from coloft.core.lease import LeaseTiming, fence_at, read_due
-from coloft.core.pace import until_beat
+from coloft.core.pace import new_beat, until_beat
 from coloft.core.ports import NBD, heartbeat_port, port
 from coloft.effects import certs, link, sdnotify, sockets
 from coloft.effects.executor import run_steps
@@ -551,7 +551,9 @@ class Agent:
 
     async def _renew(self) -> None:
         now = time.monotonic()
-        if self.my_epoch is None or now - self.renew_tried_at < self.timing.renew_every_s:
+        every = self.timing.renew_every_s
+        # On the beat: the agent's pairs renew on one tick, with one keep-alive.
+        if self.my_epoch is None or not new_beat(every, self.renew_tried_at, now):
             return
         self.renew_tried_at = now
         try:

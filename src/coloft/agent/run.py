@@ -15,7 +15,7 @@ from coloft.agent import api
 from coloft.agent.daemon import Agent
 from coloft.agent.launch import LocalPair, pid_file
 from coloft.agent.metrics import Families
-from coloft.arbiter.etcd import EtcdArbiter, SharedReads
+from coloft.arbiter.etcd import EtcdArbiter, SharedLink
 from coloft.config.load import check_together
 from coloft.effects import qemu_binary
 from coloft.effects.heartbeat import Hub
@@ -39,19 +39,19 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
         os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     families = Families()
     hub = Hub()  # pairs sharing a heartbeat port share its sockets and datagrams
-    # One etcd client per pair: a call that times out drops its client's channel, and
-    # that must not cancel the other pairs' renewals. Their record reads go out together.
+    # One etcd client per pair for its rare calls: one that times out drops its client's
+    # channel, and that must not cancel the other pairs' calls. Their steady calls
+    # (record reads, lease keep-alives) go out together on one shared link.
     arbiters: list[EtcdArbiter] = []
-    reads: dict[tuple[str, ...], SharedReads] = {}
+    links: dict[tuple[str, ...], SharedLink] = {}
 
     def make(spec: PairSpec) -> Agent:
         choice = qemu_binary.choose(spec.vm.accel, spec.qemu_binary)
         deadline = spec.arbiter.call_deadline_s
         endpoints = tuple(spec.arbiter.endpoints)
-        if endpoints not in reads:
-            reads[endpoints] = SharedReads(endpoints, deadline)
-        shared = reads[endpoints]
-        arbiter = EtcdArbiter(endpoints, deadline_s=deadline, reads=shared)
+        if endpoints not in links:
+            links[endpoints] = SharedLink(endpoints, deadline)
+        arbiter = EtcdArbiter(endpoints, deadline_s=deadline, link=links[endpoints])
         arbiters.append(arbiter)
         return Agent(spec, node, arbiter, choice, families, hub)
 
@@ -80,8 +80,8 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
             server.close()
         for arbiter in arbiters:
             await arbiter.close()
-        for shared in reads.values():
-            await shared.close()
+        for link in links.values():
+            await link.close()
 
 
 async def _restarting(

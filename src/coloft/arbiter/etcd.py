@@ -12,9 +12,11 @@ epoch alone. That is safe because nothing but its holder's resign or the lease's
 expiry deletes a leader key: a keep-alive answered with a TTL proves the lease,
 and so the key, still there (a key deleted by hand shows in the next read).
 
-The pairs of one agent read their records together (SharedReads): their ticks fall
-on the same beat, and the reads asked on one turn of the event loop go out as one
-transaction (three pairs' reads: 0.41 ms of CPU together, 1.18 ms one by one).
+The pairs of one agent share a connection for their steady calls (SharedLink):
+their ticks fall on the same beat, and the reads asked on one turn of the event
+loop go out as one transaction (three pairs' reads: 0.41 ms of CPU together,
+1.18 ms one by one), and the renewals due on one turn send their keep-alives on one
+stream, all written before the first answer is read.
 
 After a failed call the channel is thrown away and the next call dials the next
 endpoint: a fresh channel connects at once, instead of waiting out gRPC's
@@ -38,7 +40,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 # gRPC's fork handlers, read when gRPC loads: the agent forks only to exec QEMU at
 # once, and a fork that met a call in flight aborted that QEMU before its exec
@@ -69,6 +71,8 @@ from coloft.model.leader import members_of, members_text
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 # The answers that mean "could not reach a working etcd", as opposed to etcd
 # rejecting what we asked (a bug on our side, not worth retrying).
@@ -90,7 +94,7 @@ class EtcdArbiter:
         self,
         endpoints: Sequence[str],
         deadline_s: float = DEFAULT_DEADLINE_S,
-        reads: SharedReads | None = None,
+        link: SharedLink | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigError("etcd arbiter: no endpoints given")
@@ -103,7 +107,7 @@ class EtcdArbiter:
         self._stream: Any = None  # the keep-alive stream on _client's channel
         # pair -> (node, epoch, lease) of its leader key, and when that read was sent
         self._seen: dict[str, tuple[tuple[str, int, int], float]] = {}
-        self._reads = reads
+        self._link = link
 
     @property
     def endpoint(self) -> str:
@@ -155,7 +159,7 @@ class EtcdArbiter:
 
         async def body(c: Any) -> Leader | None:
             sent = time.monotonic()
-            lease = await c.lease(ttl)
+            lease = int((await c.lease(ttl)).id)
             tx = c.transactions
             same = (
                 tx.version(members_k) == 0
@@ -165,7 +169,7 @@ class EtcdArbiter:
             won, responses = await c.transaction(
                 compare=[tx.create(key) == 0, same],
                 success=[
-                    tx.put(key, node.encode(), lease=lease.id),
+                    tx.put(key, node.encode(), lease=lease),
                     tx.put(source_key(pair).encode(), node.encode()),
                     tx.get(key),
                 ],
@@ -174,7 +178,7 @@ class EtcdArbiter:
             if not won:
                 # Free the unused lease now rather than letting it linger a TTL.
                 with contextlib.suppress(etcd_errors.ClientError):
-                    await c.revoke_lease(lease.id)
+                    await c.revoke_lease(lease)
             kvs = responses[-1]
             if not kvs:
                 if not won:
@@ -203,7 +207,11 @@ class EtcdArbiter:
                 lease = int(kv.lease)
                 self._saw(pair, Leader(node, epoch), lease, sent)
             # etcd answers a keepalive for an expired lease with TTL 0, not an error.
-            if await self._keep_alive(c, lease) > 0:
+            if self._link is not None:
+                ttl = await self._link.keep_alive(lease)
+            else:
+                ttl = await self._keep_alive(c, lease)
+            if ttl > 0:
                 return True
             self._seen.pop(pair, None)
             return False
@@ -222,13 +230,19 @@ class EtcdArbiter:
 
     async def _keep_alive(self, c: Any, lease: int) -> int:
         """One keep-alive on the arbiter's stream: the lease's TTL now, 0 if it is gone."""
+        return (await self.keep_alive_all(c, [lease]))[lease]
+
+    async def keep_alive_all(self, c: Any, leases: list[int]) -> dict[int, int]:
+        """A keep-alive per lease on the arbiter's stream, all sent before the first
+        answer is read (etcd answers each, TTL 0 for a lease it no longer has)."""
         await c.connect()
         if self._stream is None:
             self._stream = c.leasestub.LeaseKeepAlive(metadata=c.metadata)
         stream = self._stream
         try:
-            await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
-            reply = await stream.read()
+            for lease in leases:
+                await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            replies = [await stream.read() for _ in leases]
         except rpc.AioRpcError as e:
             self._drop_stream()
             raise etcd_errors.ConnectionFailedError(f"keep-alive stream: {e.details()}") from e
@@ -237,11 +251,16 @@ class EtcdArbiter:
             # for its own, so the stream goes.
             self._drop_stream()
             raise
-        # Anything but an answer (gRPC's end-of-stream marker) means the stream ended.
-        if not isinstance(reply, rpc.LeaseKeepAliveResponse) or int(reply.ID) != lease:
+        ttls = {}
+        for reply in replies:
+            # Anything but an answer (gRPC's end-of-stream marker) means the stream ended.
+            if not isinstance(reply, rpc.LeaseKeepAliveResponse):
+                break
+            ttls[int(reply.ID)] = int(reply.TTL)
+        if set(ttls) != set(leases):
             self._drop_stream()
             raise etcd_errors.ConnectionFailedError("keep-alive stream: ended or answered amiss")
-        return int(reply.TTL)
+        return ttls
 
     async def leader(self, pair: str) -> Leader | None:
         async def body(c: Any) -> Leader | None:
@@ -324,10 +343,10 @@ class EtcdArbiter:
         return await self._call(f"set members of {pair} to {members} epoch {leader_epoch}", body)
 
     async def record(self, pair: str) -> PairRecord:
-        if self._reads is not None:
+        if self._link is not None:
             try:
                 async with asyncio.timeout(self._deadline_s):
-                    kvs, sent = await self._reads.read(pair)
+                    kvs, sent = await self._link.read(pair)
             except TimeoutError as exc:
                 raise ArbiterUnavailable(
                     f"etcd {self.endpoint}: read {pair}: no answer within {self._deadline_s:g}s"
@@ -391,56 +410,97 @@ def _members(pair: str, text: str) -> tuple[str, str]:
     return members
 
 
-class SharedReads:
-    """The record reads of an agent's pairs, gathered per turn of the event loop.
+class _PerTurn(Generic[K, V]):
+    """Requests made on one turn of the event loop, sent together on the next by a task
+    of its own: a requester that gives up (its deadline, its tick cancelled) never
+    cancels the others' answer, and every requester bounds its own wait. A failed send
+    fails its whole batch."""
 
-    A read joins the batch of its turn, which is sent on the next turn by a task of its
-    own: a reader that gives up (its deadline, its tick cancelled) never cancels the
-    others' read, and every reader bounds its own wait. A failed read fails its batch.
-    """
-
-    def __init__(self, endpoints: Sequence[str], deadline_s: float = DEFAULT_DEADLINE_S) -> None:
-        self._arbiter = EtcdArbiter(endpoints, deadline_s)  # a connection of its own
-        self._pairs: list[str] = []
-        self._answer: asyncio.Future[tuple[dict[str, dict[bytes, Any]], float]] | None = None
+    def __init__(self, send: Callable[[list[K]], Awaitable[V]]) -> None:
+        self._send_batch = send
+        self._keys: list[K] = []
+        self._answer: asyncio.Future[V] | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self.batches = 0  # transactions sent
+        self.batches = 0  # sent
 
-    async def read(self, pair: str) -> tuple[dict[bytes, Any], float]:
-        """The pair's keys, and when the read that found them was sent."""
+    async def ask(self, key: K) -> V:
+        """The whole answer of the batch `key` joined."""
         if self._answer is None:
             self._answer = asyncio.get_running_loop().create_future()
-            # Unread when every reader gave up: retrieved here, so nothing is logged.
+            # Unread when every requester gave up: retrieved here, so nothing is logged.
             self._answer.add_done_callback(lambda f: f.cancelled() or f.exception())
             asyncio.get_running_loop().call_soon(self._send)
-        if pair not in self._pairs:
-            self._pairs.append(pair)
-        found, sent = await asyncio.shield(self._answer)
-        return found[pair], sent
+        if key not in self._keys:
+            self._keys.append(key)
+        return await asyncio.shield(self._answer)
 
     def _send(self) -> None:
-        pairs, answer = self._pairs, self._answer
-        self._pairs, self._answer = [], None
+        keys, answer = self._keys, self._answer
+        self._keys, self._answer = [], None
         assert answer is not None
-        task = asyncio.create_task(self._fetch(pairs, answer))
+        task = asyncio.create_task(self._fetch(keys, answer))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _fetch(
-        self, pairs: list[str], answer: asyncio.Future[tuple[dict[str, dict[bytes, Any]], float]]
-    ) -> None:
+    async def _fetch(self, keys: list[K], answer: asyncio.Future[V]) -> None:
         self.batches += 1
         try:
-            found = await self._arbiter.records(pairs)
+            found = await self._send_batch(keys)
         except Exception as e:
             answer.set_exception(e)
         else:
             answer.set_result(found)
         finally:
-            if not answer.done():  # cancelled by close(): its readers are told at once
-                answer.set_exception(ArbiterUnavailable("etcd: reads closed"))
+            if not answer.done():  # cancelled by close(): its requesters are told at once
+                answer.set_exception(ArbiterUnavailable("etcd: shared link closed"))
 
-    async def close(self) -> None:
+    def cancel(self) -> None:
         for task in list(self._sending):
             task.cancel()
+
+
+class SharedLink:
+    """An agent's one etcd connection for the steady calls of all its pairs, each kind
+    gathered per turn of the event loop: record reads go out as one transaction, and
+    lease keep-alives together on one stream. Every pair keeps a lease of its own (a
+    pair whose loop stops renewing loses its leadership alone, as if its host had)."""
+
+    def __init__(self, endpoints: Sequence[str], deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+        self._arbiter = EtcdArbiter(endpoints, deadline_s)  # a connection of its own
+        self._reads: _PerTurn[str, tuple[dict[str, dict[bytes, Any]], float]] = _PerTurn(
+            self._arbiter.records
+        )
+        self._alive: _PerTurn[int, dict[int, int]] = _PerTurn(self._keep_alive)
+        # One round on the stream at a time: two would read each other's answers.
+        self._streaming = asyncio.Lock()
+
+    @property
+    def batches(self) -> int:
+        """Read transactions sent."""
+        return self._reads.batches
+
+    @property
+    def keep_alives(self) -> int:
+        """Rounds of keep-alives sent (one per lease asked on that turn in each)."""
+        return self._alive.batches
+
+    async def read(self, pair: str) -> tuple[dict[bytes, Any], float]:
+        """The pair's keys, and when the read that found them was sent."""
+        found, sent = await self._reads.ask(pair)
+        return found[pair], sent
+
+    async def keep_alive(self, lease: int) -> int:
+        """The lease's TTL after a keep-alive sent no earlier than this call; 0: gone."""
+        return (await self._alive.ask(lease))[lease]
+
+    async def _keep_alive(self, leases: list[int]) -> dict[int, int]:
+        arb = self._arbiter
+        async with self._streaming:
+            return await arb._call(
+                f"keep-alive of {len(leases)} lease(s)", lambda c: arb.keep_alive_all(c, leases)
+            )
+
+    async def close(self) -> None:
+        self._reads.cancel()
+        self._alive.cancel()
         await self._arbiter.close()

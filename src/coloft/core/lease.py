@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from coloft.core.pace import new_beat
+
 # etcd rounds a lease TTL up to whole seconds, with 2 s at the least.
 ETCD_MIN_TTL_S = 2.0
 
@@ -70,7 +72,7 @@ def read_due(now: float, last_read_at: float | None, steady: bool) -> bool:
     operator intent or long step under way) nothing an agent must act on at once can
     change in the arbiter unseen: the leader's renewals guard its own lease, and a
     peer that dies or is cut off goes silent here before its lease can expire. Such a
-    pair reads every STEADY_READ_S (for the operator's switch, shown state); any other
-    reads every tick.
+    pair reads once per STEADY_READ_S of the beat (for the operator's switch, shown
+    state), on the same tick as the agent's other pairs; any other reads every tick.
     """
-    return last_read_at is None or not steady or now - last_read_at >= STEADY_READ_S
+    return last_read_at is None or not steady or new_beat(STEADY_READ_S, last_read_at, now)

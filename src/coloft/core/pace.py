@@ -18,3 +18,12 @@ def until_beat(period_s: float, now: float) -> float:
     """Seconds from `now` to the next multiple of `period_s`."""
     left = period_s - (now % period_s)
     return left if left >= MIN_WAIT_S else left + period_s
+
+
+def new_beat(period_s: float, last: float, now: float) -> bool:
+    """Whether `now` lies in a later period of the beat than `last`: work done "once per
+    period" this way is done on the same tick by every pair of an agent (their ticks
+    share the beat), so calls to one server can go out together."""
+    if last == float("-inf"):  # never done (floor division of it gives NaN)
+        return True
+    return now // period_s > last // period_s
