@@ -79,8 +79,10 @@ def test_answers_are_taken_in_by_the_next_read_only(tmp_path: Path) -> None:
             poll.read()
             assert poll.answers["query-status"] == {"status": "running", "running": True}
             assert poll.silent_since() is None, "answered; the event before it is ignored"
+            assert poll.answered == 10.0, "alive when the question was asked"
             await exchange(poll, "query-nothing", 11.0)
             assert poll.answers["query-nothing"] is None and poll.errors["query-nothing"] == "no"
+            assert poll.answered == 11.0, "an error is an answer too"
             poll.close()
 
     asyncio.run(scenario())
@@ -95,6 +97,7 @@ def test_a_monitor_that_stops_answering_is_silent_since_its_oldest_question(
             await exchange(poll, "query-status", 20.0)
             await exchange(poll, "query-status", 20.2)
             assert poll.silent_since() == 20.0 and len(server.held) == 2
+            assert poll.answered is None, "nothing answered: no sign of life"
             # The connection lost: nothing more can be learnt here, and nothing is counted.
             for w in server.writers:
                 w.close()
@@ -118,6 +121,7 @@ def test_after_forget_a_late_answer_is_dropped_but_silence_still_counts(tmp_path
             poll.read()
             assert "query-status" not in poll.answers, "an answer older than the caller's"
             assert poll.silent_since() is None, "but an answer all the same"
+            assert poll.answered == 30.0, "and a sign of life at the time it was asked"
             server.answering = True
             await exchange(poll, "query-status", 30.2)
             assert poll.answers["query-status"]["status"] == "running"

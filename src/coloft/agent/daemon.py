@@ -377,6 +377,11 @@ class Agent:
         q = self.qemu
         if q is None or not q.alive() or q.checkpoints.stopped_at is None:
             return None
+        # A QEMU that froze itself (stopped, wedged) stalls its checkpoint too: until it
+        # answers a question asked since, the hang verdict decides, not the stall (which
+        # on a primary would clear sync and leave the secondary unable to take over).
+        if not q.answered_since(q.checkpoints.stopped_at):
+            return None
         return now - q.checkpoints.stopped_at
 
     def _note_detection(self, o: Observation) -> None:

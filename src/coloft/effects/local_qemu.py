@@ -271,6 +271,13 @@ class LocalQemu:
             self.poll.read()
             self.poll.forget()
 
+    def answered_since(self, t: float) -> bool:
+        """Whether QEMU answered, on any of its monitors, a question asked at `t` or later."""
+        if self.poll is not None:
+            self.poll.read()
+        monitors = (self.session, self.oob, self.poll)
+        return any(m is not None and m.answered is not None and m.answered >= t for m in monitors)
+
     async def hung(self, now: float) -> bool:
         """Main monitor silent past HUNG_AFTER_S and no out-of-band answer either.
 

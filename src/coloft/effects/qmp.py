@@ -38,6 +38,8 @@ class QmpSession:
         # Since when QEMU has left our requests unanswered (monotonic), None while it
         # answers: silence is only a sign of a hang when we were asking.
         self.silent_since: float | None = None
+        # When the latest question QEMU answered (result or error) was sent.
+        self.answered: float | None = None
         self.calls: deque[tuple[str, float, bool]] = deque(maxlen=1000)
         self.calls_total = 0
 
@@ -85,11 +87,11 @@ class QmpSession:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
                 reply = await self._client.execute_msg(msg)
-            self.silent_since = None
+            self.silent_since, self.answered = None, started
             ok = True
             return reply
         except ExecuteError as e:
-            self.silent_since = None
+            self.silent_since, self.answered = None, started
             raise ProtocolError(f"{self.name}: {command}: {e.error.error.desc}") from e
         except TimeoutError as e:
             if self.silent_since is None:

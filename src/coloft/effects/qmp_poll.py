@@ -37,6 +37,8 @@ class QmpPoll:
         # The latest answer to each command: its return value, or None after an error.
         self.answers: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
+        # When the latest question QEMU answered was sent.
+        self.answered: float | None = None
 
     async def connect(self, deadline_s: float = 5.0) -> None:
         """Connect and negotiate capabilities (the only time this monitor is waited on)."""
@@ -131,7 +133,8 @@ class QmpPoll:
         asked = self.pending.pop(str(msg["id"]), None)
         if asked is None:
             return
-        command, _sent, wanted = asked
+        command, sent, wanted = asked
+        self.answered = max(sent, self.answered or sent)
         if not wanted:
             return
         if "return" in msg:
