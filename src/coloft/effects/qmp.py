@@ -87,11 +87,11 @@ class QmpSession:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
                 reply = await self._client.execute_msg(msg)
-            self.silent_since, self.answered = None, started
+            self.silent_since, self.answered = None, max(started, self.answered or started)
             ok = True
             return reply
         except ExecuteError as e:
-            self.silent_since, self.answered = None, started
+            self.silent_since, self.answered = None, max(started, self.answered or started)
             raise ProtocolError(f"{self.name}: {command}: {e.error.error.desc}") from e
         except TimeoutError as e:
             if self.silent_since is None:
