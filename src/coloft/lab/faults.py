@@ -104,8 +104,14 @@ def _break_path(pair: LocalPair, fault: str) -> float:
     else:
         offset = ports.MIRROR if link == "mirror" else ports.COMPARE_SECONDARY_IN
         chosen = [ports.port(node, offset)]
+    began = time.time()
     net.break_channel(node.netns, "repl", chosen, mode)
-    return time.time()  # in force once nft committed
+    if mode == "drop":
+        # In force once nft committed; nothing can show before the first retransmission.
+        return time.time()
+    # A reset acts on the next packet, which may come (and be seen by the agent) between
+    # nft's commit and its exit: the fault counts from the call, an upper bound on latency.
+    return began
 
 
 def _kill_in_checkpoint(pair: LocalPair, node: str) -> float:
