@@ -3,7 +3,7 @@
 The decision core is unit-tested against MemoryArbiter; that is only sound if
 the memory backend behaves like the real one. So every behaviour below runs on
 both, the etcd side on a real etcd-server on unusual ports, and once more with its
-reads going through SharedLink, as an agent's pairs read.
+reads and keep-alives going through a SharedLink, as an agent's pairs send them.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class MemoryHarness:
 
 
 class SharingArbiter(EtcdArbiter):
-    """An etcd arbiter reading through SharedLink of its own, closed with it."""
+    """An etcd arbiter reading and renewing through a SharedLink of its own, closed with it."""
 
     def __init__(self, endpoints: list[str]) -> None:
         self.shared = SharedLink(endpoints, DEADLINE_S)
