@@ -87,11 +87,11 @@ class QmpSession:
             async with asyncio.timeout(deadline_s):
                 msg = self._client.make_execute_msg(command, arguments or None, oob=oob)
                 reply = await self._client.execute_msg(msg)
-            self.silent_since, self.answered = None, max(started, self.answered or started)
+            self._heard(started)
             ok = True
             return reply
         except ExecuteError as e:
-            self.silent_since, self.answered = None, max(started, self.answered or started)
+            self._heard(started)
             raise ProtocolError(f"{self.name}: {command}: {e.error.error.desc}") from e
         except TimeoutError as e:
             if self.silent_since is None:
@@ -105,6 +105,11 @@ class QmpSession:
             # For the agent's metrics: latency and outcome of every command.
             self.calls.append((command, time.monotonic() - started, ok))
             self.calls_total += 1
+
+    def _heard(self, asked_at: float) -> None:
+        """QEMU answered (a result or an error) a question asked at `asked_at`."""
+        self.silent_since = None
+        self.answered = max(asked_at, self.answered or asked_at)
 
     @contextlib.contextmanager
     def listener(self, names: tuple[str, ...]) -> Iterator[EventListener]:
