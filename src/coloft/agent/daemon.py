@@ -152,6 +152,7 @@ class Agent:
         self.link_iface: str | None = None
         self.link: dict[str, int] = {}
         self.protection = health.Verdict("starting", False, "starting")
+        self._sent_protection: tuple[health.Verdict | None, dict[str, Any]] = (None, {})
         # The comparison path: the active probe (leader only) and each channel's sockets.
         self.probe: IcmpProbe | None = None
         self.probe_task: asyncio.Task[None] | None = None
@@ -274,12 +275,18 @@ class Agent:
             "checkpoint_age_s": age,
             "stopped_for_s": None if cp.stopped_at is None else now - cp.stopped_at,
             "epoch": self.my_epoch,
-            "protection": asdict(self.protection),
+            "protection": self._protection_fields(),
             "channels": self.channels,
             "reprotecting": self.reprotecting,
             "guest_stopped": self.qemu is not None and self.qemu.guest_shutdown,
             "failed_starts": self.backoff.failures,
         }
+
+    def _protection_fields(self) -> dict[str, Any]:
+        # Sent twenty times a second and seldom changed: converted once per verdict.
+        if self._sent_protection[0] is not self.protection:
+            self._sent_protection = (self.protection, asdict(self.protection))
+        return self._sent_protection[1]
 
     def _in_colo(self) -> bool:
         if self.qemu is None or self.side is None or not self.qemu.alive():

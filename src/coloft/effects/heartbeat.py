@@ -371,10 +371,13 @@ class Heartbeat:
         """This beat's sealed message for each path, and where it goes."""
         self._seq += 1
         body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
+        # Encoded once for all paths: each path's copy only adds its name and the time
+        # (a later duplicate key wins in JSON, as the stamp did in the dict before).
+        head = json.dumps(body)[:-1]
         out = []
         for path, ep in self._endpoints.items():
-            stamped = {**body, "path": path, "unix": time.time()}
-            item = seal(self.key, json.dumps(stamped).encode())
+            stamped = f'{head}, "path": {json.dumps(path)}, "unix": {time.time()!r}}}'
+            item = seal(self.key, stamped.encode())
             out.append((ep, (self.paths[path][1], self.peer_port), item))
         return out
 
