@@ -27,16 +27,21 @@ def test_sock_diag_messages_give_addresses_queue_and_retransmissions() -> None:
     assert listener.unacked == 0, "a listener's backlog is no unacknowledged data"
 
 
-def test_the_kernel_lists_a_fresh_connection_and_one_reading_serves_a_moment() -> None:
+def test_the_kernel_lists_connections_not_listeners_and_one_reading_serves_a_moment() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as client:
             accepted, _ = server.accept()
             with accepted:
                 here = client.getsockname()
-                mine = [s for s in parse_sock_diag(sockets.diag_dump()) if s.local == here]
+                listed = parse_sock_diag(sockets.diag_dump())
+                mine = [s for s in listed if s.local == here]
                 assert [(s.remote, s.state, s.unacked) for s in mine] == [
                     (("127.0.0.1", port), 1, 0)
                 ]
+                assert ("127.0.0.1", port) not in [s.local for s in listed if s.remote[1] == 0], (
+                    "the listener is left out: only connections are asked for"
+                )
+                assert {s.state for s in listed} == {1}
                 first = sockets.tcp_sockets()
                 assert sockets.tcp_sockets() is first, "read again within MAX_AGE_S"

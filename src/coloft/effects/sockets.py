@@ -15,7 +15,13 @@ import struct
 import time
 from pathlib import Path
 
-from coloft.core.channels import INET_DIAG_INFO, TcpSocket, parse_proc_net_tcp, parse_sock_diag
+from coloft.core.channels import (
+    ESTABLISHED,
+    INET_DIAG_INFO,
+    TcpSocket,
+    parse_proc_net_tcp,
+    parse_sock_diag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +32,9 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLMSG_HEADER = struct.Struct("=IHHII")
-ALL_STATES = 0xFFFFFFFF
+# Only connections: the channels are judged by their established sockets alone, and
+# listeners and closing sockets would only be parsed to be thrown away.
+ESTABLISHED_ONLY = 1 << ESTABLISHED
 WITH_TCP_INFO = 1 << (INET_DIAG_INFO - 1)
 
 _reading: tuple[float, list[TcpSocket]] | None = None
@@ -34,7 +42,7 @@ _use_proc = False
 
 
 def tcp_sockets() -> list[TcpSocket]:
-    """The IPv4 TCP sockets; OSError when the kernel tells neither way."""
+    """The established IPv4 TCP connections; OSError when the kernel tells neither way."""
     global _reading, _use_proc
     now = time.monotonic()
     if _reading is not None and now - _reading[0] < MAX_AGE_S:
@@ -46,14 +54,17 @@ def tcp_sockets() -> list[TcpSocket]:
             log.warning("sock_diag unavailable (%s): reading %s instead", e, PROC_TABLE)
             _use_proc = True
     if _use_proc:
-        found = parse_proc_net_tcp(PROC_TABLE.read_text())
+        found = [s for s in parse_proc_net_tcp(PROC_TABLE.read_text()) if s.state == ESTABLISHED]
     _reading = (now, found)
     return found
 
 
 def diag_dump() -> list[bytes]:
-    """Every IPv4 TCP socket's inet_diag_msg (with tcp_info) in this namespace."""
-    request = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, WITH_TCP_INFO, ALL_STATES)
+    """Every established IPv4 TCP connection's inet_diag_msg (with tcp_info) in this
+    namespace."""
+    request = struct.pack(
+        "=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, WITH_TCP_INFO, ESTABLISHED_ONLY
+    )
     request += bytes(48)  # inet_diag_sockid: no socket named, all of them
     header = NLMSG_HEADER.pack(
         NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
