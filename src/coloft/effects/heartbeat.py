@@ -371,8 +371,8 @@ class Heartbeat:
         """This beat's sealed message for each path, and where it goes."""
         self._seq += 1
         body = {"pair": self.pair, "node": self.node, "seq": self._seq, **self.state()}
-        # Encoded once for all paths: each path's copy only adds its name and the time
-        # (a later duplicate key wins in JSON, as the stamp did in the dict before).
+        # Encoded once for all paths: each path's copy only appends its name and the
+        # time (a state field of either name is overridden: the reader keeps the last).
         head = json.dumps(body)[:-1]
         out = []
         for path, ep in self._endpoints.items():
