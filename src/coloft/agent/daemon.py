@@ -1155,9 +1155,11 @@ class Agent:
                 # Settled in COLO, COLO mode and migration status change by our own
                 # steps or with a QEMU event; between those, the run state alone keeps
                 # the monitor watched (hung) and a full answer every FULL_POLL_S bounds
-                # staleness. Anywhere else (a bring-up entering COLO) every poll is full.
+                # staleness, unless QEMU is slow to answer the glance: then the full one
+                # waits. Anywhere else (a bring-up entering COLO) every poll is full.
                 settled = self.state in (State.PRIMARY, State.SECONDARY) and self._in_colo()
-                full = not settled or self.side_due or now - full_at >= FULL_POLL_S
+                due = now - full_at >= FULL_POLL_S and not q.waiting()
+                full = not settled or self.side_due or due
                 if full:
                     # Cleared before asking: an event during the query asks again.
                     self.side_due, full_at = False, now

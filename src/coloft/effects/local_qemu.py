@@ -264,6 +264,15 @@ class LocalQemu:
             return last
         return replace(last, run_state=answered.get("status"))
 
+    def waiting(self) -> bool:
+        """Whether QEMU has yet to answer the poll monitor's last question: its main loop
+        is busy or stopped, and a full query now would only sit out its deadline while
+        the silence it is part of could already be judged."""
+        if self.poll is None:
+            return False
+        self.poll.read()
+        return self.poll.silent_since() is not None
+
     def skim(self) -> None:
         """Read the poll monitor and drop what it said: the caller asks by its session,
         and QEMU's events, sent to every monitor, must not pile up here."""
