@@ -1,5 +1,4 @@
-"""The beat-read QMP monitor against a scripted QMP server on a Unix socket, and what
-a glance makes of its answers."""
+"""The beat-read QMP monitor against a scripted QMP server on a Unix socket."""
 
 from __future__ import annotations
 
@@ -11,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coloft.effects.local_qemu import glanced
 from coloft.effects.qmp_poll import QmpPoll
 from coloft.errors import TransientError
-from coloft.model.status import SideStatus
 
 
 class Server:
@@ -149,23 +146,3 @@ def test_something_else_than_qmp_is_refused_with_its_path(tmp_path: Path) -> Non
                 await QmpPoll("t", tmp_path / "missing.sock").connect(0.2)
 
     asyncio.run(scenario())
-
-
-def test_a_glance_changes_only_what_was_answered_and_an_error_spoils_it_all() -> None:
-    last = SideStatus("b", "secondary", 7, True, "running", "secondary", None, "colo")
-    assert glanced(last, {}, {}, "poll") is last, "nothing answered yet"
-    run_only = glanced(last, {"query-status": {"status": "paused"}}, {}, "poll")
-    assert (run_only.run_state, run_only.colo_mode, run_only.migration) == (
-        "paused",
-        "secondary",
-        "colo",
-    )
-    everything = {
-        "query-status": {"status": "running"},
-        "query-colo-status": {"mode": "none", "reason": "error"},
-        "query-migrate": {"status": "failed"},
-    }
-    left = glanced(last, everything, {}, "poll")
-    assert (left.colo_mode, left.colo_reason, left.migration) == ("none", "error", "failed")
-    refused = glanced(last, {"query-status": None}, {"query-migrate": "no"}, "poll")
-    assert refused.error == "poll: query-migrate: no" and refused.run_state == "running"

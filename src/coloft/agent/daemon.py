@@ -1153,21 +1153,19 @@ class Agent:
             if q is not None and q.alive() and (self.busy is None or self.busy.done()):
                 now = time.monotonic()
                 # Settled in COLO, COLO mode and migration status change by our own
-                # steps or with a QEMU event (then asked for at once); between those the
-                # glance keeps the monitor watched (hung) without waiting for QEMU, and
-                # asks for everything every FULL_POLL_S to bound staleness. Anywhere
-                # else (a bring-up entering COLO) every poll is a full query.
+                # steps or with a QEMU event; between those, the run state alone keeps
+                # the monitor watched (hung) and a full answer every FULL_POLL_S bounds
+                # staleness, unless QEMU is slow to answer the glance: then the full one
+                # waits. Anywhere else (a bring-up entering COLO) every poll is full.
                 settled = self.state in (State.PRIMARY, State.SECONDARY) and self._in_colo()
-                due = now - full_at >= FULL_POLL_S
-                side = self.side
-                if settled and not self.side_due and side is not None and q.can_glance(side):
-                    if due:
-                        full_at = now
-                    self.side = q.glance(side, now, everything=due)
-                elif not settled or self.side_due or due:
+                due = now - full_at >= FULL_POLL_S and not q.waiting()
+                full = not settled or self.side_due or due
+                if full:
                     # Cleared before asking: an event during the query asks again.
                     self.side_due, full_at = False, now
                     self.side = await q.query()
+                elif self.side is not None and q.can_glance(self.side):
+                    self.side = q.glance(self.side, now)
                 else:
                     self.side = await q.query(self.side)
                 hung = await q.hung(time.monotonic())

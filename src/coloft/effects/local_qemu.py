@@ -37,28 +37,6 @@ HUNG_AFTER_S = 0.5
 OOB_PROBE_S = 0.3
 
 
-# What a glance asks: the run state every time, the rest now and then.
-GLANCES = ("query-status", "query-colo-status", "query-migrate")
-
-
-def glanced(
-    last: SideStatus, answers: dict[str, Any], errors: dict[str, str], monitor: str
-) -> SideStatus:
-    """`last` with what the poll monitor's answers (by command) changed; an error
-    QEMU gave to any of them makes the whole status an error, as a query's would."""
-    if errors:
-        said = "; ".join(f"{c}: {e}" for c, e in errors.items())
-        return replace(last, error=f"{monitor}: {said}")
-    changed: dict[str, Any] = {}
-    if (run := answers.get("query-status")) is not None:
-        changed["run_state"] = run.get("status")
-    if (colo := answers.get("query-colo-status")) is not None:
-        changed["colo_mode"], changed["colo_reason"] = colo.get("mode"), colo.get("reason")
-    if (mig := answers.get("query-migrate")) is not None:
-        changed["migration"] = mig.get("status")
-    return replace(last, **changed) if changed else last
-
-
 def _qemu_img_create(path: Path, size: int) -> None:
     done = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
@@ -269,19 +247,31 @@ class LocalQemu:
             and last.pid == self.pid
         )
 
-    def glance(self, last: SideStatus, now: float, everything: bool = False) -> SideStatus:
+    def glance(self, last: SideStatus, now: float) -> SideStatus:
         """The settled pair's poll, without a round trip: `last` updated with the answers
-        to the previous glance's questions, then the run state asked for again (and the
-        COLO mode and migration status too with `everything`). None of QEMU's answers
-        yet, or no poll monitor, leaves `last` as it was."""
+        to the previous glance's questions, then the run state asked for again. None of
+        QEMU's answers yet, or no poll monitor, leaves `last` as it was."""
         p = self.poll
         if p is None or not self.alive():
             return last
         p.read()
-        answers = {c: p.answers.pop(c) for c in GLANCES if c in p.answers}
-        errors = {c: p.errors[c] for c in GLANCES if c in p.errors}
-        p.ask(list(GLANCES) if everything else [GLANCES[0]], now)
-        return glanced(last, answers, errors, p.name)
+        answered = p.answers.pop("query-status", None)
+        error = p.errors.get("query-status")
+        p.ask(["query-status"], now)
+        if error is not None:
+            return replace(last, error=f"{p.name}: query-status: {error}")
+        if answered is None:
+            return last
+        return replace(last, run_state=answered.get("status"))
+
+    def waiting(self) -> bool:
+        """Whether QEMU has yet to answer the poll monitor's last question: its main loop
+        is busy or stopped, and a full query now would only sit out its deadline while
+        the silence it is part of could already be judged."""
+        if self.poll is None:
+            return False
+        self.poll.read()
+        return self.poll.silent_since() is not None
 
     def skim(self) -> None:
         """Read the poll monitor and drop what it said: the caller asks by its session,
