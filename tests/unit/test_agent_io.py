@@ -74,6 +74,55 @@ def test_heartbeats_tell_a_lost_path_from_a_lost_peer() -> None:
     asyncio.run(scenario())
 
 
+def test_the_sender_tells_a_pair_once_each_path_goes_silent_and_again_after_news() -> None:
+    async def scenario() -> None:
+        ports = (free_udp_port(), free_udp_port())
+        paths_a = {REPLICATION: ("127.0.0.1", "127.0.0.3"), LAN: ("127.0.0.2", "127.0.0.4")}
+        paths_b = {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")}
+        limit = 0.06
+        told: list[tuple[float, bool]] = []
+
+        def silent() -> None:
+            now = time.monotonic()
+            told.append((now, b.peer.any_fresh(now, limit)))
+
+        def sender() -> Heartbeat:
+            return Heartbeat("p", "a", "b", paths_a, ports, 0.02, dict, lambda: None)
+
+        b = Heartbeat(
+            "p", "b", "a", paths_b, (ports[1], ports[0]), 0.02, dict, lambda: None,
+            silent_after_s=limit, on_silent=silent,
+        )  # fmt: skip
+        a = sender()
+        await a.open()
+        await b.open()
+        b_task, a_task = asyncio.create_task(b.run()), asyncio.create_task(a.run())
+        await asyncio.sleep(0.3)
+        assert not told, "a peer heard every beat is never reported silent"
+        a_task.cancel()
+        a.close()
+        await asyncio.sleep(0.3)
+        # Both paths fell silent: told once or twice (each path once), never while
+        # a path was still fresh.
+        assert 1 <= len(told) <= 2 and not any(fresh for _, fresh in told), told
+        last = max(p.last_at or 0 for p in b.peer.paths.values())
+        assert told[0][0] > last + limit
+        told.clear()
+        a = sender()
+        await a.open()
+        a_task = asyncio.create_task(a.run())
+        await asyncio.sleep(0.2)
+        assert not told, "the peer is back"
+        a_task.cancel()
+        a.close()
+        await asyncio.sleep(0.3)
+        assert told, "a peer lost again is reported again"
+        b_task.cancel()
+        b.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_third_node_is_only_noted_alive_until_it_becomes_the_peer() -> None:
     async def scenario() -> None:
         ports = (free_udp_port(), free_udp_port(), free_udp_port())  # a, b, c
@@ -612,3 +661,26 @@ def test_heartbeats_measure_the_peers_clock_and_the_line_warns_when_it_is_off() 
     ), line
     ahead["peer_health"]["clock_offset_ms"] = 20.0
     assert "clock" not in one_line(pair_view("web", {"a": ahead, "b": None}))
+
+
+def test_the_peer_is_news_when_a_verdict_input_changes_not_when_its_clocks_move() -> None:
+    from coloft.effects.heartbeat import _changed
+
+    protected = {"phase": "protected", "protected": True, "code": "", "reason": "probe 3 ms"}
+    base = {
+        "state": "secondary",
+        "checkpoints": 7,
+        "checkpoint_age_s": 0.4,
+        "stopped_for_s": None,
+        "channels": {"mirror": "ok"},
+        "protection": protected,
+    }
+    moved = {**base, "checkpoints": 8, "checkpoint_age_s": 0.05}
+    assert not _changed(base, moved), "counters and ages move with every message"
+    assert not _changed(base, {**base, "protection": {**protected, "reason": "probe 4 ms"}})
+    degraded = {**protected, "phase": "degraded", "protected": False, "code": "probe-timeout"}
+    assert _changed(base, {**base, "protection": degraded})
+    assert _changed(base, {**base, "channels": {"mirror": "half-open"}})
+    assert _changed(base, {**base, "stopped_for_s": 0.01}), "a checkpoint began there"
+    assert not _changed({**base, "stopped_for_s": 0.01}, {**base, "stopped_for_s": 0.3})
+    assert _changed(base, {**base, "qemu_hung": True})

@@ -55,6 +55,9 @@ from coloft.model.steps import Role, Step, Until
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+# The tick of a calm pair (_calm): a third of its cost was the agent's, ten times a
+# second per pair, for verdicts that do not change.
+CALM_TICK_S = 0.25
 MIN_WAIT_S = 0.005
 TERMINAL = (State.FENCED, State.DOWN, State.STOPPED, State.SPARE)
 POLL_S = 0.2
@@ -158,6 +161,7 @@ class Agent:
         self.probe_task: asyncio.Task[None] | None = None
         self.channels: dict[str, str] = {}
         self.path_broken = False
+        self.calm = False  # the tick sleeps at the calm pace (_calm)
         # The policies (core.policy): yanks of half-open ends, and a leader's give-up.
         self.reconnector = policy.Reconnector()
         self.yanking: asyncio.Task[None] | None = None
@@ -186,6 +190,9 @@ class Agent:
             self._peer_changed,
             certs.heartbeat_key(spec.certs_of(self.node)) if spec.security.tls else None,
             hub,
+            # A lost peer is seen at the timeout, not on the next tick.
+            silent_after_s=spec.heartbeat.timeout_s,
+            on_silent=self.wake.set,
         )
 
     def _heartbeat_port(self, node: NodeSpec) -> int:
@@ -452,6 +459,21 @@ class Agent:
             and bool(peer.get("qemu_alive"))
             and not peer.get("qemu_hung")
             and bool(peer.get("in_colo"))
+        )
+
+    def _calm(self, now: float) -> bool:
+        """Steady and protected, no checkpoint under way on either side and the
+        comparison path proven: nothing to judge but what wakes the tick by itself
+        (peer news or silence, a QEMU event or hang, the path watch's alarms, an
+        intent), so it may tick at the calm pace."""
+        q, msg = self.qemu, self.heartbeat.peer.message or {}
+        return (
+            q is not None
+            and self.protection.protected
+            and not self.path_broken
+            and q.checkpoints.stopped_at is None
+            and msg.get("stopped_for_s") is None
+            and self._steady(now)
         )
 
     async def _tick(self) -> None:
@@ -1185,6 +1207,7 @@ class Agent:
         """Channel sockets on both sides; the probe on the leader while in COLO."""
         while True:
             q = self.qemu
+            seen = (self.channels, self.compare)
             if q is not None and q.alive() and self._in_colo():
                 wanted = channels.endpoints(q.role, self.node, self.peer)
                 try:
@@ -1207,7 +1230,22 @@ class Agent:
             elif not probing and self.probe_task is not None:
                 self.probe_task.cancel()
                 self.probe_task, self.probe = None, None
+            if self.calm and self._alarm(seen, time.monotonic()):
+                self.wake.set()
             await asyncio.sleep(until_beat(CHANNEL_POLL_S, time.monotonic()))
+
+    def _alarm(self, seen: tuple[dict[str, str], compare_log.CompareSigns], now: float) -> bool:
+        """What a calm tick must not wait for: a channel or colo-compare sign changed,
+        the probe overdue, a checkpoint under way (its stall is judged at once)."""
+        q = self.qemu
+        if (self.channels, self.compare) != seen or q is None:
+            return True
+        if q.checkpoints.stopped_at is not None:
+            return True
+        if self.probe is not None:
+            self.probe.collect()
+            return self.probe.overdue(now)
+        return False
 
     def _read_link(self) -> None:
         if self.link_iface is None:
@@ -1346,26 +1384,17 @@ class Agent:
             f"{time.monotonic() - started:.1f} s",
         )
 
-    def _until_peer_silent(self) -> float:
-        """Seconds until a path that hears the peer now would count as silent: the
-        loop wakes then, so a lost peer is seen at the timeout, not a tick later."""
-        now, timeout = time.monotonic(), self.spec.heartbeat.timeout_s
-        ages = [
-            a
-            for p in self.heartbeat.peer.paths
-            if (a := self.heartbeat.peer.age(p, now)) is not None
-        ]
-        left = [timeout - a for a in ages if a <= timeout]
-        return max(MIN_WAIT_S, min(left) + MIN_WAIT_S) if left else TICK_S
-
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._tick()
             self.notifier.alive()
-            # Sleep to the next tick, but a leader never sleeps past its fencing point.
-            wait = min(until_beat(TICK_S, time.monotonic()), self._until_peer_silent())
+            now = time.monotonic()
+            self.calm = self._calm(now)
+            wait = until_beat(CALM_TICK_S if self.calm else TICK_S, now)
             if self.renew_sent_at is not None:
-                left = fence_at(self.renew_sent_at, self.timing) - time.monotonic()
+                # A leader renews on its beat and never sleeps past its fencing point.
+                wait = min(wait, until_beat(self.timing.renew_every_s, now))
+                left = fence_at(self.renew_sent_at, self.timing) - now
                 wait = max(MIN_WAIT_S, min(wait, left))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

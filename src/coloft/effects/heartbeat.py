@@ -16,6 +16,12 @@ sender on the beat. Pairs that share a heartbeat port (`[heartbeat] port`) share
 sockets, and their messages for the same peer address go out in one datagram (one
 message per line, each sealed with its own pair's key): a host with N pairs on
 another host sends and receives one datagram per path per beat, not N.
+
+The Hub's sender also watches for silence: when a path that carried the peer goes
+quiet for a pair's limit, that pair is told at once. Each datagram moves that
+moment, so a pair waiting for it itself would wake several times a beat for
+nothing; the sender wakes on its beat anyway and only needs an extra wake when a
+silence falls between two beats.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +50,8 @@ MAX_BUNDLE = 8192
 MAC_LEN = 64  # hex SHA-256
 # A beat's sender wakes on the clock; timers may fire this much before it.
 BEAT_SLACK_S = 0.001
+# A path counts as silent once older than its limit: looked at just past that moment.
+SILENCE_SLACK_S = 0.002
 CLOCK_SAMPLES = 20
 REPLICATION = "replication"
 LAN = "lan"
@@ -55,6 +64,8 @@ class PathState:
     # The newest (boot, seq, sender's unix time) heard on this path: older ones are
     # replays; a datagram of another boot must also be newer by the sender's clock.
     newest: tuple[str, int, float] | None = None
+    # Set once the path went silent and the pair was told; cleared by the next datagram.
+    told_silent: bool = False
 
 
 @dataclass
@@ -232,7 +243,11 @@ class Hub:
                 ep.send(there, items)
             if not self._beating:
                 return
-            wait = min(hb.next_at for hb in self._beating) - time.monotonic()
+            now = time.monotonic()
+            wake_at = min(hb.next_at for hb in self._beating)
+            for hb in self._beating:
+                wake_at = min(wake_at, hb.watch_silence(now))
+            wait = wake_at - now
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -258,6 +273,8 @@ class Heartbeat:
         on_peer: Callable[[], None],
         key: bytes | None = None,
         hub: Hub | None = None,
+        silent_after_s: float | None = None,
+        on_silent: Callable[[], None] | None = None,
     ) -> None:
         self.key = key
         self.pair = pair
@@ -268,6 +285,8 @@ class Heartbeat:
         self.interval_s = interval_s
         self.state = state
         self.on_peer = on_peer
+        self.silent_after_s = silent_after_s
+        self.on_silent = on_silent
         self.hub = hub or Hub()
         self.peer = PeerView(paths={p: PathState() for p in paths})
         self.others: dict[str, float] = {}  # another node -> when last heard
@@ -348,6 +367,7 @@ class Heartbeat:
                 return
             p.newest = stamp
         p.last_at = time.monotonic()
+        p.told_silent = False
         p.count += 1
         sent = message.get("unix")
         if isinstance(sent, int | float):
@@ -362,6 +382,25 @@ class Heartbeat:
             self.peer.message = message
             if old is None or _changed(old, message):
                 self.on_peer()
+
+    def watch_silence(self, now: float) -> float:
+        """Tell the pair of each path gone silent since the last look; returns when
+        the next one would (inf: none is being watched)."""
+        limit = self.silent_after_s
+        if limit is None or self.on_silent is None:
+            return math.inf
+        next_at, gone = math.inf, False
+        for p in self.peer.paths.values():
+            if p.last_at is None or p.told_silent:
+                continue
+            at = p.last_at + limit + SILENCE_SLACK_S
+            if now >= at:
+                p.told_silent = gone = True
+            else:
+                next_at = min(next_at, at)
+        if gone:
+            self.on_silent()
+        return next_at
 
     def send_now(self) -> None:
         self.kicked = True
@@ -424,6 +463,32 @@ def _newer(stamp: tuple[str, int, float], newest: tuple[str, int, float] | None)
     return stamp[2] > newest[2]
 
 
+# What the pair must judge at once when the peer reports it (a calm pair's tick waits
+# for it): the ages and counters that move with every message are not among them.
+NEWS = (
+    "state",
+    "qemu_alive",
+    "qemu_hung",
+    "ready",
+    "in_colo",
+    "colo_mode",
+    "epoch",
+    "boot",
+    "channels",
+    "reprotecting",
+    "guest_stopped",
+    "failed_starts",
+)
+
+
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = ("state", "qemu_alive", "ready", "in_colo", "epoch", "boot")
-    return any(old.get(k) != new.get(k) for k in keys)
+    if (old.get("stopped_for_s") is None) != (new.get("stopped_for_s") is None):
+        return True  # a checkpoint began or ended there
+    if _verdict(old) != _verdict(new):
+        return True  # not its reason alone: that names the latest probe's time
+    return any(old.get(k) != new.get(k) for k in NEWS)
+
+
+def _verdict(message: dict[str, Any]) -> tuple[Any, ...]:
+    p = message.get("protection")
+    return (p.get("phase"), p.get("protected"), p.get("code")) if isinstance(p, dict) else (p,)
