@@ -79,7 +79,7 @@ def test_the_sender_tells_a_pair_once_each_path_goes_silent_and_again_after_news
         ports = (free_udp_port(), free_udp_port())
         paths_a = {REPLICATION: ("127.0.0.1", "127.0.0.3"), LAN: ("127.0.0.2", "127.0.0.4")}
         paths_b = {REPLICATION: ("127.0.0.3", "127.0.0.1"), LAN: ("127.0.0.4", "127.0.0.2")}
-        limit = 0.06
+        limit = 0.15  # 7 beats: a busy test host does not fake a silence
         told: list[tuple[float, bool]] = []
 
         def silent() -> None:
@@ -101,7 +101,7 @@ def test_the_sender_tells_a_pair_once_each_path_goes_silent_and_again_after_news
         assert not told, "a peer heard every beat is never reported silent"
         a_task.cancel()
         a.close()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         # Both paths fell silent: told once or twice (each path once), never while
         # a path was still fresh.
         assert 1 <= len(told) <= 2 and not any(fresh for _, fresh in told), told
@@ -115,7 +115,7 @@ def test_the_sender_tells_a_pair_once_each_path_goes_silent_and_again_after_news
         assert not told, "the peer is back"
         a_task.cancel()
         a.close()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         assert told, "a peer lost again is reported again"
         b_task.cancel()
         b.close()
