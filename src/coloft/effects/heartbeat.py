@@ -19,9 +19,9 @@ another host sends and receives one datagram per path per beat, not N.
 
 The Hub's sender also watches for silence: when a path that carried the peer goes
 quiet for a pair's limit, that pair is told at once. Each datagram moves that
-moment, so a pair waiting for it itself would wake several times a beat for
-nothing; the sender wakes on its beat anyway and only needs an extra wake when a
-silence falls between two beats.
+moment, so a pair timing it itself wakes about once a beat for nothing; the
+sender wakes on its beat anyway and only needs an extra wake when a silence
+falls between two beats.
 """
 
 from __future__ import annotations
