@@ -30,3 +30,27 @@ def test_once_per_period_work_falls_on_one_tick_whatever_each_did_last() -> None
         assert not new_beat(0.5, last, 7.4999)
         assert new_beat(0.5, last, 7.5)
     assert new_beat(0.5, float("-inf"), 0.0), "never done: due at once"
+
+
+def test_a_calm_tick_lands_on_the_steady_arbiter_reads_and_the_heartbeat_beat() -> None:
+    from coloft.agent.daemon import CALM_TICK_S
+    from coloft.core.lease import STEADY_READ_S
+    from coloft.model.spec import HeartbeatSpec
+
+    heartbeat_s = HeartbeatSpec().interval_ms / 1000
+    for whole in (STEADY_READ_S / CALM_TICK_S, CALM_TICK_S / heartbeat_s):
+        assert whole == pytest.approx(round(whole))
+
+
+def test_only_what_the_verdicts_read_in_a_qemu_answer_wakes_a_calm_tick() -> None:
+    from coloft.agent.daemon import _moved
+    from coloft.model.status import SideStatus
+
+    colo = SideStatus("a", "primary", 7, True, "running", "primary", None, "colo", 3.0)
+    assert not _moved(
+        colo, SideStatus("a", "primary", 7, True, "running", "primary", None, "colo", 9.0)
+    )
+    assert _moved(
+        colo, SideStatus("a", "primary", 7, True, "running", "none", None, "completed", 3.0)
+    )
+    assert _moved(None, colo) and not _moved(None, None)

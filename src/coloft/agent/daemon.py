@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1
 # The tick of a calm pair (_calm): ten times a second, its unchanging verdicts took
-# ~15 % of the agent's CPU.
+# ~15 % of the agent's CPU. It divides core.lease.STEADY_READ_S, so a steady pair's
+# arbiter reads (leadership lost, the operator's switch) stay on their beat.
 CALM_TICK_S = 0.25
 MIN_WAIT_S = 0.005
 TERMINAL = (State.FENCED, State.DOWN, State.STOPPED, State.SPARE)
@@ -1180,6 +1181,7 @@ class Agent:
                 # staleness, unless QEMU is slow to answer the glance: then the full one
                 # waits. Anywhere else (a bring-up entering COLO) every poll is full.
                 settled = self.state in (State.PRIMARY, State.SECONDARY) and self._in_colo()
+                before = self.side
                 due = now - full_at >= FULL_POLL_S and not q.waiting()
                 full = not settled or self.side_due or due
                 if full:
@@ -1190,6 +1192,8 @@ class Agent:
                     self.side = q.glance(self.side, now)
                 else:
                     self.side = await q.query(self.side)
+                if self.calm and _moved(before, self.side):
+                    self.wake.set()  # e.g. out of COLO: the tick woken by the event saw it not yet
                 hung = await q.hung(time.monotonic())
                 if hung and not self.hung:
                     self.note(
@@ -1599,6 +1603,13 @@ class Agent:
             if self.intent_answer is not None:
                 return self.intent_answer
         return {"node": self.node.name, "state": self.state.value, "reason": self.reason}
+
+
+def _moved(before: SideStatus | None, after: SideStatus | None) -> bool:
+    """Whether QEMU's answer changed anything the verdicts read (not its timing)."""
+    if before is None or after is None:
+        return before is not after
+    return dataclasses.replace(before, qmp_ms=None) != dataclasses.replace(after, qmp_ms=None)
 
 
 def _one_decimal(value: float | None) -> float | None:
