@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coloft.core.health import Checkpoints, on_event, verdict
+from coloft.core.health import Checkpoints, on_event, paused_s, verdict
 from coloft.model.status import SideStatus
 
 P = SideStatus("a", "primary", 1, True, "running", "primary", "none", "colo", 1.0)
@@ -26,6 +26,14 @@ def test_stop_resume_pairs_count_checkpoints_and_pauses() -> None:
 
 def test_resume_without_stop_is_not_a_checkpoint() -> None:
     assert on_event(Checkpoints(), "RESUME", 1.0).count == 0
+
+
+def test_paused_counts_only_the_pauses_inside_the_window_and_the_one_under_way() -> None:
+    cp = checkpoints_at(10.0, 12.0)  # stopped 10.0-10.05 and 12.0-12.05
+    assert round(paused_s(cp, 10.02, 12.03), 6) == 0.06
+    assert paused_s(cp, 10.1, 11.9) == 0.0
+    cp = on_event(cp, "STOP", 13.0)
+    assert round(paused_s(cp, 12.9, 13.2), 6) == 0.2
 
 
 def test_per_minute_window() -> None:

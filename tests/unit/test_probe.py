@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from coloft.effects.probe import SETTLE_S, IcmpProbe, _SharedSocket, echo_request
+from coloft.effects.probe import (
+    PAUSE_ALLOWANCE_S,
+    SETTLE_S,
+    IcmpProbe,
+    _SharedSocket,
+    echo_request,
+)
 
 
 def probe_with(sends: list[float]) -> IcmpProbe:
@@ -76,6 +82,34 @@ def test_a_lost_reply_breaks_the_streak_once_not_for_as_long_as_it_is_remembered
         p.answered(sent, sent + 0.005)
         p.expire(sent + 0.05)  # what the probe does on each beat
     assert p.on_time_streak == 5, "the lost reply no longer holds recovery back"
+
+
+def stopped(start: float, end: float) -> IcmpProbe:
+    """A probe whose guest a checkpoint stopped from `start` to `end`."""
+    p = IcmpProbe("192.0.2.10", None, paused=lambda a, b: max(0.0, min(end, b) - max(start, a)))
+    p.unanswered.append(10.0)
+    p.unproven.append(10.0)
+    return p
+
+
+def test_a_checkpoint_pause_does_not_count_against_the_budget() -> None:
+    # The soak's case: a 300 ms pause right after the send, the reply flushed at its end.
+    p = stopped(10.01, 10.31)
+    p.outstanding[1] = 10.0
+    assert not p.overdue(10.36)
+    p.expire(10.36)
+    assert p.outstanding, "still within the budget once the pause is spared"
+    p.replied(1, 10.351)
+    assert p.on_time_streak == 1 and not p.unanswered
+
+
+def test_a_long_pause_is_spared_only_up_to_the_allowance() -> None:
+    # A stall is the stall verdict's; the probe still says the path went quiet.
+    p = stopped(10.0, 12.0)
+    assert p.overdue(10.0 + p.budget_s + PAUSE_ALLOWANCE_S + 0.01)
+    p.outstanding[1] = 10.0
+    p.replied(1, 10.0 + p.budget_s + PAUSE_ALLOWANCE_S + 0.01)
+    assert p.on_time_streak == 0, "late all the same"
 
 
 def test_echo_request_checksum_is_valid() -> None:

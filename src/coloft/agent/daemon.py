@@ -1229,7 +1229,9 @@ class Agent:
             probing = self.state is State.PRIMARY and self.spec.vm.service is not None
             if probing and self.probe_task is None:
                 assert self.spec.vm.service is not None
-                self.probe = IcmpProbe(self.spec.vm.service[0], self.node.lan_address)
+                self.probe = IcmpProbe(
+                    self.spec.vm.service[0], self.node.lan_address, paused=self._paused_s
+                )
                 self.probe_task = asyncio.create_task(self.probe.run())
             elif not probing and self.probe_task is not None:
                 self.probe_task.cancel()
@@ -1246,10 +1248,14 @@ class Agent:
             return True
         if q.checkpoints.stopped_at is not None:
             return True
-        if self.probe is not None:
-            self.probe.collect()
-            return self.probe.overdue(now)
-        return False
+        # Replies still unread can only make it overdue sooner (a spare wake, whose
+        # verdict reads them): no read here.
+        return self.probe is not None and self.probe.overdue(now)
+
+    def _paused_s(self, since: float, until: float) -> float:
+        """How long checkpoints stopped this QEMU's guest in between (the probe's clock)."""
+        q = self.qemu
+        return 0.0 if q is None else health.paused_s(q.checkpoints, since, until)
 
     def _read_link(self) -> None:
         if self.link_iface is None:

@@ -40,6 +40,8 @@ class Checkpoints:
     # When the last few checkpoints began (STOP): a probe reply that crossed one may
     # have been released by its flush rather than matched (effects.probe).
     starts: tuple[float, ...] = ()
+    # The last few pauses, (STOP, RESUME): time the guest could not answer anyone.
+    spans: tuple[tuple[float, float], ...] = ()
     # Checkpoints that began well before the timer was due: asked for by
     # colo-compare (a miscompare or a compare timeout) or by an operator.
     forced: int = 0
@@ -76,9 +78,17 @@ def on_event(cp: Checkpoints, kind: str, now: float, interval_s: float = 0.0) ->
             recent=recent,
             pauses_ms=(*cp.pauses_ms, pause)[-MAX_PAUSES:],
             starts=cp.starts,
+            spans=(*cp.spans, (cp.stopped_at, now))[-MAX_STARTS:],
             forced=cp.forced,
         )
     return cp
+
+
+def paused_s(cp: Checkpoints, since: float, until: float) -> float:
+    """How long checkpoints kept the guest stopped between `since` and `until`
+    (the pause under way included)."""
+    spans = cp.spans if cp.stopped_at is None else (*cp.spans, (cp.stopped_at, until))
+    return sum(max(0.0, min(end, until) - max(start, since)) for start, end in spans)
 
 
 @dataclass(frozen=True)

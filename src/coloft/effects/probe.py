@@ -12,6 +12,14 @@ counts both, and how long it went without a match. Under heavy load, miscompares
 force checkpoints so often that a healthy pair can go over 2 s without one
 (measured in the 10-minute soak), so a lack of matches alone does not degrade;
 a dead channel whose flushes keep the probe answered shows on its socket instead.
+
+A checkpoint stops the guest, and colo-compare releases what it holds only once
+both guests run again: a reply's wait includes the pause of each checkpoint it
+crossed. Under a checkpoint storm that pause alone took a healthy pair's reply past
+the budget (the 10-minute soak, README). Time stopped for a checkpoint is the stall
+verdict's to judge (core.health), so the probe's clock leaves it out, up to
+PAUSE_ALLOWANCE_S: enough for a storm's pauses, short enough that a broken path
+still shows well within the second.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import ClassVar
 
 from coloft.core.pace import until_beat
@@ -54,6 +63,8 @@ SETTLE_S = 0.02
 # Python does not name it; 35 on Linux's generic ABI (x86, arm, riscv...).
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 STAMP_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
+# The most checkpoint pause a probe's wait is spared (see the module's docstring).
+PAUSE_ALLOWANCE_S = 0.25
 
 
 _idents = itertools.count(os.getpid())
@@ -142,15 +153,23 @@ class IcmpProbe:
     """Sends an echo every `every_s`. A probe is *answered* when its reply came within
     `budget_s`, *proven* when, besides, no checkpoint began in between. `late_s` is
     how long the oldest probe sent after the last answered one has waited;
-    `unproven_s` the same for proof."""
+    `unproven_s` the same for proof. `paused(since, until)` tells how long
+    checkpoints stopped the guest in between: that time (up to PAUSE_ALLOWANCE_S)
+    does not count against the budget."""
 
     def __init__(
-        self, target: str, source: str | None, every_s: float = 0.1, budget_s: float = 0.35
+        self,
+        target: str,
+        source: str | None,
+        every_s: float = 0.1,
+        budget_s: float = 0.35,
+        paused: Callable[[float, float], float] | None = None,
     ) -> None:
         self.target = target
         self.source = source
         self.every_s = every_s
         self.budget_s = budget_s
+        self.paused = paused
         self.ident = 0  # given by the shared socket when the probe runs
         self.shared: _SharedSocket | None = None
         self.seq = 0
@@ -166,12 +185,17 @@ class IcmpProbe:
         self.matched = 0  # all matched replies so far (rtts_ms keeps the last ones)
         self.sent = 0
 
+    def waited_s(self, sent: float, until: float) -> float:
+        """The wait of a probe sent at `sent`, as of `until`, checkpoint pauses spared."""
+        spared = 0.0 if self.paused is None else self.paused(sent, until)
+        return until - sent - min(spared, PAUSE_ALLOWANCE_S)
+
     def expire(self, now: float) -> None:
         """A probe unanswered past the budget breaks the on-time streak, once: its reply,
         should it still come, is late and proves nothing. (Kept waiting instead, one lost
         reply held the streak at 0, and the pair DEGRADED, for as long as it was kept.)"""
         for seq, sent in list(self.outstanding.items()):
-            if now - sent > self.budget_s:
+            if self.waited_s(sent, now) > self.budget_s:
                 del self.outstanding[seq]
                 self.on_time_streak = 0
 
@@ -189,7 +213,7 @@ class IcmpProbe:
     def answered(self, sent: float, replied: float) -> None:
         """A reply came: it counts at once as an answer, later (settle) as proof."""
         self.answers.append((sent, replied))
-        if replied - sent > self.budget_s:
+        if self.waited_s(sent, replied) > self.budget_s:
             self.on_time_streak = 0
             return
         self.on_time_streak += 1
@@ -200,7 +224,7 @@ class IcmpProbe:
         """Judge the replies old enough to know whether a checkpoint crossed them."""
         while self.answers and self.answers[0][1] + SETTLE_S <= now:
             sent, replied = self.answers.popleft()
-            if replied - sent > self.budget_s:
+            if self.waited_s(sent, replied) > self.budget_s:
                 continue
             if any(sent <= t <= replied + SETTLE_S for t in checkpoint_starts):
                 self.flushed += 1
@@ -212,7 +236,7 @@ class IcmpProbe:
 
     def late_s(self, now: float) -> float:
         """How long the oldest probe since the last answered one has waited."""
-        return now - self.unanswered[0] if self.unanswered else 0.0
+        return self.waited_s(self.unanswered[0], now) if self.unanswered else 0.0
 
     def unproven_s(self, now: float) -> float:
         """How long the oldest probe since the last proven one has waited for proof."""
