@@ -69,7 +69,7 @@ bench-workload: setup
 	$(BIN)/python bench/workload.py --duration 60
 
 bench-fleet: setup
-	$(BIN)/python bench/fleet.py --pairs 1 2 3
+	$(BIN)/python bench/fleet.py --pairs 1 3 5
 
 clean:
 	-coloft lab down
