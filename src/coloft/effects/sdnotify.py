@@ -1,4 +1,4 @@
-"""systemd's notify protocol: READY once serving, WATCHDOG on every loop turn.
+"""systemd's notify protocol: READY once serving, WATCHDOG as the decision loop turns.
 
 Under `Type=notify` with `WatchdogSec=`, systemd kills the whole unit (the agent
 and the QEMU in its cgroup) when the loop stops turning: a hung agent cannot fence
