@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from coloft.agent.daemon import Agent
+from coloft.arbiter.memory import MemoryArbiter
+from coloft.config.load import load_spec
+from coloft.effects.qemu_binary import QemuChoice
 from coloft.effects.sdnotify import Notifier
+from coloft.model.spec import Accel
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
 
 
-def test_ready_watchdog_and_stopping_reach_the_notify_socket(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """systemd's end of the notify socket, named in NOTIFY_SOCKET."""
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(path))
         s.settimeout(2)
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        n = Notifier(every_s=60)
-        n.ready()
-        n.alive()
-        n.alive()  # within every_s: not sent again
-        n.stopping()
-        got = [s.recv(100) for _ in range(3)]
+        yield s
+
+
+def test_ready_watchdog_and_stopping_reach_the_notify_socket(notify: socket.socket) -> None:
+    n = Notifier(every_s=60)
+    n.ready()
+    n.alive()
+    n.alive()  # within every_s: not sent again
+    n.stopping()
+    got = [notify.recv(100) for _ in range(3)]
     assert got == [b"READY=1", b"WATCHDOG=1", b"STOPPING=1"]
 
 
@@ -33,3 +46,24 @@ def test_outside_systemd_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> Non
     n.ready()
     n.alive()
     assert n.address is None
+
+
+def test_the_watchdog_hears_after_each_arbiter_call_not_once_a_tick(
+    notify: socket.socket,
+) -> None:
+    agent = Agent(
+        load_spec(EXAMPLE), "a", MemoryArbiter(), QemuChoice(Path("/bin/false"), Accel.TCG, "")
+    )
+    agent.notifier.every_s = 0.0  # every word counted
+
+    async def two_slow_calls() -> None:
+        # A tick's read and renewal, each as slow as its deadline allows.
+        await agent._bounded(asyncio.sleep(0.05))
+        await agent._bounded(asyncio.sleep(0.05))
+
+    asyncio.run(two_slow_calls())
+    got = [notify.recv(100) for _ in range(2)]
+    notify.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        notify.recv(100)
+    assert got == [b"WATCHDOG=1", b"WATCHDOG=1"]
