@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from coloft.arbiter.memory import MemoryArbiter
 from coloft.config.load import load_spec
 from coloft.effects.qemu_binary import QemuChoice
 from coloft.effects.sdnotify import Notifier
+from coloft.lab.watchdog import NotifyListener, Sender, watchdog_s
 from coloft.model.spec import Accel
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lab.toml"
@@ -67,3 +70,26 @@ def test_the_watchdog_hears_after_each_arbiter_call_not_once_a_tick(
     with pytest.raises(BlockingIOError):
         notify.recv(100)
     assert got == [b"WATCHDOG=1", b"WATCHDOG=1"]
+
+
+def test_the_lab_listener_keeps_each_senders_longest_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = NotifyListener(tmp_path / "notify")
+    listener.start()
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+        n = Notifier(every_s=0.0)
+        n.ready()
+        n.alive()
+        time.sleep(0.15)
+        n.alive()
+        deadline = time.monotonic() + 2
+        while listener.senders.get(os.getpid(), Sender()).pings < 2:
+            assert time.monotonic() < deadline, listener.senders
+            time.sleep(0.01)
+    finally:
+        listener.stop()
+    heard = listener.senders[os.getpid()]
+    assert heard.ready and heard.pings == 2 and 0.15 <= heard.longest_wait_s < 1.0
+    assert watchdog_s() == 1.0, "the units' WatchdogSec, which the tick's pace is held to"
