@@ -52,21 +52,33 @@ def pids_of(pair: LocalPair) -> list[int]:
 
 
 @pytest.fixture
-def make_pair(
-    lab: None, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[PairSpec], LocalPair]]:
-    """Pairs a test starts are stopped after it, pass or fail, and checked gone by pid.
-
-    Through every such test the protection oracle samples /protected and both
-    QEMUs every 100 ms; a 200 that QEMU's state does not back fails the test. The
-    agents also talk to a stand-in for systemd's notify socket: one that would have
-    been killed by the units' watchdog (WatchdogSec) fails the test.
-    """
-    pairs: list[tuple[LocalPair, ProtectionOracle]] = []
+def watchdog(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyListener]:
+    """A stand-in for systemd's notify socket for the agents a test starts: one that
+    would have been killed by the units' watchdog (WatchdogSec) fails the test."""
     notify_dir = Path(tempfile.mkdtemp(prefix="coloft-notify-"))
     listener = NotifyListener(notify_dir / "notify")
     listener.start()
     monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    yield listener
+    listener.stop()
+    shutil.rmtree(notify_dir, ignore_errors=True)
+    limit = watchdog_s()
+    for pid, h in listener.senders.items():
+        print(f"watchdog: agent {pid}: {h.pings} pings, longest wait {h.longest_wait_s:.3f} s")
+    late = {pid: h for pid, h in listener.senders.items() if h.longest_wait_s >= limit}
+    assert not late, f"systemd's watchdog ({limit:g} s) would have killed: {late}"
+    assert all(h.ready for h in listener.senders.values()), listener.senders
+
+
+@pytest.fixture
+def make_pair(lab: None, watchdog: NotifyListener) -> Iterator[Callable[[PairSpec], LocalPair]]:
+    """Pairs a test starts are stopped after it, pass or fail, and checked gone by pid.
+
+    Through every such test the protection oracle samples /protected and both
+    QEMUs every 100 ms; a 200 that QEMU's state does not back fails the test; the
+    watchdog oracle listens to the agents (above).
+    """
+    pairs: list[tuple[LocalPair, ProtectionOracle]] = []
 
     def make(spec: PairSpec) -> LocalPair:
         setup.reset_disks()
@@ -99,15 +111,7 @@ def make_pair(
         shutil.rmtree(api.run_root(pair.spec), ignore_errors=True)
         alive = [pid for pid in pids if pid_alive(pid)]
         assert not alive, f"pids still alive after teardown: {alive}"
-    listener.stop()
-    shutil.rmtree(notify_dir, ignore_errors=True)
     assert not violations, f"/protected said 200 when it must not: {violations[:5]}"
-    limit = watchdog_s()
-    for pid, h in listener.senders.items():
-        print(f"watchdog: agent {pid}: {h.pings} pings, longest wait {h.longest_wait_s:.3f} s")
-    late = {pid: h for pid, h in listener.senders.items() if h.longest_wait_s >= limit}
-    assert not late, f"systemd's watchdog ({limit:g} s) would have killed: {late}"
-    assert all(h.ready for h in listener.senders.values()), listener.senders
 
 
 def spec_variant(tmp_path: Path, replace: dict[str, str]) -> Path:

@@ -12,12 +12,13 @@ import subprocess
 
 import pytest
 
+from coloft.lab.watchdog import NotifyListener
 from tests.integration.test_cli import assert_keys, coloft
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-def test_three_pairs_three_hosts_one_host_killed(lab: None) -> None:
+def test_three_pairs_three_hosts_one_host_killed(lab: None, watchdog: NotifyListener) -> None:
     done = coloft(
         "demo", "--pairs", "3", "--fault", "kill-host", "--duration", "60", "--json", timeout=840
     )
