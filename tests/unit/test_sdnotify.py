@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -93,3 +94,23 @@ def test_the_lab_listener_keeps_each_senders_longest_wait(
     heard = listener.senders[os.getpid()]
     assert heard.ready and heard.pings == 2 and 0.15 <= heard.longest_wait_s < 1.0
     assert watchdog_s() == 1.0, "the units' WatchdogSec, which the tick's pace is held to"
+
+
+def test_one_process_many_loops_word_goes_out_only_once_each_turned(
+    notify: socket.socket,
+) -> None:
+    n = Notifier(every_s=0.0)
+    n.alive("vm0")
+    n.alive("vm1")  # vm1 joins: vm0 turned before the last word, so it is awaited
+    n.alive("vm0")
+    n.alive("vm0")  # vm1 has not turned since: a hung vm1 loop gets no word out
+    n.alive("vm1")
+    n.forget("vm1")  # vm1's loop ended (restarting): vm0 alone is awaited
+    n.alive("vm0")
+    notify.setblocking(False)
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(notify.recv(100))
+    # vm0 alone; vm0 after vm1's first turn; vm1 after vm0's; vm0 alone again.
+    assert got == [b"WATCHDOG=1"] * 4

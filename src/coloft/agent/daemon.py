@@ -104,6 +104,7 @@ class Agent:
         choice: QemuChoice,
         families: Families | None = None,
         hub: Hub | None = None,
+        notifier: sdnotify.Notifier | None = None,
     ) -> None:
         self.spec = spec
         self.pair = spec.vm.name
@@ -150,7 +151,8 @@ class Agent:
         self.journal = journal.Journal(journal.path_of(api.run_root(spec), self.node.name))
         self.metrics = Metrics(self.pair, self.node.name, families)
         self.metrics_at: float | None = None
-        self.notifier = sdnotify.Notifier()
+        # Shared by the pairs of one agent process: systemd hears the process.
+        self.notifier = notifier or sdnotify.Notifier()
         self.unprotected_s = 0.0  # time this agent led the pair without protection
         # The host interface of the replication link and its counters (a passive signal).
         self.link_iface: str | None = None
@@ -446,7 +448,7 @@ class Agent:
         # Told after each call, not once a tick: a tick with a read and a renewal that
         # each take their whole deadline (0.4 s) after a calm wait (0.25 s) would leave
         # systemd's watchdog (WatchdogSec=1s) over a second without word.
-        self.notifier.alive()
+        self.notifier.alive(self.pair)
 
     def _steady(self, now: float) -> bool:
         """Both sides settled in COLO, as far as this agent and the peer's heartbeats
@@ -482,7 +484,7 @@ class Agent:
         )
 
     async def _tick(self) -> None:
-        self.notifier.alive()
+        self.notifier.alive(self.pair)
         epoch = self.my_epoch
         now = time.monotonic()
         if read_due(now, self.read_at, self._steady(now)):
@@ -1402,7 +1404,7 @@ class Agent:
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._tick()
-            self.notifier.alive()
+            self.notifier.alive(self.pair)
             now = time.monotonic()
             self.calm = self._calm(now)
             wait = until_beat(CALM_TICK_S if self.calm else TICK_S, now)
@@ -1437,6 +1439,7 @@ class Agent:
             raise
         finally:
             server.close()
+            self.notifier.forget(self.pair)
             if stop.is_set():
                 self.notifier.stopping()
             await self.shutdown(on_purpose=not crashed)

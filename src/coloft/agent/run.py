@@ -17,7 +17,7 @@ from coloft.agent.launch import LocalPair, pid_file
 from coloft.agent.metrics import Families
 from coloft.arbiter.etcd import EtcdArbiter, SharedLink
 from coloft.config.load import check_together
-from coloft.effects import qemu_binary
+from coloft.effects import qemu_binary, sdnotify
 from coloft.effects.heartbeat import Hub
 from coloft.model.spec import PairSpec
 
@@ -39,6 +39,7 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
         os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
     families = Families()
     hub = Hub()  # pairs sharing a heartbeat port share its sockets and datagrams
+    notifier = sdnotify.Notifier()  # systemd's watchdog hears every pair's loop turn
     # One etcd client per pair for its rare calls: one that times out drops its client's
     # channel, and that must not cancel the other pairs' calls. Their steady calls
     # (record reads, lease keep-alives) go out together on one shared link.
@@ -53,7 +54,7 @@ async def run_agents(specs: Sequence[PairSpec], node: str, echo: Callable[[str],
             links[endpoints] = SharedLink(endpoints, deadline)
         arbiter = EtcdArbiter(endpoints, deadline_s=deadline, link=links[endpoints])
         arbiters.append(arbiter)
-        return Agent(spec, node, arbiter, choice, families, hub)
+        return Agent(spec, node, arbiter, choice, families, hub, notifier)
 
     agents = [make(spec) for spec in specs]
     for a in agents:

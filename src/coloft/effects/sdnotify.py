@@ -4,6 +4,12 @@ Under `Type=notify` with `WatchdogSec=`, systemd kills the whole unit (the agent
 and the QEMU in its cgroup) when the loop stops turning: a hung agent cannot fence
 its own QEMU, so the watchdog does it before the lease can pass to the peer. Does
 nothing outside systemd (no NOTIFY_SOCKET).
+
+An agent that runs several pairs has one decision loop per pair, and systemd hears
+one process: WATCHDOG goes out only once every loop that is running has turned since
+the last one, so a single hung pair loop (whose QEMU nobody else can fence) stops
+the word as surely as a hung process. A loop that ended (a pair restarting) is
+forgotten until it turns again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class Notifier:
         self.address = os.environ.get("NOTIFY_SOCKET")
         self.every_s = every_s
         self.last = float("-inf")
+        self.turns: dict[str, float] = {}  # loop -> when it last turned
 
     def _send(self, message: str) -> None:
         if not self.address:
@@ -35,11 +42,18 @@ class Notifier:
     def ready(self) -> None:
         self._send("READY=1")
 
-    def alive(self) -> None:
+    def alive(self, loop: str = "") -> None:
+        """`loop` turned: WATCHDOG once every running loop turned since the last one."""
         now = time.monotonic()
-        if now - self.last >= self.every_s:
+        self.turns[loop] = now
+        if now - self.last < self.every_s:
+            return
+        if all(t > self.last for t in self.turns.values()):
             self.last = now
             self._send("WATCHDOG=1")
+
+    def forget(self, loop: str) -> None:
+        self.turns.pop(loop, None)
 
     def stopping(self) -> None:
         self._send("STOPPING=1")
