@@ -3,8 +3,10 @@
 The lab runs agents as plain processes, not systemd units; with NOTIFY_SOCKET
 pointing here they send what they would send to systemd, and this listener keeps,
 per sending process (the kernel's credentials on each datagram), whether it said
-READY and the longest wait between two of its WATCHDOG messages. A wait longer than
-the units' WatchdogSec is a kill systemd would have made on a real host.
+READY and the longest wait between two of its WATCHDOG messages, timed by the
+kernel's arrival stamps (a busy test process reading late does not lengthen them).
+A wait longer than the units' WatchdogSec is a kill systemd would have made on a
+real host.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import re
 import socket
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coloft.effects.probe import SO_TIMESTAMPNS
+
 UNIT = Path(__file__).resolve().parents[3] / "deploy" / "coloft-agent.service"
 CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+STAMP = struct.Struct("@qq")  # struct timespec
 
 
 def watchdog_s(unit: Path = UNIT) -> float:
@@ -44,6 +48,7 @@ class NotifyListener:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notify-listener", daemon=True)
@@ -58,7 +63,7 @@ class NotifyListener:
         self.path.unlink(missing_ok=True)
 
     def _run(self) -> None:
-        space = socket.CMSG_SPACE(CREDENTIALS.size)
+        space = socket.CMSG_SPACE(CREDENTIALS.size) + socket.CMSG_SPACE(STAMP.size)
         while not self._stop.is_set():
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(256, space)
@@ -66,11 +71,17 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            now = time.monotonic()
-            for level, kind, cred in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = CREDENTIALS.unpack(cred[: CREDENTIALS.size])[0]
-                    self._heard(self.senders.setdefault(pid, Sender()), data, now)
+            pid, at = None, None
+            for level, kind, value in ancillary:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_CREDENTIALS:
+                    pid = CREDENTIALS.unpack(value[: CREDENTIALS.size])[0]
+                elif kind == SO_TIMESTAMPNS:
+                    sec, nsec = STAMP.unpack(value[: STAMP.size])
+                    at = sec + nsec / 1e9
+            if pid is not None and at is not None:
+                self._heard(self.senders.setdefault(pid, Sender()), data, at)
 
     @staticmethod
     def _heard(s: Sender, data: bytes, now: float) -> None:
