@@ -65,6 +65,7 @@ def watchdog(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyListener]:
     limit = watchdog_s()
     for pid, h in listener.senders.items():
         print(f"watchdog: agent {pid}: {h.pings} pings, longest wait {h.longest_wait_s:.3f} s")
+    assert any(h.pings for h in listener.senders.values()), "no agent told the watchdog"
     late = {pid: h for pid, h in listener.senders.items() if h.longest_wait_s >= limit}
     assert not late, f"systemd's watchdog ({limit:g} s) would have killed: {late}"
     assert all(h.ready for h in listener.senders.values()), listener.senders
