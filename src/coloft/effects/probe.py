@@ -138,10 +138,11 @@ class _SharedSocket:
             probe = self.probes.get(ident)
             if kind == ECHO_REPLY and probe is not None and sender == probe.target:
                 # Never after now, whatever the wall clock did since the reply came.
-                probe.replied(seq, min(_arrival(ancillary, to_monotonic), drained_at))
+                probe.replied(seq, min(arrival(ancillary, to_monotonic), drained_at))
 
 
-def _arrival(ancillary: list[tuple[int, int, bytes]], to_monotonic: float) -> float:
+def arrival(ancillary: list[tuple[int, int, bytes]], to_monotonic: float) -> float:
+    """A datagram's kernel arrival stamp (SO_TIMESTAMPNS), moved onto the monotonic clock."""
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
             sec, nsec = struct.unpack("@qq", data[:16])

@@ -15,14 +15,14 @@ import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coloft.effects.probe import SO_TIMESTAMPNS
+from coloft.effects.probe import SO_TIMESTAMPNS, STAMP_SPACE, arrival
 
 UNIT = Path(__file__).resolve().parents[3] / "deploy" / "coloft-agent.service"
 CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
-STAMP = struct.Struct("@qq")  # struct timespec
 
 
 def watchdog_s(unit: Path = UNIT) -> float:
@@ -63,7 +63,7 @@ class NotifyListener:
         self.path.unlink(missing_ok=True)
 
     def _run(self) -> None:
-        space = socket.CMSG_SPACE(CREDENTIALS.size) + socket.CMSG_SPACE(STAMP.size)
+        space = socket.CMSG_SPACE(CREDENTIALS.size) + STAMP_SPACE
         while not self._stop.is_set():
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(256, space)
@@ -71,17 +71,11 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            pid, at = None, None
+            at = arrival(ancillary, time.monotonic() - time.time())
             for level, kind, value in ancillary:
-                if level != socket.SOL_SOCKET:
-                    continue
-                if kind == socket.SCM_CREDENTIALS:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = CREDENTIALS.unpack(value[: CREDENTIALS.size])[0]
-                elif kind == SO_TIMESTAMPNS:
-                    sec, nsec = STAMP.unpack(value[: STAMP.size])
-                    at = sec + nsec / 1e9
-            if pid is not None and at is not None:
-                self._heard(self.senders.setdefault(pid, Sender()), data, at)
+                    self._heard(self.senders.setdefault(pid, Sender()), data, at)
 
     @staticmethod
     def _heard(s: Sender, data: bytes, now: float) -> None:
